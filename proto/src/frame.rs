@@ -1,0 +1,641 @@
+//! Frames: the unit of Keel's wire protocol.
+//!
+//! Every frame is `len: u32 LE` (the number of bytes that follow, at most [`MAX_FRAME_LEN`])
+//! followed by a one-byte frame type and the type's fields, all little-endian:
+//!
+//! ```text
+//! Hello       (1): magic u32 "KEEL" | min_version u16 | max_version u16
+//! HelloReply  (2): status u8 | version u16
+//! Request     (3): op u8 | flags u8 | reserved u16 = 0 | request_id u64 | volume u128
+//!                  | epoch u64 | offset u64 | length u32 | crc32c u32 | payload
+//! Response    (4): status u8 | reserved u8 = 0 | reserved u16 = 0 | request_id u64
+//!                  | epoch u64 | crc32c u32 | payload
+//! ```
+//!
+//! Decoding is total: every malformed input yields a [`DecodeError`], never a panic, and the
+//! length prefix is checked against [`MAX_FRAME_LEN`] before any buffer is allocated.
+//! See `docs/protocol.md` for the rules each field obeys.
+
+use crate::types::{Epoch, Op, ReqFlags, Status, VolumeId};
+
+/// Protocol versions this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// "KEEL" as a little-endian u32.
+pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KEEL");
+/// Largest data payload one frame may carry (reads and writes larger than this are split).
+pub const MAX_PAYLOAD: usize = 4 << 20;
+
+const TYPE_HELLO: u8 = 1;
+const TYPE_HELLO_REPLY: u8 = 2;
+const TYPE_REQUEST: u8 = 3;
+const TYPE_RESPONSE: u8 = 4;
+
+const HELLO_LEN: usize = 1 + 4 + 2 + 2;
+const HELLO_REPLY_LEN: usize = 1 + 1 + 2;
+/// Fixed part of a request, after the length prefix.
+pub const REQUEST_FIXED_LEN: usize = 1 + 1 + 1 + 2 + 8 + 16 + 8 + 8 + 4 + 4;
+/// Fixed part of a response, after the length prefix.
+pub const RESPONSE_FIXED_LEN: usize = 1 + 1 + 1 + 2 + 8 + 8 + 4;
+/// Largest value the length prefix may hold.
+pub const MAX_FRAME_LEN: usize = REQUEST_FIXED_LEN + MAX_PAYLOAD;
+
+/// Why bytes could not be decoded as a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame length {0} exceeds the maximum of {MAX_FRAME_LEN} bytes")]
+    TooLong(usize),
+    #[error("frame is empty")]
+    Empty,
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{what} frame is truncated: {got} bytes, need {need}")]
+    Truncated {
+        what: &'static str,
+        got: usize,
+        need: usize,
+    },
+    #[error("{what} frame has {extra} trailing bytes")]
+    Trailing { what: &'static str, extra: usize },
+    #[error("bad hello magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("unknown op {0}")]
+    UnknownOp(u8),
+    #[error("unknown flags {0:#04x}")]
+    UnknownFlags(u8),
+    #[error("unknown status {0}")]
+    UnknownStatus(u8),
+    #[error("reserved field is not zero")]
+    Reserved,
+    #[error("{op:?} request: {reason}")]
+    InvalidRequest { op: Op, reason: &'static str },
+}
+
+/// Opening message of a connection (client to server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+/// Answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub status: Status,
+    pub version: u16,
+}
+
+/// One data-path request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    pub flags: ReqFlags,
+    pub request_id: u64,
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    /// Byte offset into the volume (0 for ops without a range).
+    pub offset: u64,
+    /// Byte length of the range (0 for ops without a range).
+    pub length: u32,
+    /// CRC32C of `payload` (0 when there is none).
+    pub crc: u32,
+    /// Write data; empty for every other op.
+    pub payload: Vec<u8>,
+}
+
+/// Answer to one [`Request`], matched by `request_id`; responses may come in any order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: Status,
+    pub request_id: u64,
+    /// The epoch the copy serves (lets a client fenced by [`Status::StaleEpoch`] see the new one).
+    pub epoch: Epoch,
+    /// CRC32C of `payload` (0 when there is none).
+    pub crc: u32,
+    /// Read data for a successful read; empty otherwise.
+    pub payload: Vec<u8>,
+}
+
+/// Any frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    HelloReply(HelloReply),
+    Request(Request),
+    Response(Response),
+}
+
+/// CRC32C of a payload (0 for an empty one).
+pub fn checksum(data: &[u8]) -> u32 {
+    if data.is_empty() {
+        0
+    } else {
+        crc32c::crc32c(data)
+    }
+}
+
+impl Request {
+    /// A request without payload.
+    pub fn new(op: Op, request_id: u64, volume: VolumeId, epoch: Epoch) -> Request {
+        Request {
+            op,
+            flags: ReqFlags::default(),
+            request_id,
+            volume,
+            epoch,
+            offset: 0,
+            length: 0,
+            crc: 0,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Whether the payload matches its checksum.
+    pub fn crc_ok(&self) -> bool {
+        checksum(&self.payload) == self.crc
+    }
+
+    /// Encodes the fixed part for a request whose payload (of `payload_len` bytes, checksum
+    /// `crc`) the caller appends itself. Lets writers copy guest data straight into the buffer.
+    pub fn encode_header(&self, payload_len: usize, out: &mut Vec<u8>) {
+        let len = REQUEST_FIXED_LEN + payload_len;
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.push(TYPE_REQUEST);
+        out.push(self.op as u8);
+        out.push(self.flags.0);
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.request_id.to_le_bytes());
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.length.to_le_bytes());
+        out.extend_from_slice(&self.crc.to_le_bytes());
+    }
+}
+
+impl Response {
+    /// A response without payload.
+    pub fn status(status: Status, request_id: u64, epoch: Epoch) -> Response {
+        Response {
+            status,
+            request_id,
+            epoch,
+            crc: 0,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Whether the payload matches its checksum.
+    pub fn crc_ok(&self) -> bool {
+        checksum(&self.payload) == self.crc
+    }
+
+    /// Encodes the fixed part for a response whose payload the caller appends itself.
+    pub fn encode_header(&self, payload_len: usize, out: &mut Vec<u8>) {
+        let len = RESPONSE_FIXED_LEN + payload_len;
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        out.push(TYPE_RESPONSE);
+        out.push(self.status as u8);
+        out.push(0);
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.request_id.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.crc.to_le_bytes());
+    }
+}
+
+impl Frame {
+    /// Appends the encoded frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Frame::Hello(h) => {
+                out.extend_from_slice(&(HELLO_LEN as u32).to_le_bytes());
+                out.push(TYPE_HELLO);
+                out.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+                out.extend_from_slice(&h.min_version.to_le_bytes());
+                out.extend_from_slice(&h.max_version.to_le_bytes());
+            }
+            Frame::HelloReply(r) => {
+                out.extend_from_slice(&(HELLO_REPLY_LEN as u32).to_le_bytes());
+                out.push(TYPE_HELLO_REPLY);
+                out.push(r.status as u8);
+                out.extend_from_slice(&r.version.to_le_bytes());
+            }
+            Frame::Request(r) => {
+                r.encode_header(r.payload.len(), out);
+                out.extend_from_slice(&r.payload);
+            }
+            Frame::Response(r) => {
+                r.encode_header(r.payload.len(), out);
+                out.extend_from_slice(&r.payload);
+            }
+        }
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Checks a length prefix before the body is read or allocated.
+    pub fn check_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+        let len = u32::from_le_bytes(prefix) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(DecodeError::TooLong(len));
+        }
+        if len == 0 {
+            return Err(DecodeError::Empty);
+        }
+        Ok(len)
+    }
+
+    /// Decodes one frame body (the bytes after the length prefix).
+    pub fn decode_body(body: &[u8]) -> Result<Frame, DecodeError> {
+        let mut c = Cursor::new(body);
+        let ty = c.u8("frame")?;
+        match ty {
+            TYPE_HELLO => {
+                c.need("hello", HELLO_LEN - 1)?;
+                let magic = c.u32("hello")?;
+                if magic != HELLO_MAGIC {
+                    return Err(DecodeError::BadMagic(magic));
+                }
+                let min_version = c.u16("hello")?;
+                let max_version = c.u16("hello")?;
+                c.finish("hello")?;
+                Ok(Frame::Hello(Hello {
+                    min_version,
+                    max_version,
+                }))
+            }
+            TYPE_HELLO_REPLY => {
+                c.need("hello reply", HELLO_REPLY_LEN - 1)?;
+                let s = c.u8("hello reply")?;
+                let status = Status::from_u8(s).ok_or(DecodeError::UnknownStatus(s))?;
+                let version = c.u16("hello reply")?;
+                c.finish("hello reply")?;
+                Ok(Frame::HelloReply(HelloReply { status, version }))
+            }
+            TYPE_REQUEST => decode_request(&mut c).map(Frame::Request),
+            TYPE_RESPONSE => decode_response(&mut c).map(Frame::Response),
+            other => Err(DecodeError::UnknownType(other)),
+        }
+    }
+
+    /// Decodes the first frame of `buf` if it is complete: `Ok(None)` asks for more bytes,
+    /// `Ok(Some((frame, used)))` says how many bytes it took.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+        let Some(prefix) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let mut p = [0u8; 4];
+        p.copy_from_slice(prefix);
+        let len = Frame::check_len(p)?;
+        let Some(body) = buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        Ok(Some((Frame::decode_body(body)?, 4 + len)))
+    }
+}
+
+fn decode_request(c: &mut Cursor<'_>) -> Result<Request, DecodeError> {
+    const WHAT: &str = "request";
+    c.need(WHAT, REQUEST_FIXED_LEN - 1)?;
+    let op_raw = c.u8(WHAT)?;
+    let op = Op::from_u8(op_raw).ok_or(DecodeError::UnknownOp(op_raw))?;
+    let flags = c.u8(WHAT)?;
+    if flags & !ReqFlags::KNOWN != 0 {
+        return Err(DecodeError::UnknownFlags(flags));
+    }
+    if c.u16(WHAT)? != 0 {
+        return Err(DecodeError::Reserved);
+    }
+    let request_id = c.u64(WHAT)?;
+    let volume = VolumeId(c.u128(WHAT)?);
+    let epoch = Epoch(c.u64(WHAT)?);
+    let offset = c.u64(WHAT)?;
+    let length = c.u32(WHAT)?;
+    let crc = c.u32(WHAT)?;
+    let payload = c.rest();
+    let invalid = |reason| Err(DecodeError::InvalidRequest { op, reason });
+    if flags & ReqFlags::FUA != 0 && op != Op::Write {
+        return invalid("FUA is only valid on writes");
+    }
+    if !op.has_range() && (offset != 0 || length != 0) {
+        return invalid("offset and length must be 0");
+    }
+    if op.request_has_payload() {
+        if payload.len() != length as usize {
+            return invalid("payload length differs from length");
+        }
+    } else if !payload.is_empty() {
+        return invalid("unexpected payload");
+    } else if crc != 0 {
+        return invalid("checksum without payload");
+    }
+    if op == Op::Read && length as usize > MAX_PAYLOAD {
+        return invalid("read longer than the maximum payload");
+    }
+    if offset.checked_add(u64::from(length)).is_none() {
+        return invalid("offset + length overflows");
+    }
+    Ok(Request {
+        op,
+        flags: ReqFlags(flags),
+        request_id,
+        volume,
+        epoch,
+        offset,
+        length,
+        crc,
+        payload: payload.to_vec(),
+    })
+}
+
+fn decode_response(c: &mut Cursor<'_>) -> Result<Response, DecodeError> {
+    const WHAT: &str = "response";
+    c.need(WHAT, RESPONSE_FIXED_LEN - 1)?;
+    let s = c.u8(WHAT)?;
+    let status = Status::from_u8(s).ok_or(DecodeError::UnknownStatus(s))?;
+    if c.u8(WHAT)? != 0 || c.u16(WHAT)? != 0 {
+        return Err(DecodeError::Reserved);
+    }
+    let request_id = c.u64(WHAT)?;
+    let epoch = Epoch(c.u64(WHAT)?);
+    let crc = c.u32(WHAT)?;
+    let payload = c.rest();
+    if payload.len() > MAX_PAYLOAD {
+        return Err(DecodeError::TooLong(payload.len()));
+    }
+    Ok(Response {
+        status,
+        request_id,
+        epoch,
+        crc,
+        payload: payload.to_vec(),
+    })
+}
+
+/// A bounds-checked little-endian reader over a byte slice.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf, pos: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn need(&self, what: &'static str, n: usize) -> Result<(), DecodeError> {
+        if self.remaining() < n {
+            return Err(DecodeError::Truncated {
+                what,
+                got: self.buf.len(),
+                need: self.pos + n,
+            });
+        }
+        Ok(())
+    }
+
+    fn take<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+        self.need(what, N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.buf[self.pos..self.pos + N]);
+        self.pos += N;
+        Ok(a)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>(what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(what)?))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(what)?))
+    }
+    fn u128(&mut self, what: &'static str) -> Result<u128, DecodeError> {
+        Ok(u128::from_le_bytes(self.take(what)?))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        let r = self.buf.get(self.pos..).unwrap_or(&[]);
+        self.pos = self.buf.len();
+        r
+    }
+
+    fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            extra => Err(DecodeError::Trailing { what, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn write_req() -> Request {
+        let payload = vec![0xabu8; 4096];
+        Request {
+            op: Op::Write,
+            flags: ReqFlags(ReqFlags::FUA),
+            request_id: 7,
+            volume: VolumeId(0xfeed),
+            epoch: Epoch(3),
+            offset: 8192,
+            length: 4096,
+            crc: checksum(&payload),
+            payload,
+        }
+    }
+
+    fn round_trip(f: Frame) {
+        let bytes = f.to_bytes();
+        let (g, used) = Frame::decode(&bytes)
+            .expect("decodes")
+            .expect("complete");
+        assert_eq!(used, bytes.len());
+        assert_eq!(g, f);
+        // Every strict prefix asks for more bytes or is a clean error, never a panic.
+        for cut in 0..bytes.len() {
+            match Frame::decode(&bytes[..cut]) {
+                Ok(None) | Err(_) => {}
+                Ok(Some(_)) => panic!("prefix of {cut} bytes decoded as a whole frame"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_op_round_trips() {
+        round_trip(Frame::Request(write_req()));
+        for op in [Op::Read, Op::Discard, Op::WriteZeroes] {
+            let mut r = Request::new(op, 9, VolumeId(1), Epoch(2));
+            r.offset = 512;
+            r.length = 4096;
+            round_trip(Frame::Request(r));
+        }
+        for op in [Op::Flush, Op::Ping] {
+            round_trip(Frame::Request(Request::new(op, 10, VolumeId(1), Epoch(2))));
+        }
+        let data = vec![1u8, 2, 3, 4];
+        round_trip(Frame::Response(Response {
+            status: Status::Ok,
+            request_id: 11,
+            epoch: Epoch(4),
+            crc: checksum(&data),
+            payload: data,
+        }));
+        round_trip(Frame::Response(Response::status(
+            Status::StaleEpoch,
+            12,
+            Epoch(5),
+        )));
+        round_trip(Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+        }));
+        round_trip(Frame::HelloReply(HelloReply {
+            status: Status::Ok,
+            version: 1,
+        }));
+    }
+
+    #[test]
+    fn oversized_length_rejected_before_allocation() {
+        let len = (MAX_FRAME_LEN as u32 + 1).to_le_bytes();
+        assert_eq!(
+            Frame::decode(&len),
+            Err(DecodeError::TooLong(MAX_FRAME_LEN + 1))
+        );
+        assert_eq!(
+            Frame::check_len(u32::MAX.to_le_bytes()),
+            Err(DecodeError::TooLong(u32::MAX as usize))
+        );
+        assert_eq!(Frame::check_len([0; 4]), Err(DecodeError::Empty));
+    }
+
+    fn body_of(f: &Frame) -> Vec<u8> {
+        f.to_bytes()[4..].to_vec()
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        let good = body_of(&Frame::Request(write_req()));
+        // Unknown frame type.
+        let mut b = good.clone();
+        b[0] = 99;
+        assert_eq!(Frame::decode_body(&b), Err(DecodeError::UnknownType(99)));
+        // Unknown op.
+        let mut b = good.clone();
+        b[1] = 0;
+        assert_eq!(Frame::decode_body(&b), Err(DecodeError::UnknownOp(0)));
+        // Unknown flags.
+        let mut b = good.clone();
+        b[2] = 0x80;
+        assert!(matches!(
+            Frame::decode_body(&b),
+            Err(DecodeError::UnknownFlags(_))
+        ));
+        // Reserved field set.
+        let mut b = good.clone();
+        b[3] = 1;
+        assert_eq!(Frame::decode_body(&b), Err(DecodeError::Reserved));
+        // Payload shorter than the length.
+        let b = &good[..good.len() - 1];
+        assert!(matches!(
+            Frame::decode_body(b),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+        // Truncated fixed part.
+        assert!(matches!(
+            Frame::decode_body(&good[..10]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        // Payload on a read.
+        let mut r = Request::new(Op::Read, 1, VolumeId(1), Epoch(1));
+        r.length = 4;
+        r.payload = vec![0; 4];
+        assert!(matches!(
+            Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+        // Range on a flush.
+        let mut r = Request::new(Op::Flush, 1, VolumeId(1), Epoch(1));
+        r.offset = 512;
+        assert!(matches!(
+            Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+        // FUA on a read.
+        let mut r = Request::new(Op::Read, 1, VolumeId(1), Epoch(1));
+        r.flags = ReqFlags(ReqFlags::FUA);
+        assert!(matches!(
+            Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+        // Read larger than the maximum payload.
+        let mut r = Request::new(Op::Read, 1, VolumeId(1), Epoch(1));
+        r.length = MAX_PAYLOAD as u32 + 1;
+        assert!(matches!(
+            Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+        // offset + length overflowing.
+        let mut r = Request::new(Op::Discard, 1, VolumeId(1), Epoch(1));
+        r.offset = u64::MAX;
+        r.length = 512;
+        assert!(matches!(
+            Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_hello_and_response_are_errors() {
+        let mut h = body_of(&Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+        }));
+        h[1] = b'X';
+        assert!(matches!(
+            Frame::decode_body(&h),
+            Err(DecodeError::BadMagic(_))
+        ));
+        let mut h = body_of(&Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+        }));
+        h.push(0);
+        assert!(matches!(
+            Frame::decode_body(&h),
+            Err(DecodeError::Trailing { .. })
+        ));
+        let mut r = body_of(&Frame::Response(Response::status(Status::Ok, 1, Epoch(1))));
+        r[1] = 200;
+        assert_eq!(Frame::decode_body(&r), Err(DecodeError::UnknownStatus(200)));
+        assert_eq!(Frame::decode_body(&[]), Err(DecodeError::Truncated {
+            what: "frame",
+            got: 0,
+            need: 1
+        }));
+    }
+
+    #[test]
+    fn checksum_detects_corruption() {
+        let mut r = write_req();
+        assert!(r.crc_ok());
+        r.payload[100] ^= 1;
+        assert!(!r.crc_ok());
+    }
+}

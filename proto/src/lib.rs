@@ -1,0 +1,22 @@
+//! Keel's wire protocol and transport security, shared by every daemon.
+//!
+//! * [`frame`]: the binary, length-prefixed frames (hello, request, response), their encoding and
+//!   a total decoder that never panics and checks sizes before allocating.
+//! * [`types`]: the small value types carried on the wire (volume ids, epochs, ops, statuses).
+//! * [`io`]: reading and writing frames on an async byte stream.
+//! * [`tls`]: mutual TLS 1.3 configuration against the cluster CA, and the peer's identity
+//!   (role + id) taken from its certificate.
+//! * [`pki`]: creating a cluster CA and issuing role certificates (used by `keelctl pki` and tests).
+//! * [`fuzz`]: fuzz target bodies, replayed by `cargo test` over the checked-in corpus.
+//!
+//! The format is documented in `docs/protocol.md`.
+
+pub mod frame;
+pub mod fuzz;
+pub mod io;
+pub mod pki;
+pub mod tls;
+pub mod types;
+
+pub use frame::{DecodeError, Frame, Hello, HelloReply, Request, Response};
+pub use types::{Epoch, Op, ReqFlags, Role, Status, VolumeId};
