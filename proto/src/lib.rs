@@ -19,4 +19,4 @@ pub mod tls;
 pub mod types;
 
 pub use frame::{DecodeError, Frame, Hello, HelloReply, Request, Response};
-pub use types::{Epoch, Op, ReqFlags, Role, Status, VolumeId};
+pub use types::{parse_size, Epoch, Op, ReqFlags, Role, Status, VolumeId};

@@ -1,0 +1,481 @@
+//! One volume copy on local disk: a header and the volume's data in one sparse file.
+//!
+//! ```text
+//! offset 0       header slot A (4 KiB)
+//! offset 4 KiB   header slot B (4 KiB)
+//! offset 1 MiB   data: byte i of the volume lives at 1 MiB + i (data_offset in the header)
+//! ```
+//! A header update writes the slot not holding the newest header, with a higher sequence
+//! number and a CRC32C, then fdatasyncs: a torn update leaves the other slot valid. Data never
+//! written are holes and read as zeros; discard and write-zeroes punch holes. Later formats
+//! keep per-chunk (`chunk_size`, 4 MiB) state in sidecar files (see `docs/format.md`).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use keel_proto::{Epoch, VolumeId};
+
+use crate::sync::GroupSync;
+
+pub const MAGIC: [u8; 8] = *b"KEELCOPY";
+pub const FORMAT_VERSION: u32 = 1;
+pub const SLOT_SIZE: u64 = 4096;
+pub const DATA_OFFSET: u64 = 1 << 20;
+pub const CHUNK_SIZE: u32 = 4 << 20;
+pub const SECTOR: u64 = 512;
+const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 1 + 1 + 8 + 8 + 4;
+
+/// What a copy is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyRole {
+    Primary = 1,
+    Mirror = 2,
+}
+
+/// Errors of the copy layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no valid header (not a Keel copy, or both header slots are damaged)")]
+    NoValidHeader { path: PathBuf },
+    #[error("{path}: format version {found} is newer than this build understands ({FORMAT_VERSION})")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("volume size {0} is not a positive multiple of 512 bytes")]
+    BadSize(u64),
+    #[error("a copy of volume {0} already exists")]
+    Exists(VolumeId),
+    #[error("copy is failed after an earlier write-back error; it refuses I/O until repaired")]
+    Failed,
+}
+
+/// The header's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub sequence: u64,
+    pub volume: VolumeId,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub role: CopyRole,
+    pub epoch: Epoch,
+    pub data_offset: u64,
+}
+
+impl Header {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SLOT_SIZE as usize);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        b.extend_from_slice(&self.sequence.to_le_bytes());
+        b.extend_from_slice(&self.volume.0.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&(SECTOR as u32).to_le_bytes());
+        b.extend_from_slice(&self.chunk_size.to_le_bytes());
+        b.push(self.role as u8);
+        b.push(0); // state: reserved for replication (in sync, resyncing)
+        b.extend_from_slice(&self.epoch.0.to_le_bytes());
+        b.extend_from_slice(&self.data_offset.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.resize(SLOT_SIZE as usize, 0);
+        b
+    }
+
+    /// Decodes a slot; `None` if it is not a valid header. `Err` if it is a newer format.
+    fn decode(slot: &[u8], path: &Path) -> Result<Option<Header>, CopyError> {
+        let Some(b) = slot.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        if b[..8] != MAGIC {
+            return Ok(None);
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let crc = u32_at(HEADER_LEN - 4);
+        if crc32c::crc32c(&b[..HEADER_LEN - 4]) != crc {
+            return Ok(None);
+        }
+        let version = u32_at(8);
+        if version > FORMAT_VERSION {
+            return Err(CopyError::NewerFormat {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        let mut vol = [0u8; 16];
+        vol.copy_from_slice(&b[24..40]);
+        let role = match b[56] {
+            1 => CopyRole::Primary,
+            2 => CopyRole::Mirror,
+            _ => return Ok(None),
+        };
+        Ok(Some(Header {
+            sequence: u64_at(16),
+            volume: VolumeId(u128::from_le_bytes(vol)),
+            size: u64_at(40),
+            chunk_size: u32_at(52),
+            role,
+            epoch: Epoch(u64_at(58)),
+            data_offset: u64_at(66),
+        }))
+    }
+}
+
+/// An open copy. All methods take `&self` and are safe to call from many threads.
+pub struct Copy {
+    path: PathBuf,
+    file: File,
+    header: Mutex<Header>,
+    volume: VolumeId,
+    size: u64,
+    data_offset: u64,
+    epoch: AtomicU64,
+    failed: AtomicBool,
+    sync: GroupSync,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CopyError + '_ {
+    move |source| CopyError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Copy {
+    /// Creates a new copy file atomically (temp file, fsync, rename, fsync of the directory).
+    pub fn create(
+        path: &Path,
+        volume: VolumeId,
+        size: u64,
+        role: CopyRole,
+        epoch: Epoch,
+    ) -> Result<Copy, CopyError> {
+        if size == 0 || size % SECTOR != 0 {
+            return Err(CopyError::BadSize(size));
+        }
+        if path.exists() {
+            return Err(CopyError::Exists(volume));
+        }
+        let tmp = path.with_extension("creating");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        let header = Header {
+            sequence: 1,
+            volume,
+            size,
+            chunk_size: CHUNK_SIZE,
+            role,
+            epoch,
+            data_offset: DATA_OFFSET,
+        };
+        let total = DATA_OFFSET
+            .checked_add(size)
+            .ok_or(CopyError::BadSize(size))?;
+        f.write_all_at(&header.encode(), (header.sequence % 2) * SLOT_SIZE)
+            .map_err(io_err(&tmp))?;
+        f.set_len(total).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+        }
+        Copy::open(path)
+    }
+
+    /// Opens an existing copy, choosing the newest valid header slot.
+    pub fn open(path: &Path) -> Result<Copy, CopyError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let mut slots = vec![0u8; 2 * SLOT_SIZE as usize];
+        let n = read_full_at(&file, &mut slots, 0).map_err(io_err(path))?;
+        slots.truncate(n);
+        let a = Header::decode(slots.get(..SLOT_SIZE as usize).unwrap_or(&[]), path)?;
+        let b = Header::decode(slots.get(SLOT_SIZE as usize..).unwrap_or(&[]), path)?;
+        let header = match (a, b) {
+            (Some(a), Some(b)) => {
+                if b.sequence > a.sequence {
+                    b
+                } else {
+                    a
+                }
+            }
+            (Some(h), None) | (None, Some(h)) => h,
+            (None, None) => {
+                return Err(CopyError::NoValidHeader {
+                    path: path.to_owned(),
+                })
+            }
+        };
+        // The data area must be present in full: a truncated file is a damaged copy.
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let want = header.data_offset.saturating_add(header.size);
+        if len < want {
+            file.set_len(want).map_err(io_err(path))?;
+        }
+        Ok(Copy {
+            path: path.to_owned(),
+            volume: header.volume,
+            size: header.size,
+            data_offset: header.data_offset,
+            epoch: AtomicU64::new(header.epoch.0),
+            header: Mutex::new(header),
+            failed: AtomicBool::new(false),
+            sync: GroupSync::new(),
+            file,
+        })
+    }
+
+    pub fn volume(&self) -> VolumeId {
+        self.volume
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Acquire))
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A snapshot of the current header.
+    pub fn header(&self) -> Header {
+        match self.header.lock() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Durably records a new epoch and role (used by the controller's membership changes).
+    pub fn set_membership(&self, role: CopyRole, epoch: Epoch) -> Result<(), CopyError> {
+        let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = h.clone();
+        next.sequence += 1;
+        next.role = role;
+        next.epoch = epoch;
+        let slot = next.sequence % 2;
+        self.file
+            .write_all_at(&next.encode(), slot * SLOT_SIZE)
+            .map_err(io_err(&self.path))?;
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        *h = next;
+        self.epoch.store(epoch.0, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_ok(&self) -> Result<(), CopyError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(CopyError::Failed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> CopyError {
+        CopyError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the volume.
+    pub fn in_range(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (caller checked the range).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        self.check_ok()?;
+        let n = read_full_at(&self.file, buf, self.data_offset + offset).map_err(|e| self.io(e))?;
+        // Past the end of the file (never the case for a healthy copy) reads as zeros.
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (caller checked the range). Durable only after [`Copy::flush`].
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
+        self.check_ok()?;
+        self.file
+            .write_all_at(data, self.data_offset + offset)
+            .map_err(|e| self.io(e))
+    }
+
+    /// Makes the range read as zeros, freeing its space where the filesystem can.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        self.check_ok()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = self.data_offset + offset;
+        let (Ok(off), Ok(l)) = (i64::try_from(start), i64::try_from(len)) else {
+            return Err(self.io(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        };
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(self.io(err));
+        }
+        // The filesystem cannot punch holes: write zeros instead.
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], start + done)
+                .map_err(|e| self.io(e))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before the call durable. Concurrent calls share one
+    /// fdatasync. A failed fdatasync fails the copy: the page cache may have dropped the data,
+    /// so it must not pretend later flushes cover it.
+    pub fn flush(&self) -> Result<(), CopyError> {
+        self.check_ok()?;
+        match self.sync.sync(|| self.file.sync_data()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(path = %self.path.display(), error = %e, "fdatasync failed: copy marked failed");
+                Err(self.io(e))
+            }
+        }
+    }
+}
+
+/// pread until `buf` is full or end of file; returns the bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn new_copy(dir: &Path) -> Copy {
+        Copy::create(
+            &dir.join("v.keel"),
+            VolumeId(7),
+            8 << 20,
+            CopyRole::Primary,
+            Epoch(1),
+        )
+        .expect("create")
+    }
+
+    #[test]
+    fn unwritten_reads_zero_and_writes_read_back_after_reopen() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        let mut buf = vec![1u8; 4096];
+        c.read(0, &mut buf).expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        c.write(4096, &data).expect("write");
+        c.flush().expect("flush");
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(c.size(), 8 << 20);
+        let mut back = vec![0u8; 8192];
+        c.read(4096, &mut back).expect("read");
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn zero_range_reads_zero() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        c.write(0, &vec![0xffu8; 1 << 20]).expect("write");
+        c.zero_range(4096, 8192).expect("zero");
+        let mut b = vec![0u8; 1 << 20];
+        c.read(0, &mut b).expect("read");
+        assert!(b[..4096].iter().all(|&x| x == 0xff));
+        assert!(b[4096..12288].iter().all(|&x| x == 0));
+        assert!(b[12288..].iter().all(|&x| x == 0xff));
+    }
+
+    #[test]
+    fn membership_update_survives_reopen_and_torn_slot() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        c.set_membership(CopyRole::Mirror, Epoch(5)).expect("update");
+        let seq = c.header().sequence;
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(c.epoch(), Epoch(5));
+        assert_eq!(c.header().role, CopyRole::Mirror);
+        drop(c);
+        // Damage the newest slot: the older one (epoch 1) must be used.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(d.path().join("v.keel"))
+            .expect("open");
+        f.write_all_at(&[0xaa; 64], (seq % 2) * SLOT_SIZE + 20)
+            .expect("damage");
+        drop(f);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(c.epoch(), Epoch(1));
+    }
+
+    #[test]
+    fn garbage_file_is_a_clear_error() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("junk.keel");
+        std::fs::write(&p, b"not a copy").expect("write");
+        assert!(matches!(
+            Copy::open(&p),
+            Err(CopyError::NoValidHeader { .. })
+        ));
+        assert!(matches!(
+            Copy::create(&d.path().join("x.keel"), VolumeId(1), 1000, CopyRole::Primary, Epoch(1)),
+            Err(CopyError::BadSize(1000))
+        ));
+    }
+}

@@ -1,0 +1,11 @@
+//! keel-storage: holds volume copies on local disk and serves Keel's data path.
+//!
+//! * [`copy`]: one copy's on-disk format and its I/O (see `docs/format.md`).
+//! * [`sync`]: group commit of fdatasync for flushes and FUA writes.
+//! * [`store`]: the copies in a data directory.
+//! * [`server`]: the mutual-TLS request server.
+
+pub mod copy;
+pub mod server;
+pub mod store;
+pub mod sync;
