@@ -1,0 +1,515 @@
+//! The vhost-user-blk backend: turns guest requests into wire operations and completions back
+//! into used-ring entries.
+//!
+//! Threads: the vring thread (owned by `vhost-user-backend`) pops every available chain,
+//! parses it and submits its wire operations without waiting, so the guest's queue depth
+//! reaches the network. Completions run on the tokio runtime: they write read data and the
+//! status byte into guest memory and publish the request.
+//!
+//! **Publication is in order** (per queue, in the order chains were popped). The
+//! `vhost-user-backend` crate has no inflight-descriptor region, so if keel-vhost dies, QEMU
+//! restarts the ring at the used index it finds in guest memory; publishing in order makes
+//! "everything before the used index is complete, everything after is not" exactly true, so
+//! the restarted backend re-executes precisely the requests whose completion the guest never
+//! saw. See `docs/vhost-restart.md`.
+//!
+//! When a ring is stopped (GET_VRING_BASE, reset, frontend gone), the backend waits a bounded
+//! time for requests in flight; any still running after that are abandoned: their late
+//! completions touch neither guest memory nor the ring, and the ring's next-avail index is
+//! rewound to the used index so the frontend re-offers them when it restarts the ring.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use keel_proto::{Op, ReqFlags, Status, VolumeId};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::client::{Outcome, VolumeClient, WireOp, MAX_WIRE_DATA};
+use crate::virtio::request::{self, BlkRequest, Desc, Kind, MAX_DESCRIPTORS};
+use crate::virtio::spec::*;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// What the guest is shown.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub volume: VolumeId,
+    pub capacity_bytes: u64,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// How long a stopping ring waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+/// The GET_ID answer: the volume id in hex, at most 20 bytes.
+pub fn serial(volume: VolumeId) -> Vec<u8> {
+    let mut s = format!("{:x}", volume.0).into_bytes();
+    s.truncate(VIRTIO_BLK_ID_BYTES);
+    s
+}
+
+#[derive(Default)]
+struct Order {
+    /// Chains popped and not yet published, in pop order: (head, used length once done).
+    entries: VecDeque<(u16, Option<u32>)>,
+    /// Sequence number of `entries[0]`.
+    front_seq: u64,
+    /// Bumped when the ring stops: completions of an older generation are dropped.
+    generation: u64,
+}
+
+struct QueueState {
+    order: Mutex<Order>,
+    drained: Condvar,
+    vring: Mutex<Option<VringRwLock>>,
+}
+
+impl QueueState {
+    fn new() -> Self {
+        QueueState {
+            order: Mutex::new(Order::default()),
+            drained: Condvar::new(),
+            vring: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vring(&self) -> Option<VringRwLock> {
+        self.vring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A ticket for one popped chain.
+#[derive(Clone, Copy)]
+struct Ticket {
+    queue: usize,
+    seq: u64,
+    generation: u64,
+}
+
+struct Inner {
+    cfg: DiskConfig,
+    limits: Limits,
+    config_space: [u8; 60],
+    client: VolumeClient,
+    mem: RwLock<Option<Mem>>,
+    event_idx: AtomicBool,
+    queues: Vec<QueueState>,
+}
+
+/// The backend; cheap to clone (one per frontend connection).
+#[derive(Clone)]
+pub struct KeelBlk {
+    inner: Arc<Inner>,
+}
+
+impl KeelBlk {
+    pub fn new(cfg: DiskConfig, client: VolumeClient) -> KeelBlk {
+        let limits = Limits::new(cfg.capacity_bytes, cfg.read_only);
+        let config_space = config_space(&limits, cfg.num_queues, 4096);
+        let queues = (0..cfg.num_queues).map(|_| QueueState::new()).collect();
+        KeelBlk {
+            inner: Arc::new(Inner {
+                cfg,
+                limits,
+                config_space,
+                client,
+                mem: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                queues,
+            }),
+        }
+    }
+
+    /// Stops every ring (the frontend is gone): waits for requests in flight, bounded.
+    pub fn shutdown(&self) {
+        for q in 0..self.inner.queues.len() {
+            self.inner.stop_queue(q);
+        }
+    }
+
+    /// Requests popped and not yet published, over all queues.
+    pub fn in_flight(&self) -> usize {
+        self.inner.queues.iter().map(|q| q.lock().entries.len()).sum()
+    }
+}
+
+impl Inner {
+    fn memory(&self) -> Option<Mem> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn register(&self, queue: usize, head: u16) -> Ticket {
+        let mut o = self.queues[queue].lock();
+        let seq = o.front_seq + o.entries.len() as u64;
+        o.entries.push_back((head, None));
+        Ticket {
+            queue,
+            seq,
+            generation: o.generation,
+        }
+    }
+
+    /// Finishes a request: `fill` writes its data and status into guest memory (called under
+    /// the queue's lock, only if the ticket is still current), then the request is published
+    /// with every earlier finished one.
+    fn finish(&self, t: Ticket, fill: impl FnOnce(&GuestMemoryMmap) -> u32) {
+        let q = &self.queues[t.queue];
+        let mut o = q.lock();
+        if o.generation != t.generation {
+            return; // the ring was stopped and this request abandoned
+        }
+        let Some(mem) = self.memory() else { return };
+        let used_len = fill(&mem.memory());
+        let Some(idx) = t.seq.checked_sub(o.front_seq) else {
+            return;
+        };
+        let Some(slot) = o.entries.get_mut(idx as usize) else {
+            return;
+        };
+        slot.1 = Some(used_len);
+        let Some(vring) = q.vring() else { return };
+        let mut published = 0;
+        while let Some(&(head, Some(len))) = o.entries.front() {
+            if let Err(e) = vring.add_used(head, len) {
+                tracing::error!(queue = t.queue, head, error = ?e, "add_used failed");
+            }
+            o.entries.pop_front();
+            o.front_seq += 1;
+            published += 1;
+        }
+        if published > 0 {
+            let notify = vring.needs_notification().unwrap_or(true);
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::warn!(queue = t.queue, error = %e, "cannot signal the guest");
+                }
+            }
+            if o.entries.is_empty() {
+                q.drained.notify_all();
+            }
+        }
+    }
+
+    fn stop_queue(&self, queue: usize) {
+        let Some(q) = self.queues.get(queue) else {
+            return;
+        };
+        let o = q.lock();
+        let (mut o, timeout) = q
+            .drained
+            .wait_timeout_while(o, self.cfg.drain_timeout, |o| !o.entries.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() && !o.entries.is_empty() {
+            tracing::warn!(queue, abandoned = o.entries.len(), "ring stopped with requests in flight: abandoning them; the frontend will re-offer them");
+            if let Some(vring) = q.vring() {
+                let used = vring.get_ref().get_queue().next_used();
+                vring.set_queue_next_avail(used);
+            }
+        }
+        o.entries.clear();
+        o.generation += 1;
+        o.front_seq = 0;
+    }
+
+    fn process_queue(self: &Arc<Self>, queue: usize, vring: &VringRwLock) -> std::io::Result<()> {
+        let Some(atomic) = self.memory() else {
+            return Ok(());
+        };
+        {
+            let mut slot = self.queues[queue].vring.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            }
+            let mem = atomic.memory();
+            let mut chains = Vec::new();
+            {
+                let mut state = vring.get_mut();
+                let q = state.get_queue_mut();
+                while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
+                    let head = chain.head_index();
+                    let descs: Vec<Desc> =
+                        chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
+                    chains.push((head, descs));
+                }
+            }
+            for (head, descs) in chains {
+                let ticket = self.register(queue, head);
+                match request::parse(&descs, &*mem, &self.limits) {
+                    Ok(req) => self.dispatch(ticket, req),
+                    Err(rej) => {
+                        tracing::warn!(queue, head, error = %rej.error, "refused a guest request");
+                        let status = rej.error.status();
+                        self.finish(ticket, |m| match rej.status {
+                            Some(addr) if m.write_obj(status, addr).is_ok() => 1,
+                            _ => 0,
+                        });
+                    }
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            let more = vring
+                .enable_notification()
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(self: &Arc<Self>, t: Ticket, req: BlkRequest) {
+        let me = self.clone();
+        match &req.kind {
+            Kind::GetId => {
+                let id = serial(self.cfg.volume);
+                let n = (req.data_len as usize).min(id.len());
+                self.finish(t, |m| {
+                    let ok = request::write_segments(m, &req.data, 0, &id[..n]);
+                    let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
+                    if m.write_obj(status, req.status).is_ok() {
+                        n as u32 + 1
+                    } else {
+                        0
+                    }
+                });
+            }
+            Kind::Flush => {
+                let agg = Agg::new(me, t, req, 1);
+                agg.submit(Op::Flush, ReqFlags::default(), 0, 0, Vec::new(), None);
+            }
+            Kind::In { offset } | Kind::Out { offset } => {
+                let offset = *offset;
+                let write = matches!(req.kind, Kind::Out { .. });
+                let len = req.data_len;
+                let parts = len.div_ceil(MAX_WIRE_DATA as u64).max(1) as usize;
+                let mem = self.memory();
+                let agg = Agg::new(me, t, req, parts);
+                for i in 0..parts {
+                    let start = i as u64 * MAX_WIRE_DATA as u64;
+                    let plen = (len - start).min(MAX_WIRE_DATA as u64) as u32;
+                    if write {
+                        let mut buf = vec![0u8; plen as usize];
+                        let ok = mem.as_ref().is_some_and(|m| {
+                            request::read_segments(&*m.memory(), &agg.req.data, start, &mut buf)
+                        });
+                        if !ok {
+                            agg.part_done(None, Outcome::Failed(Status::IoError));
+                            continue;
+                        }
+                        agg.submit(Op::Write, ReqFlags::default(), offset + start, plen, buf, None);
+                    } else {
+                        agg.submit(Op::Read, ReqFlags::default(), offset + start, plen, Vec::new(), Some(start));
+                    }
+                }
+            }
+            Kind::Discard(ranges) | Kind::WriteZeroes { ranges, .. } => {
+                let op = if matches!(req.kind, Kind::Discard(_)) {
+                    Op::Discard
+                } else {
+                    Op::WriteZeroes
+                };
+                let ranges = ranges.clone();
+                let agg = Agg::new(me, t, req, ranges.len());
+                for r in ranges {
+                    // Limits cap a range at 1 GiB, which fits the wire's u32 length.
+                    let len = u32::try_from(r.len).unwrap_or(u32::MAX & !511);
+                    agg.submit(op, ReqFlags::default(), r.offset, len, Vec::new(), None);
+                }
+            }
+        }
+    }
+}
+
+/// One guest request split into wire operations; completes when the last part does.
+struct Agg {
+    inner: Arc<Inner>,
+    ticket: Ticket,
+    req: BlkRequest,
+    remaining: AtomicUsize,
+    /// The first failure's virtio status (OK while none).
+    status: AtomicU8,
+}
+
+impl Agg {
+    fn new(inner: Arc<Inner>, ticket: Ticket, req: BlkRequest, parts: usize) -> Arc<Agg> {
+        Arc::new(Agg {
+            inner,
+            ticket,
+            req,
+            remaining: AtomicUsize::new(parts),
+            status: AtomicU8::new(VIRTIO_BLK_S_OK),
+        })
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        op: Op,
+        flags: ReqFlags,
+        offset: u64,
+        length: u32,
+        payload: Vec<u8>,
+        read_at: Option<u64>,
+    ) {
+        let me = self.clone();
+        self.inner.client.submit(WireOp {
+            op,
+            flags,
+            offset,
+            length,
+            payload,
+            done: Box::new(move |outcome| me.part_done(read_at, outcome)),
+        });
+    }
+
+    /// One part finished. Read data is written into guest memory under the queue lock (so an
+    /// abandoned request never touches memory); the last part writes the status and publishes.
+    fn part_done(self: &Arc<Self>, read_at: Option<u64>, outcome: Outcome) {
+        let data = match outcome {
+            Outcome::Ok(data) => data,
+            Outcome::Failed(status) => {
+                tracing::warn!(?status, kind = ?self.req.kind, "volume request failed: I/O error to the guest");
+                self.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
+                Vec::new()
+            }
+        };
+        let last = self.remaining.fetch_sub(1, Ordering::AcqRel) == 1;
+        let me = self.clone();
+        if read_at.is_none() && !last {
+            return;
+        }
+        // Reads write their data now; the last part also writes the status and publishes.
+        let req = &me.req;
+        let ticket = me.ticket;
+        if !last {
+            // A read part that is not the last: copy its data without publishing.
+            let q = &me.inner.queues[ticket.queue];
+            let o = q.lock();
+            if o.generation == ticket.generation {
+                if let (Some(at), Some(mem)) = (read_at, me.inner.memory()) {
+                    if !data.is_empty() && !request::write_segments(&*mem.memory(), &req.data, at, &data) {
+                        me.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
+                    }
+                }
+            }
+            return;
+        }
+        me.inner.finish(ticket, |m| {
+            if let Some(at) = read_at {
+                if !data.is_empty() && !request::write_segments(m, &req.data, at, &data) {
+                    me.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
+                }
+            }
+            let status = me.status.load(Ordering::Acquire);
+            let written = if matches!(req.kind, Kind::In { .. }) && status == VIRTIO_BLK_S_OK {
+                req.data_len as u32
+            } else {
+                0
+            };
+            if m.write_obj(status, req.status).is_ok() {
+                written + 1
+            } else {
+                0
+            }
+        });
+    }
+}
+
+impl VhostUserBackend for KeelBlk {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.inner.cfg.num_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.cfg.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_DISCARD
+            | VIRTIO_BLK_F_WRITE_ZEROES
+            | VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.cfg.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cs = &self.inner.config_space;
+        let start = (offset as usize).min(cs.len());
+        let end = start.saturating_add(size as usize).min(cs.len());
+        cs[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
+        *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        self.shutdown();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        self.inner.stop_queue(queue_index as usize);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let q = device_event as usize;
+        let Some(vring) = vrings.get(q) else {
+            return Err(std::io::Error::other(format!("event for unknown queue {q}")));
+        };
+        self.inner.process_queue(q, vring)
+    }
+}

@@ -1,0 +1,12 @@
+//! keel-vhost: Keel's per-host node manager. It serves each attached volume to a guest as a
+//! vhost-user-blk device and forwards every request over mutual TLS to the volume's primary.
+//!
+//! * [`virtio`]: virtio-blk definitions and the request parser (no I/O; fuzzed).
+//! * [`backend`]: the `vhost-user-backend` device: queues, in-order publication, completions.
+//! * [`client`]: the connection to the storage server, with reconnect and resend.
+//! * [`fuzz`]: fuzz target bodies replayed by `cargo test`.
+
+pub mod backend;
+pub mod client;
+pub mod fuzz;
+pub mod virtio;
