@@ -1,0 +1,289 @@
+//! Keel's daemons as real processes for tests: a PKI in a temp directory, keel-storage and
+//! keel-vhost started from the workspace's built binaries, stopped or killed on demand.
+//!
+//! The binaries come from the same target directory as the running test (`cargo build
+//! --release --bins` first; the README's test command does it). A missing binary is an error
+//! that says so, never a skip.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use keel_proto::{pki, Role};
+
+/// The directory holding the workspace's binaries for the running test's profile.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("KEEL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().unwrap_or_default();
+    let deps = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().map(Path::to_path_buf).unwrap_or(deps)
+    } else {
+        deps
+    }
+}
+
+/// Path of a workspace binary, or an error telling how to build it.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build the daemons first (`cargo build --release --bins`, as the README's test command does), or set KEEL_BIN_DIR",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A cluster PKI in a directory: CA plus certificates issued on demand.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Result<Pki> {
+        pki::init_ca(dir)?;
+        Ok(Pki {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Issues `<role>-<id>` if it does not exist yet.
+    pub fn issue(&self, role: Role, id: &str) -> Result<()> {
+        if !self.dir.join(format!("{role}-{id}.pem")).exists() {
+            pki::issue(&self.dir, role, id, &[])?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts `cmd`, waits for a stdout line starting with `ready` and returns it with the child.
+/// Other stdout lines and stderr are passed through to the test's output.
+fn start_until_ready(mut cmd: Command, ready: &str, what: &str) -> Result<(Child, String)> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.starts_with(&ready) {
+                let _ = tx.send(line.clone());
+                sent = true;
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            bail!("{what} did not become ready within 30 s (exit: {status:?})")
+        }
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// A running keel-storage.
+pub struct Storage {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub id: String,
+    pub data_dir: PathBuf,
+    pki_dir: PathBuf,
+}
+
+impl Storage {
+    /// Starts a storage server; `creates` are `VOLUME:SIZE` copies to create at startup.
+    pub fn start(pki: &Pki, id: &str, data_dir: &Path, creates: &[&str]) -> Result<Storage> {
+        Self::start_at(pki, id, data_dir, creates, "127.0.0.1:0".parse()?)
+    }
+
+    pub fn start_at(
+        pki: &Pki,
+        id: &str,
+        data_dir: &Path,
+        creates: &[&str],
+        listen: SocketAddr,
+    ) -> Result<Storage> {
+        pki.issue(Role::Storage, id)?;
+        let mut cmd = Command::new(bin("keel-storage")?);
+        cmd.arg("--listen")
+            .arg(listen.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--pki-dir")
+            .arg(&pki.dir)
+            .arg("--id")
+            .arg(id);
+        for c in creates {
+            cmd.arg("--create").arg(c);
+        }
+        let (child, line) = start_until_ready(cmd, "keel-storage: listening on ", "keel-storage")?;
+        let addr = line
+            .trim_start_matches("keel-storage: listening on ")
+            .trim()
+            .parse()
+            .context("parsing keel-storage's address")?;
+        Ok(Storage {
+            child: Some(child),
+            addr,
+            id: id.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            pki_dir: pki.dir.clone(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (the server syncs its copies first).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same address with the same data.
+    pub fn restart(&mut self) -> Result<()> {
+        let pki = Pki {
+            dir: self.pki_dir.clone(),
+        };
+        let s = Storage::start_at(&pki, &self.id, &self.data_dir, &[], self.addr)?;
+        self.child = s.into_child();
+        Ok(())
+    }
+
+    fn into_child(mut self) -> Option<Child> {
+        self.child.take()
+    }
+
+    /// SIGSTOP / SIGCONT.
+    pub fn pause(&self, on: bool) {
+        if let Some(c) = &self.child {
+            signal(c, if on { libc::SIGSTOP } else { libc::SIGCONT });
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// How to start a keel-vhost.
+#[derive(Clone, Debug)]
+pub struct VhostOptions {
+    pub socket: PathBuf,
+    pub server: SocketAddr,
+    pub volume: String,
+    pub size: String,
+    pub epoch: u64,
+    pub node_id: String,
+    pub num_queues: u16,
+    pub read_only: bool,
+    pub extra: Vec<String>,
+}
+
+/// A running keel-vhost.
+pub struct Vhost {
+    child: Option<Child>,
+    pub opts: VhostOptions,
+    pki_dir: PathBuf,
+}
+
+impl Vhost {
+    pub fn start(pki: &Pki, opts: VhostOptions) -> Result<Vhost> {
+        pki.issue(Role::Node, &opts.node_id)?;
+        let mut cmd = Command::new(bin("keel-vhost")?);
+        cmd.arg("--socket")
+            .arg(&opts.socket)
+            .arg("--server")
+            .arg(opts.server.to_string())
+            .arg("--volume")
+            .arg(&opts.volume)
+            .arg("--size")
+            .arg(&opts.size)
+            .arg("--epoch")
+            .arg(opts.epoch.to_string())
+            .arg("--pki-dir")
+            .arg(&pki.dir)
+            .arg("--id")
+            .arg(&opts.node_id)
+            .arg("--num-queues")
+            .arg(opts.num_queues.to_string())
+            .args(&opts.extra);
+        if opts.read_only {
+            cmd.arg("--read-only");
+        }
+        let (child, _) = start_until_ready(cmd, "keel-vhost: serving", "keel-vhost")?;
+        Ok(Vhost {
+            child: Some(child),
+            opts,
+            pki_dir: pki.dir.clone(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let pki = Pki {
+            dir: self.pki_dir.clone(),
+        };
+        let mut v = Vhost::start(&pki, self.opts.clone())?;
+        self.child = v.child.take();
+        Ok(())
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
