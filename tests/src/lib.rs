@@ -1,1 +1,2 @@
 pub mod guest;
+pub mod cluster;
