@@ -531,7 +531,13 @@ mod unit_tests {
     fn malformed_chains_are_rejected() {
         let m = mem();
         let l = limits();
-        let h = |ty, s| header(&m, 0, ty, s);
+        // Each case gets its own header address: the cases are built before any is parsed.
+        let next = std::cell::Cell::new(0x10000u64);
+        let h = |ty, s| {
+            let at = next.get();
+            next.set(at + 16);
+            header(&m, at, ty, s)
+        };
         let cases: Vec<(Vec<Desc>, ParseError, bool)> = vec![
             (vec![], ParseError::Empty, false),
             (vec![h(VIRTIO_BLK_T_IN, 0), d(4096, 512, true)], ParseError::Truncated, true),
