@@ -1,2 +1,3 @@
 pub mod guest;
+pub mod vmm;
 pub mod cluster;

@@ -27,7 +27,9 @@ use keel_proto::{Op, ReqFlags, Status, VolumeId};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::client::{Outcome, VolumeClient, WireOp, MAX_WIRE_DATA};
@@ -285,7 +287,9 @@ impl Inner {
         let me = self.clone();
         match &req.kind {
             Kind::GetId => {
-                let id = serial(self.cfg.volume);
+                // The serial, NUL-padded to the 20 bytes of the answer (or the buffer, if shorter).
+                let mut id = serial(self.cfg.volume);
+                id.resize(VIRTIO_BLK_ID_BYTES, 0);
                 let n = (req.data_len as usize).min(id.len());
                 self.finish(t, |m| {
                     let ok = request::write_segments(m, &req.data, 0, &id[..n]);
@@ -438,6 +442,28 @@ impl Agg {
     }
 }
 
+/// Checks that every file-backed region fits inside its file.
+fn check_regions(mem: &GuestMemoryMmap) -> std::io::Result<()> {
+    for region in mem.iter() {
+        if let Some(fo) = region.file_offset() {
+            let file_len = fo.file().metadata()?.len();
+            let end = fo.start().checked_add(region.len());
+            if end.is_none_or(|end| end > file_len) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "memory region of {} bytes at file offset {} exceeds its file ({} bytes)",
+                        region.len(),
+                        fo.start(),
+                        file_len
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for KeelBlk {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -483,8 +509,39 @@ impl VhostUserBackend for KeelBlk {
     }
 
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
+        // A region larger than the file behind it would be mapped fine and then fault (SIGBUS)
+        // on the first access past the file's end: refuse such a table, and put an empty
+        // memory map in its place so nothing (the ring code included) can touch it.
+        if let Err(e) = check_regions(&mem.memory()) {
+            tracing::warn!(error = %e, "refusing the frontend's memory table");
+            mem.lock()
+                .map_err(|_| std::io::Error::other("guest memory lock poisoned"))?
+                .replace(GuestMemoryMmap::new());
+            *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(e);
+        }
         *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
+    }
+
+    fn exit_event(
+        &self,
+        _thread_index: usize,
+    ) -> Option<(
+        vmm_sys_util::event::EventConsumer,
+        vmm_sys_util::event::EventNotifier,
+    )> {
+        // Without an exit event the vring worker threads never end, and dropping a finished
+        // session's daemon (which joins them) would block the next frontend forever.
+        match vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK,
+        ) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a vring thread exit event");
+                None
+            }
+        }
     }
 
     fn reset_device(&self) {

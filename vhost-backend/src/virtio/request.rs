@@ -227,12 +227,26 @@ pub fn parse<M: GuestMemory>(
     mem: &M,
     limits: &Limits,
 ) -> Result<BlkRequest, Rejected> {
-    let reject = |error, status| Err(Rejected { error, status });
+    // Where a refusal can be reported: the last byte of the last non-empty descriptor, if that
+    // descriptor is device-writable and its last byte lies in guest memory. Writing IOERR there
+    // (rather than leaving whatever the byte held) keeps a refused request from looking like a
+    // success to the driver.
+    let status_hint = descs.iter().rev().find(|d| d.len > 0).and_then(|d| {
+        let last = d.addr.checked_add(u64::from(d.len) - 1)?;
+        (d.writable && mem.check_range(GuestAddress(last), 1, Permissions::Write))
+            .then_some(GuestAddress(last))
+    });
+    let reject = |error| {
+        Err(Rejected {
+            error,
+            status: status_hint,
+        })
+    };
     if descs.is_empty() {
-        return reject(ParseError::Empty, None);
+        return reject(ParseError::Empty);
     }
     if descs.len() > MAX_DESCRIPTORS {
-        return reject(ParseError::TooManyDescriptors(MAX_DESCRIPTORS), None);
+        return reject(ParseError::TooManyDescriptors(MAX_DESCRIPTORS));
     }
     let mut readable = Vec::new();
     let mut writable = Vec::new();
@@ -240,10 +254,7 @@ pub fn parse<M: GuestMemory>(
         if d.len == 0 {
             continue;
         }
-        let inside = GuestAddress(d.addr)
-            .0
-            .checked_add(u64::from(d.len))
-            .is_some()
+        let inside = d.addr.checked_add(u64::from(d.len)).is_some()
             && mem.check_range(
                 GuestAddress(d.addr),
                 d.len as usize,
@@ -254,13 +265,10 @@ pub fn parse<M: GuestMemory>(
                 },
             );
         if !inside {
-            return reject(
-                ParseError::OutsideMemory {
-                    addr: d.addr,
-                    len: d.len,
-                },
-                None,
-            );
+            return reject(ParseError::OutsideMemory {
+                addr: d.addr,
+                len: d.len,
+            });
         }
         let seg = Segment {
             addr: GuestAddress(d.addr),
@@ -269,14 +277,14 @@ pub fn parse<M: GuestMemory>(
         if d.writable {
             writable.push(seg);
         } else if !writable.is_empty() {
-            return reject(ParseError::ReadableAfterWritable, None);
+            return reject(ParseError::ReadableAfterWritable);
         } else {
             readable.push(seg);
         }
     }
     // The status byte: the last writable byte.
     let Some(last) = writable.last_mut() else {
-        return reject(ParseError::NoStatus, None);
+        return reject(ParseError::NoStatus);
     };
     let status = GuestAddress(last.addr.0 + u64::from(last.len) - 1);
     last.len -= 1;
@@ -545,17 +553,17 @@ mod unit_tests {
             (
                 vec![h(VIRTIO_BLK_T_IN, 0), d(MEM - 100, 512, true), status(8192)],
                 ParseError::OutsideMemory { addr: MEM - 100, len: 512 },
-                false,
+                true,
             ),
             (
                 vec![h(VIRTIO_BLK_T_IN, 0), d(u64::MAX - 10, 512, true), status(8192)],
                 ParseError::OutsideMemory { addr: u64::MAX - 10, len: 512 },
-                false,
+                true,
             ),
             (
                 vec![d(4096, 1, true), h(VIRTIO_BLK_T_IN, 0), status(8192)],
                 ParseError::ReadableAfterWritable,
-                false,
+                true,
             ),
             (
                 vec![d(0, 8, false), status(8192)],

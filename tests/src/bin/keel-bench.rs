@@ -1,0 +1,364 @@
+//! keel-bench: the same guest, the same fio jobs, Keel and qemu-storage-daemon alternated in one
+//! run on one machine.
+//!
+//! Configurations: **K1** a Keel volume (1 copy, keel-vhost → mutual TLS → keel-storage) and
+//! **Q** qemu-storage-daemon exporting a local raw file as vhost-user-blk
+//! (`aio=native,cache.direct=on`). One guest sees both (vda = K1, vdb = Q); each job runs on
+//! K1 then Q, round after round, over a 256 MiB region written once first.
+//!
+//! Usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]
+//! Prints a table per job (median IOPS, min–max, mean and p99 completion latency, K/Q) and the
+//! CPU seconds keel's daemons used per I/O; writes `results.json` and `results.md` to DIR.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
+use keel_tests::guest::{self, Disk, GuestConfig};
+use serde_json::{json, Value};
+
+struct Job {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    qd: u32,
+}
+
+const JOBS: &[Job] = &[
+    Job { name: "randread-4k-qd1", rw: "randread", bs: "4k", qd: 1 },
+    Job { name: "randwrite-4k-qd1", rw: "randwrite", bs: "4k", qd: 1 },
+    Job { name: "randread-4k-qd32", rw: "randread", bs: "4k", qd: 32 },
+    Job { name: "randwrite-4k-qd32", rw: "randwrite", bs: "4k", qd: 32 },
+    Job { name: "write-1m-qd8", rw: "write", bs: "1m", qd: 8 },
+    Job { name: "read-1m-qd8", rw: "read", bs: "1m", qd: 8 },
+];
+
+const CONFIGS: &[(&str, &str)] = &[("K1", "vda"), ("Q", "vdb")];
+
+struct Opts {
+    smoke: bool,
+    rounds: u32,
+    runtime: u32,
+    ramp: u32,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Opts> {
+    let mut o = Opts {
+        smoke: false,
+        rounds: 3,
+        runtime: 8,
+        ramp: 2,
+        out: PathBuf::from("target/bench"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> Result<u32> {
+            args.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--smoke" => o.smoke = true,
+            "--rounds" => o.rounds = num("--rounds")?,
+            "--runtime" => o.runtime = num("--runtime")?,
+            "--ramp" => o.ramp = num("--ramp")?,
+            "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
+            "-h" | "--help" => {
+                println!("usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    if o.smoke {
+        o.rounds = 1;
+        o.runtime = 1;
+        o.ramp = 0;
+    }
+    if o.rounds == 0 || o.runtime == 0 {
+        bail!("--rounds and --runtime must be positive");
+    }
+    Ok(o)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, i.e. 11 and 12 here.
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn start_qsd(dir: &Path, size: u64) -> Result<(Child, PathBuf)> {
+    let img = dir.join("qsd.raw");
+    let f = std::fs::File::create(&img)?;
+    f.set_len(size)?;
+    let sock = dir.join("qsd.sock");
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},aio=native,cache.direct=on",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-storage-daemon (apt-get install qemu-system-x86)")?;
+    for _ in 0..100 {
+        if sock.exists() {
+            return Ok((child, sock));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("qemu-storage-daemon did not create {}", sock.display())
+}
+
+fn guest_script(o: &Opts, size: &str) -> String {
+    let mut s = String::from("set -e\n");
+    for (_, dev) in CONFIGS {
+        // Write the region once so reads hit allocated data on both sides.
+        let _ = writeln!(
+            s,
+            "fio --name=prefill --filename=/dev/{dev} --direct=1 --ioengine=libaio --rw=write --bs=1m --iodepth=8 --size={size} >/dev/null"
+        );
+    }
+    s.push_str("echo BENCH-PREFILLED\n");
+    for round in 0..o.rounds {
+        for job in JOBS {
+            for (cfg, dev) in CONFIGS {
+                let id = format!("{round}-{}-{cfg}", job.name);
+                let _ = writeln!(
+                    s,
+                    "echo BENCH-BEGIN {id}\n\
+                     fio --name={} --filename=/dev/{dev} --direct=1 --ioengine=libaio --rw={} --bs={} \
+                     --iodepth={} --size={size} --runtime={} --ramp_time={} --time_based \
+                     --randrepeat=0 --norandommap --output-format=json --output=/tmp/r.json\n\
+                     echo BENCH-END {id}\necho BENCH-JSON-BEGIN {id}\ntr -d '\\n' < /tmp/r.json\necho\necho BENCH-JSON-END {id}",
+                    job.name, job.rw, job.bs, job.qd, o.runtime, o.ramp
+                );
+            }
+        }
+    }
+    s
+}
+
+struct Sample {
+    iops: f64,
+    mean_us: f64,
+    p99_us: f64,
+    keel_cpu_s: f64,
+    ios: f64,
+}
+
+fn parse_fio(json_line: &str, rw: &str) -> Result<(f64, f64, f64, f64)> {
+    let v: Value = serde_json::from_str(json_line).context("fio JSON")?;
+    let job = &v["jobs"][0];
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let d = &job[side];
+    let iops = d["iops"].as_f64().context("iops")?;
+    let mean = d["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0;
+    let p99 = d["clat_ns"]["percentile"]["99.000000"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1000.0;
+    let ios = d["total_ios"].as_f64().unwrap_or(0.0);
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio reported error {}", job["error"]);
+    }
+    Ok((iops, mean, p99, ios))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<()> {
+    let o = parse_args()?;
+    guest::require_tools()?;
+    let size_bytes: u64 = if o.smoke { 16 << 20 } else { 256 << 20 };
+    let region = if o.smoke { "16M" } else { "256M" };
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(&dir.path().join("pki"))?;
+    let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &["b1:512MiB"])?;
+    let vhost = Vhost::start(
+        &pki,
+        VhostOptions {
+            socket: dir.path().join("keel.sock"),
+            server: storage.addr,
+            volume: "b1".into(),
+            size: "512MiB".into(),
+            epoch: 1,
+            node_id: "n1".into(),
+            num_queues: 1,
+            read_only: false,
+            extra: Vec::new(),
+        },
+    )?;
+    let (mut qsd, qsd_sock) = start_qsd(dir.path(), 512 << 20)?;
+    let _ = size_bytes;
+    let cfg = GuestConfig {
+        disks: vec![
+            Disk {
+                socket: vhost.opts.socket.clone(),
+                num_queues: 1,
+                reconnect: false,
+            },
+            Disk {
+                socket: qsd_sock,
+                num_queues: 1,
+                reconnect: false,
+            },
+        ],
+        script: guest_script(&o, region),
+        timeout: Duration::from_secs(3600),
+        ..GuestConfig::default()
+    };
+    let pids: Vec<u32> = [storage.pid(), vhost.pid()].into_iter().flatten().collect();
+    let keel_cpu = || pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
+    let tps = ticks_per_second();
+    let g = guest::spawn(&cfg)?;
+    let slot = Duration::from_secs(u64::from(o.runtime + o.ramp) + 120);
+    g.wait_for_line("BENCH-PREFILLED", Duration::from_secs(600))?;
+    let mut results: Vec<(String, String, Sample)> = Vec::new();
+    for round in 0..o.rounds {
+        for job in JOBS {
+            for (cfgname, _) in CONFIGS {
+                let id = format!("{round}-{}-{cfgname}", job.name);
+                g.wait_for_line(&format!("BENCH-BEGIN {id}"), slot)?;
+                let c0 = keel_cpu();
+                g.wait_for_line(&format!("BENCH-END {id}"), slot)?;
+                let c1 = keel_cpu();
+                g.wait_for_line(&format!("BENCH-JSON-END {id}"), slot)?;
+                let console = g.console();
+                let begin = format!("BENCH-JSON-BEGIN {id}");
+                let json_line = console
+                    .lines()
+                    .skip_while(|l| !l.contains(&begin))
+                    .nth(1)
+                    .with_context(|| format!("no fio JSON for {id}"))?;
+                let (iops, mean_us, p99_us, ios) = parse_fio(json_line.trim(), job.rw)
+                    .with_context(|| format!("parsing fio output of {id}"))?;
+                let keel_cpu_s = if *cfgname == "Q" {
+                    0.0
+                } else {
+                    (c1 - c0) as f64 / tps
+                };
+                eprintln!("bench: {id}: {iops:.0} IOPS, mean {mean_us:.0} µs, p99 {p99_us:.0} µs");
+                results.push((
+                    job.name.to_string(),
+                    cfgname.to_string(),
+                    Sample { iops, mean_us, p99_us, keel_cpu_s, ios },
+                ));
+            }
+        }
+    }
+    let out = g.wait()?;
+    if out.exit_status != Some(0) {
+        bail!("benchmark guest failed: exit {:?}", out.exit_status);
+    }
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+
+    // Summaries.
+    let mut md = String::new();
+    let _ = writeln!(md, "| job | config | median IOPS | min–max IOPS | mean lat µs | p99 lat µs | keel CPU µs/IO | K/Q |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut json_jobs = Vec::new();
+    for job in JOBS {
+        let mut med = std::collections::HashMap::new();
+        for (cfgname, _) in CONFIGS {
+            let s: Vec<&Sample> = results
+                .iter()
+                .filter(|(j, c, _)| j == job.name && c == cfgname)
+                .map(|(_, _, s)| s)
+                .collect();
+            let mut iops: Vec<f64> = s.iter().map(|x| x.iops).collect();
+            let mut mean: Vec<f64> = s.iter().map(|x| x.mean_us).collect();
+            let mut p99: Vec<f64> = s.iter().map(|x| x.p99_us).collect();
+            let min = iops.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = iops.iter().cloned().fold(0.0, f64::max);
+            let m = median(&mut iops);
+            let cpu: f64 = s.iter().map(|x| x.keel_cpu_s).sum();
+            let ios: f64 = s.iter().map(|x| x.ios).sum();
+            let cpu_per_io = if *cfgname == "Q" || ios == 0.0 { f64::NAN } else { cpu / ios * 1e6 };
+            med.insert(*cfgname, m);
+            let ratio = if *cfgname == "K1" { String::new() } else { String::new() };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} |",
+                job.name,
+                cfgname,
+                m,
+                min,
+                max,
+                median(&mut mean),
+                median(&mut p99),
+                if cpu_per_io.is_nan() { "–".to_string() } else { format!("{cpu_per_io:.1}") },
+                ratio
+            );
+            json_jobs.push(json!({
+                "job": job.name, "config": cfgname, "median_iops": m, "min_iops": min, "max_iops": max,
+                "mean_lat_us": median(&mut mean), "p99_lat_us": median(&mut p99),
+                "keel_cpu_us_per_io": if cpu_per_io.is_nan() { Value::Null } else { json!(cpu_per_io) },
+                "rounds": s.len(),
+            }));
+        }
+        let k = med.get("K1").copied().unwrap_or(0.0);
+        let q = med.get("Q").copied().unwrap_or(0.0);
+        let r = if q > 0.0 { k / q } else { 0.0 };
+        let _ = writeln!(md, "| {} | **K/Q** | | | | | | **{:.2}** |", job.name, r);
+    }
+    std::fs::create_dir_all(&o.out)?;
+    let header = format!(
+        "Keel benchmark: {} round(s), {} s per job after {} s ramp, {} region, guest TCG 1 vCPU, fio libaio direct=1.\nK1 = Keel 1 copy (keel-vhost → mTLS → keel-storage); Q = qemu-storage-daemon, raw file, aio=native, cache.direct=on.\n\n",
+        o.rounds, o.runtime, o.ramp, region
+    );
+    let md = header + &md;
+    std::fs::write(o.out.join("results.md"), &md)?;
+    std::fs::write(
+        o.out.join("results.json"),
+        serde_json::to_string_pretty(&json!({
+            "rounds": o.rounds, "runtime_s": o.runtime, "ramp_s": o.ramp, "region": region,
+            "results": json_jobs,
+        }))?,
+    )?;
+    println!("{md}");
+    println!("keel-bench: results in {}", o.out.display());
+    drop(vhost);
+    drop(storage);
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! keel-vhost driven by the Rust test VMM over a real vhost-user socket (no QEMU), with a real
+//! keel-storage behind it over mutual TLS.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
+use keel_tests::vmm::*;
+
+const SIZE_BYTES: u64 = 64 << 20;
+const SECTORS: u64 = SIZE_BYTES / 512;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _pki: Pki,
+    storage: Storage,
+    vhost: Vhost,
+}
+
+fn setup(num_queues: u16, read_only: bool) -> Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(&dir.path().join("pki"))?;
+    let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &["abc123:64MiB"])?;
+    let vhost = Vhost::start(
+        &pki,
+        VhostOptions {
+            socket: dir.path().join("blk.sock"),
+            server: storage.addr,
+            volume: "abc123".into(),
+            size: "64MiB".into(),
+            epoch: 1,
+            node_id: "n1".into(),
+            num_queues,
+            read_only,
+            extra: vec!["--request-timeout-ms".into(), "2000".into()],
+        },
+    )?;
+    Ok(Setup {
+        _dir: dir,
+        _pki: pki,
+        storage,
+        vhost,
+    })
+}
+
+fn opts(num_queues: u16) -> VmmOptions {
+    VmmOptions {
+        num_queues,
+        event_idx: true,
+        indirect_desc: true,
+        ..VmmOptions::default()
+    }
+}
+
+fn crc(d: &[u8]) -> u32 {
+    crc32c::crc32c(d)
+}
+
+#[test]
+fn config_features_and_every_request_type() -> Result<()> {
+    let s = setup(2, false)?;
+    let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(2))?;
+    let cfg = vmm.config();
+    assert_eq!(cfg.capacity, SECTORS);
+    assert_eq!(cfg.num_queues, 2);
+    assert_eq!(cfg.blk_size, 4096);
+    assert!(cfg.seg_max >= 1);
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_MQ,
+    ] {
+        assert!(vmm.device_features() & (1 << bit) != 0, "feature bit {bit}");
+    }
+    assert_eq!(vmm.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
+
+    // Read-after-write with content checksums, on both queues, sizes from 512 B to 1 MiB.
+    let mut expect = Vec::new();
+    for (i, len) in [512usize, 4096, 65536, 1 << 20].into_iter().enumerate() {
+        let sector = (i as u64) * 4096;
+        let data = pattern(7, sector, len);
+        assert_eq!(vmm.write((i % 2) as u16, sector, &data)?, VIRTIO_BLK_S_OK);
+        expect.push((sector, len, crc(&data)));
+    }
+    for (i, (sector, len, c)) in expect.iter().enumerate() {
+        let (st, d) = vmm.read(((i + 1) % 2) as u16, *sector, *len)?;
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert_eq!(crc(&d), *c, "sector {sector}");
+    }
+    // A request larger than one wire frame (6 MiB > 4 MiB) is split and reassembled.
+    let big = pattern(9, 20_000, 6 << 20);
+    assert_eq!(vmm.write(0, 20_000, &big)?, VIRTIO_BLK_S_OK);
+    let (st, d) = vmm.read(1, 20_000, 6 << 20)?;
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(crc(&d), crc(&big));
+    // Never-written space reads as zeros.
+    let (st, d) = vmm.read(0, SECTORS - 8, 4096)?;
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(d.iter().all(|&b| b == 0));
+    assert_eq!(vmm.flush(0)?, VIRTIO_BLK_S_OK);
+    // Discard and write-zeroes read back as zeros; neighbours are intact.
+    let data = pattern(3, 50_000, 32768);
+    assert_eq!(vmm.write(0, 50_000, &data)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.discard(0, 50_008, 8)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.write_zeroes(1, 50_032, 8, false)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.write_zeroes(1, 50_048, 8, true)?, VIRTIO_BLK_S_OK);
+    let (_, d) = vmm.read(0, 50_000, 32768)?;
+    assert_eq!(&d[..4096], &data[..4096]);
+    assert!(d[4096..8192].iter().all(|&b| b == 0));
+    assert_eq!(&d[8192..16384], &data[8192..16384]);
+    assert!(d[16384..20480].iter().all(|&b| b == 0));
+    assert_eq!(&d[20480..24576], &data[20480..24576]);
+    assert!(d[24576..28672].iter().all(|&b| b == 0));
+    assert_eq!(&d[28672..], &data[28672..]);
+    // GET_ID: the volume id as serial.
+    let (st, id) = vmm.get_id(0)?;
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(id, b"abc123");
+    // Out of range: IOERR, and a read crossing the end too.
+    assert_eq!(vmm.read(0, SECTORS, 512)?.0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(vmm.read(0, SECTORS - 1, 1024)?.0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(vmm.write(0, SECTORS, &[0u8; 512])?, VIRTIO_BLK_S_IOERR);
+    assert_eq!(vmm.discard(0, SECTORS - 1, 8)?, VIRTIO_BLK_S_IOERR);
+    // Unknown request type: UNSUPP.
+    assert_eq!(vmm.request(0, 99, 0, &[], 0)?.status, VIRTIO_BLK_S_UNSUPP);
+    Ok(())
+}
+
+#[test]
+fn read_only_volume_refuses_writes() -> Result<()> {
+    let s = setup(1, true)?;
+    let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+    assert!(vmm.device_features() & (1 << VIRTIO_BLK_F_RO) != 0);
+    assert_eq!(vmm.write(0, 0, &[1u8; 512])?, VIRTIO_BLK_S_IOERR);
+    let (st, d) = vmm.read(0, 0, 512)?;
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert!(d.iter().all(|&b| b == 0));
+    Ok(())
+}
+
+#[test]
+fn deep_queues_on_several_queues_verify() -> Result<()> {
+    let s = setup(2, false)?;
+    let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(2))?;
+    let region = Some((0, 8192));
+    let w = LoadSpec {
+        op: LoadOp::Write,
+        depth: 32,
+        random: false,
+        region,
+        count: Some(2048),
+        data_seed: Some(11),
+        ..LoadSpec::default()
+    };
+    let r = vmm.run_load(0, w)?;
+    assert_eq!((r.errors, r.mismatches), (0, 0));
+    let rd = LoadSpec {
+        op: LoadOp::Read,
+        depth: 32,
+        region,
+        count: Some(2000),
+        data_seed: Some(11),
+        ..LoadSpec::default()
+    };
+    let res = vmm.run_load_multi(&[(0, rd.clone()), (1, LoadSpec { seed: 2, ..rd })])?;
+    for r in res {
+        assert_eq!(r.completed, 2000);
+        assert_eq!((r.errors, r.mismatches), (0, 0), "{:?}", r.first_error);
+    }
+    let st = vmm.stats();
+    assert_eq!(st.stray_used, 0);
+    Ok(())
+}
+
+fn alloc_header(vmm: &mut TestVmm, ty: u32, sector: u64) -> Result<u64> {
+    let a = vmm.alloc(16)?;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    vmm.write_mem(a, &h)?;
+    Ok(a)
+}
+
+/// Every malformed chain is answered (or safely given back) and the daemon keeps serving.
+#[test]
+fn malformed_descriptor_chains_never_crash_or_hang() -> Result<()> {
+    let mut s = setup(1, false)?;
+    let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+    let t = Duration::from_secs(5);
+    let mem = vmm.mem_size();
+    let data = vmm.alloc(4096)?;
+    let status = vmm.alloc(1)?;
+    let mut cases: Vec<(&str, Vec<RawDesc>, Option<u8>)> = Vec::new();
+    let h_in = alloc_header(&mut vmm, VIRTIO_BLK_T_IN, 0)?;
+    let h_out = alloc_header(&mut vmm, VIRTIO_BLK_T_OUT, 0)?;
+    let h_far = alloc_header(&mut vmm, VIRTIO_BLK_T_IN, u64::MAX / 256)?;
+    let h_end = alloc_header(&mut vmm, VIRTIO_BLK_T_IN, SECTORS - 1)?;
+    cases.push(("status read-only", vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 512), RawDesc::ro(status, 1)], None));
+    cases.push(("status missing", vec![RawDesc::ro(h_in, 16), RawDesc::ro(data, 512)], None));
+    cases.push(("short header", vec![RawDesc::ro(h_in, 8), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("zero-length status", vec![RawDesc::ro(h_in, 16), RawDesc::wo(status, 0)], None));
+    cases.push(("data outside memory", vec![RawDesc::ro(h_in, 16), RawDesc::wo(mem - 256, 4096), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("address overflow", vec![RawDesc::ro(h_in, 16), RawDesc::wo(u64::MAX - 100, 4096), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("header outside memory", vec![RawDesc::ro(mem + 4096, 16), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("read with read-only data", vec![RawDesc::ro(h_in, 16), RawDesc::ro(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("write with writable data", vec![RawDesc::ro(h_out, 16), RawDesc::wo(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("unaligned length", vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 100), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("sector overflow", vec![RawDesc::ro(h_far, 16), RawDesc::wo(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push(("past capacity", vec![RawDesc::ro(h_end, 16), RawDesc::wo(data, 1024), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push((
+        "readable after writable",
+        vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 512), RawDesc::ro(data, 512), RawDesc::wo(status, 1)],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    // A loop: entry 1 points back at itself.
+    cases.push((
+        "descriptor loop",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc { addr: data, len: 512, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: RawNext::Entry(1) },
+        ],
+        None,
+    ));
+    // next index outside the table.
+    cases.push((
+        "next outside the table",
+        vec![RawDesc { addr: h_in, len: 16, flags: VIRTQ_DESC_F_NEXT, next: RawNext::Table(60000) }],
+        None,
+    ));
+    // An indirect table outside guest memory.
+    cases.push(("indirect table outside memory", vec![RawDesc::indirect(mem + 8192, 64)], None));
+    for (name, chain, want) in cases {
+        vmm.write_mem(status, &[0xee])?;
+        let used = vmm.submit_raw(0, &chain, t)?;
+        assert!(used.is_some(), "{name}: the head was never given back (guest would hang)");
+        if let Some(want) = want {
+            assert_eq!(vmm.read_mem(status, 1)?[0], want, "{name}: status");
+        }
+        assert!(s.vhost.running(), "{name}: keel-vhost died");
+        assert!(vmm.alive(), "{name}: session died");
+    }
+    // The device still does I/O afterwards.
+    let d = pattern(5, 100, 4096);
+    assert_eq!(vmm.write(0, 100, &d)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.read(0, 100, 4096)?.1, d);
+    Ok(())
+}
+
+/// Hostile vhost-user messages end that session at most; the daemon serves the next frontend.
+#[test]
+fn hostile_vhost_user_messages_end_the_session_at_most() -> Result<()> {
+    let mut s = setup(1, false)?;
+    let socket = s.vhost.opts.socket.clone();
+    for case in HostileCase::ALL {
+        let outcome = hostile_session(&socket, *case);
+        eprintln!("{case:?}: {outcome:?}");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(s.vhost.running(), "{case:?} killed keel-vhost");
+        let mut vmm = TestVmm::connect(&socket, opts(1))?;
+        let d = pattern(1, 8, 4096);
+        assert_eq!(vmm.write(0, 8, &d)?, VIRTIO_BLK_S_OK, "after {case:?}");
+        assert_eq!(vmm.read(0, 8, 4096)?.1, d, "after {case:?}");
+    }
+    Ok(())
+}
+
+/// One frontend at a time; the next one gets the same volume with its data.
+#[test]
+fn reconnecting_frontend_finds_its_data() -> Result<()> {
+    let s = setup(1, false)?;
+    let d = pattern(21, 0, 65536);
+    {
+        let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+        assert_eq!(vmm.write(0, 0, &d)?, VIRTIO_BLK_S_OK);
+    }
+    for _ in 0..3 {
+        let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+        let (st, back) = vmm.read(0, 0, 65536)?;
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert_eq!(crc(&back), crc(&d));
+    }
+    Ok(())
+}
+
+/// keel-storage killed while requests are in flight: they stall, then complete with the right
+/// data once it is back; no error reaches the guest.
+#[test]
+fn storage_kill_9_under_load_only_stalls() -> Result<()> {
+    let mut s = setup(1, false)?;
+    let mut vmm = TestVmm::connect(
+        &s.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(30),
+            ..opts(1)
+        },
+    )?;
+    let region = Some((0, 16384));
+    let w = LoadSpec {
+        op: LoadOp::Write,
+        depth: 32,
+        random: false,
+        region,
+        count: Some(16384 / 8),
+        data_seed: Some(77),
+        ..LoadSpec::default()
+    };
+    assert_eq!(vmm.run_load(0, w)?.errors, 0);
+    let load = LoadSpec {
+        op: LoadOp::Mixed { read_percent: 50 },
+        depth: 32,
+        region,
+        count: None,
+        duration: Some(Duration::from_secs(4)),
+        data_seed: Some(77),
+        ..LoadSpec::default()
+    };
+    // Kill storage shortly after the load starts, bring it back a second later.
+    let storage = &mut s.storage;
+    let r = std::thread::scope(|sc| {
+        let h = sc.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            storage.kill9();
+            std::thread::sleep(Duration::from_secs(1));
+            storage.restart()
+        });
+        let r = vmm.run_load(0, load);
+        let restarted = h.join().expect("join");
+        (r, restarted)
+    });
+    let (r, restarted) = r;
+    restarted?;
+    let r = r?;
+    assert!(r.completed > 1000, "only {} requests completed", r.completed);
+    assert_eq!((r.errors, r.mismatches), (0, 0), "{:?}", r.first_error);
+    assert!(r.percentile_us(100.0) > 500_000, "the kill should have stalled some request");
+    Ok(())
+}
