@@ -54,12 +54,13 @@ fn main() -> anyhow::Result<()> {
             println!("created CA in {}", dir.display());
         }
         Cmd::Pki {
-            cmd: PkiCmd::Issue {
-                dir,
-                role,
-                id,
-                hosts,
-            },
+            cmd:
+                PkiCmd::Issue {
+                    dir,
+                    role,
+                    id,
+                    hosts,
+                },
         } => {
             let p = pki::issue(&dir, role, &id, &hosts).with_context(|| {
                 format!(

@@ -462,9 +462,7 @@ mod unit_tests {
 
     fn round_trip(f: Frame) {
         let bytes = f.to_bytes();
-        let (g, used) = Frame::decode(&bytes)
-            .expect("decodes")
-            .expect("complete");
+        let (g, used) = Frame::decode(&bytes).expect("decodes").expect("complete");
         assert_eq!(used, bytes.len());
         assert_eq!(g, f);
         // Every strict prefix asks for more bytes or is a clean error, never a panic.
@@ -624,11 +622,14 @@ mod unit_tests {
         let mut r = body_of(&Frame::Response(Response::status(Status::Ok, 1, Epoch(1))));
         r[1] = 200;
         assert_eq!(Frame::decode_body(&r), Err(DecodeError::UnknownStatus(200)));
-        assert_eq!(Frame::decode_body(&[]), Err(DecodeError::Truncated {
-            what: "frame",
-            got: 0,
-            need: 1
-        }));
+        assert_eq!(
+            Frame::decode_body(&[]),
+            Err(DecodeError::Truncated {
+                what: "frame",
+                got: 0,
+                need: 1
+            })
+        );
     }
 
     #[test]

@@ -35,8 +35,14 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         r.length = 1024;
         seeds.push((name, Frame::Request(r).to_bytes()));
     }
-    seeds.push(("flush", Frame::Request(Request::new(Op::Flush, 3, VolumeId(1), Epoch(1))).to_bytes()));
-    seeds.push(("ping", Frame::Request(Request::new(Op::Ping, 4, VolumeId(1), Epoch(1))).to_bytes()));
+    seeds.push((
+        "flush",
+        Frame::Request(Request::new(Op::Flush, 3, VolumeId(1), Epoch(1))).to_bytes(),
+    ));
+    seeds.push((
+        "ping",
+        Frame::Request(Request::new(Op::Ping, 4, VolumeId(1), Epoch(1))).to_bytes(),
+    ));
     seeds.push((
         "response_read",
         Frame::Response(Response {
@@ -48,13 +54,33 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         })
         .to_bytes(),
     ));
-    seeds.push(("response_stale", Frame::Response(Response::status(Status::StaleEpoch, 5, Epoch(9))).to_bytes()));
-    seeds.push(("hello", Frame::Hello(Hello { min_version: 1, max_version: 1 }).to_bytes()));
-    seeds.push(("hello_reply", Frame::HelloReply(HelloReply { status: Status::Ok, version: 1 }).to_bytes()));
+    seeds.push((
+        "response_stale",
+        Frame::Response(Response::status(Status::StaleEpoch, 5, Epoch(9))).to_bytes(),
+    ));
+    seeds.push((
+        "hello",
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+        })
+        .to_bytes(),
+    ));
+    seeds.push((
+        "hello_reply",
+        Frame::HelloReply(HelloReply {
+            status: Status::Ok,
+            version: 1,
+        })
+        .to_bytes(),
+    ));
     let mut t = Frame::Request(w.clone()).to_bytes();
     t.truncate(t.len() - 7);
     seeds.push(("truncated_write", t));
-    seeds.push(("oversized_len", ((MAX_FRAME_LEN + 1) as u32).to_le_bytes().to_vec()));
+    seeds.push((
+        "oversized_len",
+        ((MAX_FRAME_LEN + 1) as u32).to_le_bytes().to_vec(),
+    ));
     let mut bad = Frame::Request(w).to_bytes();
     bad[4 + 1] = 0xee;
     seeds.push(("unknown_op", bad));
@@ -76,7 +102,8 @@ mod unit_tests {
                 std::fs::create_dir_all(&dir).expect("mkdir");
                 std::fs::write(&path, &bytes).expect("write seed");
             }
-            let on_disk = std::fs::read(&path).expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
+            let on_disk =
+                std::fs::read(&path).expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
             assert_eq!(on_disk, bytes, "{name} differs from the checked-in seed");
         }
     }

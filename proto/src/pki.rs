@@ -80,8 +80,7 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -101,9 +100,9 @@ pub fn issue(dir: &Path, role: Role, id: &str, hosts: &[String]) -> Result<TlsPa
     params
         .distinguished_name
         .push(DnType::CommonName, format!("keel {role} {id}"));
-    params.subject_alt_names.push(SanType::URI(
-        format!("keel://{role}/{id}").try_into()?,
-    ));
+    params
+        .subject_alt_names
+        .push(SanType::URI(format!("keel://{role}/{id}").try_into()?));
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,

@@ -174,7 +174,9 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, TlsError> {
 
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, TlsError> {
-    let certs = conn.peer_certificates().ok_or(TlsError::NoPeerCertificate)?;
+    let certs = conn
+        .peer_certificates()
+        .ok_or(TlsError::NoPeerCertificate)?;
     let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
     identity_from_cert(leaf.as_ref())
 }

@@ -241,9 +241,7 @@ mod unit_tests {
 /// (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB`), e.g. `512MiB`, `10GiB`, `4096`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()

@@ -46,7 +46,9 @@ pub enum CopyError {
     },
     #[error("{path}: no valid header (not a Keel copy, or both header slots are damaged)")]
     NoValidHeader { path: PathBuf },
-    #[error("{path}: format version {found} is newer than this build understands ({FORMAT_VERSION})")]
+    #[error(
+        "{path}: format version {found} is newer than this build understands ({FORMAT_VERSION})"
+    )]
     NewerFormat { path: PathBuf, found: u32 },
     #[error("volume size {0} is not a positive multiple of 512 bytes")]
     BadSize(u64),
@@ -162,7 +164,7 @@ impl Copy {
         role: CopyRole,
         epoch: Epoch,
     ) -> Result<Copy, CopyError> {
-        if size == 0 || size % SECTOR != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(CopyError::BadSize(size));
         }
         if path.exists() {
@@ -445,7 +447,8 @@ mod unit_tests {
     fn membership_update_survives_reopen_and_torn_slot() {
         let d = tempfile::tempdir().expect("tmp");
         let c = new_copy(d.path());
-        c.set_membership(CopyRole::Mirror, Epoch(5)).expect("update");
+        c.set_membership(CopyRole::Mirror, Epoch(5))
+            .expect("update");
         let seq = c.header().sequence;
         drop(c);
         let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
@@ -474,7 +477,13 @@ mod unit_tests {
             Err(CopyError::NoValidHeader { .. })
         ));
         assert!(matches!(
-            Copy::create(&d.path().join("x.keel"), VolumeId(1), 1000, CopyRole::Primary, Epoch(1)),
+            Copy::create(
+                &d.path().join("x.keel"),
+                VolumeId(1),
+                1000,
+                CopyRole::Primary,
+                Epoch(1)
+            ),
             Err(CopyError::BadSize(1000))
         ));
     }

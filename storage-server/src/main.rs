@@ -41,8 +41,12 @@ fn parse_create(s: &str) -> anyhow::Result<(VolumeId, u64, Epoch)> {
         .next()
         .context("missing volume id")?
         .parse::<VolumeId>()?;
-    let size = parse_size(parts.next().context("--create needs VOLUME:SIZE, e.g. 1:1GiB")?)
-        .map_err(anyhow::Error::msg)?;
+    let size = parse_size(
+        parts
+            .next()
+            .context("--create needs VOLUME:SIZE, e.g. 1:1GiB")?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let epoch = match parts.next() {
         Some(e) => Epoch(e.parse().context("epoch must be a number")?),
         None => Epoch(1),
@@ -53,8 +57,7 @@ fn parse_create(s: &str) -> anyhow::Result<(VolumeId, u64, Epoch)> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

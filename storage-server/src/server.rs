@@ -91,7 +91,8 @@ async fn serve_conn(
                 )))
             }
         };
-        let units = (req.payload.len().max(req.length as usize) / UNIT).clamp(1, BUDGET_UNITS as usize);
+        let units =
+            (req.payload.len().max(req.length as usize) / UNIT).clamp(1, BUDGET_UNITS as usize);
         let permit = match budget.clone().acquire_many_owned(units as u32).await {
             Ok(p) => p,
             Err(_) => break Ok(()),
@@ -159,7 +160,7 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Option<Arc<Cop
         return fail(Status::NotPrimary, epoch);
     }
     if req.op.has_range() {
-        if req.offset % SECTOR != 0 || u64::from(req.length) % SECTOR != 0 {
+        if !req.offset.is_multiple_of(SECTOR) || !u64::from(req.length).is_multiple_of(SECTOR) {
             return fail(Status::BadRequest, epoch);
         }
         if !copy.in_range(req.offset, u64::from(req.length)) {
@@ -182,7 +183,13 @@ fn execute(copy: &Copy, req: Request) -> Response {
         }
         Op::Write => copy
             .write(req.offset, &req.payload)
-            .and_then(|()| if req.flags.fua() { copy.flush() } else { Ok(()) })
+            .and_then(|()| {
+                if req.flags.fua() {
+                    copy.flush()
+                } else {
+                    Ok(())
+                }
+            })
             .map(|()| Vec::new()),
         Op::Flush => copy.flush().map(|()| Vec::new()),
         Op::Discard | Op::WriteZeroes => copy

@@ -1,3 +1,3 @@
+pub mod cluster;
 pub mod guest;
 pub mod vmm;
-pub mod cluster;

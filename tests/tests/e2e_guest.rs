@@ -102,7 +102,11 @@ fn guest_config(socket: &Path, num_queues: u16, script: String) -> GuestConfig {
 fn guest_fio_verifies_across_daemon_restarts() -> Result<()> {
     let mut s = setup(2, &[])?;
     let socket = s.vhost.opts.socket.clone();
-    let out = guest::run(&guest_config(&socket, 2, fio_script("4k-128k", "", "PASS1")))?;
+    let out = guest::run(&guest_config(
+        &socket,
+        2,
+        fio_script("4k-128k", "", "PASS1"),
+    ))?;
     check_fio(&out)?;
 
     s.storage.kill9();
@@ -126,7 +130,11 @@ fn guest_fio_verifies_across_daemon_restarts() -> Result<()> {
 fn kill_9_of_keel_vhost_during_guest_io_loses_nothing() -> Result<()> {
     let mut s = setup(1, &[])?;
     let socket = s.vhost.opts.socket.clone();
-    let g = guest::spawn(&guest_config(&socket, 1, fio_script("4k-4k", "", "FIO-START")))?;
+    let g = guest::spawn(&guest_config(
+        &socket,
+        1,
+        fio_script("4k-4k", "", "FIO-START"),
+    ))?;
     g.wait_for_line("FIO-START", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(3));
     s.vhost.kill9();
@@ -143,7 +151,11 @@ fn kill_9_of_keel_vhost_during_guest_io_loses_nothing() -> Result<()> {
 fn kill_9_of_keel_storage_during_guest_io_stalls_and_loses_nothing() -> Result<()> {
     let mut s = setup(1, &["--request-timeout-ms", "2000"])?;
     let socket = s.vhost.opts.socket.clone();
-    let g = guest::spawn(&guest_config(&socket, 1, fio_script("4k-4k", "", "FIO-START")))?;
+    let g = guest::spawn(&guest_config(
+        &socket,
+        1,
+        fio_script("4k-4k", "", "FIO-START"),
+    ))?;
     g.wait_for_line("FIO-START", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(3));
     s.storage.kill9();
@@ -163,7 +175,10 @@ fn fio_verify_only_fails_on_a_fresh_volume() -> Result<()> {
         1,
         fio_script("4k-128k", "--verify_only", "FRESH"),
     ))?;
-    assert!(check_fio(&out).is_err(), "verifying a fresh volume must fail");
+    assert!(
+        check_fio(&out).is_err(),
+        "verifying a fresh volume must fail"
+    );
     assert_ne!(out.exit_status, Some(0));
     Ok(())
 }

@@ -53,7 +53,9 @@ impl Client {
     }
 
     async fn send(&mut self, r: &Request) -> Result<()> {
-        self.s.write_all(&Frame::Request(r.clone()).to_bytes()).await?;
+        self.s
+            .write_all(&Frame::Request(r.clone()).to_bytes())
+            .await?;
         self.s.flush().await?;
         Ok(())
     }
@@ -132,8 +134,14 @@ fn every_op_and_refusal() -> Result<()> {
         assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Ok);
         assert_eq!(c.simple(Op::Ping, 0, 0).await?, Status::Ok);
         // Discard and write-zeroes read back as zeros, neighbours intact.
-        assert_eq!(c.simple(Op::Discard, (1 << 20) + 4096, 8192).await?, Status::Ok);
-        assert_eq!(c.simple(Op::WriteZeroes, (1 << 20) + 32768, 4096).await?, Status::Ok);
+        assert_eq!(
+            c.simple(Op::Discard, (1 << 20) + 4096, 8192).await?,
+            Status::Ok
+        );
+        assert_eq!(
+            c.simple(Op::WriteZeroes, (1 << 20) + 32768, 4096).await?,
+            Status::Ok
+        );
         let (_, back) = c.read(1 << 20, 65536).await?;
         assert_eq!(&back[..4096], &data[..4096]);
         assert!(back[4096..12288].iter().all(|&b| b == 0));
@@ -142,7 +150,10 @@ fn every_op_and_refusal() -> Result<()> {
         assert_eq!(&back[36864..], &data[36864..]);
         // Out of range, misaligned.
         assert_eq!(c.read(64 << 20, 512).await?.0, Status::OutOfRange);
-        assert_eq!(c.write((64 << 20) - 512, vec![1; 1024]).await?, Status::OutOfRange);
+        assert_eq!(
+            c.write((64 << 20) - 512, vec![1; 1024]).await?,
+            Status::OutOfRange
+        );
         assert_eq!(c.read(100, 512).await?.0, Status::BadRequest);
         // Bad checksum on a write is refused and nothing lands.
         let mut r = c.req(Op::Write, 0, 4096, vec![0xee; 4096]);
@@ -224,9 +235,9 @@ fn malformed_frames_close_the_connection_not_the_server() -> Result<()> {
         let bad: Vec<Vec<u8>> = vec![
             ((MAX_FRAME_LEN as u32) + 1).to_le_bytes().to_vec(), // oversized: no allocation
             u32::MAX.to_le_bytes().to_vec(),
-            vec![0, 0, 0, 0],                    // empty frame
-            vec![5, 0, 0, 0, 99, 1, 2, 3, 4],     // unknown type
-            vec![60, 0, 0, 0, 3, 1, 0, 0, 0],     // truncated request, then close
+            vec![0, 0, 0, 0],                 // empty frame
+            vec![5, 0, 0, 0, 99, 1, 2, 3, 4], // unknown type
+            vec![60, 0, 0, 0, 3, 1, 0, 0, 0], // truncated request, then close
         ];
         for b in bad {
             let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
@@ -234,8 +245,12 @@ fn malformed_frames_close_the_connection_not_the_server() -> Result<()> {
             c.s.flush().await?;
             let _ = c.s.shutdown().await;
             // The server closes the connection without answering a request.
-            let r = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut c.s, &mut c.buf)).await?;
-            assert!(!matches!(r, Ok(Some(Frame::Response(_)))), "no answer to garbage");
+            let r = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut c.s, &mut c.buf))
+                .await?;
+            assert!(
+                !matches!(r, Ok(Some(Frame::Response(_)))),
+                "no answer to garbage"
+            );
         }
         // The server still serves.
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
@@ -267,7 +282,10 @@ fn flushed_writes_survive_kill_9_and_restart() -> Result<()> {
     rt.block_on(async {
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
         for i in 0..32u64 {
-            assert_eq!(c.write(i * 65536, pattern(500 + i, 65536)).await?, Status::Ok);
+            assert_eq!(
+                c.write(i * 65536, pattern(500 + i, 65536)).await?,
+                Status::Ok
+            );
         }
         assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Ok);
         anyhow::Ok(())
@@ -279,7 +297,11 @@ fn flushed_writes_survive_kill_9_and_restart() -> Result<()> {
         for i in 0..32u64 {
             let (st, d) = c.read(i * 65536, 65536).await?;
             assert_eq!(st, Status::Ok);
-            assert_eq!(checksum(&d), checksum(&pattern(500 + i, 65536)), "block {i}");
+            assert_eq!(
+                checksum(&d),
+                checksum(&pattern(500 + i, 65536)),
+                "block {i}"
+            );
         }
         anyhow::Ok(())
     })
@@ -297,11 +319,17 @@ fn full_disk_is_an_io_error_and_loses_nothing() -> Result<()> {
         .args(["-t", "tmpfs", "-o", "size=6m", "keel-test"])
         .arg(&data)
         .status()?;
-    anyhow::ensure!(st.success(), "mounting a small tmpfs needs root (the test command runs as root)");
+    anyhow::ensure!(
+        st.success(),
+        "mounting a small tmpfs needs root (the test command runs as root)"
+    );
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Unmount(data.clone());
@@ -334,7 +362,11 @@ fn full_disk_is_an_io_error_and_loses_nothing() -> Result<()> {
         for i in 0..acked {
             let (st, d) = c.read(i << 20, 1 << 20).await?;
             assert_eq!(st, Status::Ok);
-            assert_eq!(checksum(&d), checksum(&pattern(900 + i, 1 << 20)), "MiB {i}");
+            assert_eq!(
+                checksum(&d),
+                checksum(&pattern(900 + i, 1 << 20)),
+                "MiB {i}"
+            );
         }
         anyhow::Ok(())
     })?;
@@ -347,7 +379,9 @@ fn concurrent_connections_share_a_volume() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (pki, storage) = setup(dir.path())?;
     let storage = Arc::new(storage);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..4u64 {

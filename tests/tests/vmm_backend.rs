@@ -201,21 +201,106 @@ fn malformed_descriptor_chains_never_crash_or_hang() -> Result<()> {
     let h_out = alloc_header(&mut vmm, VIRTIO_BLK_T_OUT, 0)?;
     let h_far = alloc_header(&mut vmm, VIRTIO_BLK_T_IN, u64::MAX / 256)?;
     let h_end = alloc_header(&mut vmm, VIRTIO_BLK_T_IN, SECTORS - 1)?;
-    cases.push(("status read-only", vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 512), RawDesc::ro(status, 1)], None));
-    cases.push(("status missing", vec![RawDesc::ro(h_in, 16), RawDesc::ro(data, 512)], None));
-    cases.push(("short header", vec![RawDesc::ro(h_in, 8), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("zero-length status", vec![RawDesc::ro(h_in, 16), RawDesc::wo(status, 0)], None));
-    cases.push(("data outside memory", vec![RawDesc::ro(h_in, 16), RawDesc::wo(mem - 256, 4096), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("address overflow", vec![RawDesc::ro(h_in, 16), RawDesc::wo(u64::MAX - 100, 4096), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("header outside memory", vec![RawDesc::ro(mem + 4096, 16), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("read with read-only data", vec![RawDesc::ro(h_in, 16), RawDesc::ro(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("write with writable data", vec![RawDesc::ro(h_out, 16), RawDesc::wo(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("unaligned length", vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 100), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("sector overflow", vec![RawDesc::ro(h_far, 16), RawDesc::wo(data, 512), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
-    cases.push(("past capacity", vec![RawDesc::ro(h_end, 16), RawDesc::wo(data, 1024), RawDesc::wo(status, 1)], Some(VIRTIO_BLK_S_IOERR)));
+    cases.push((
+        "status read-only",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::wo(data, 512),
+            RawDesc::ro(status, 1),
+        ],
+        None,
+    ));
+    cases.push((
+        "status missing",
+        vec![RawDesc::ro(h_in, 16), RawDesc::ro(data, 512)],
+        None,
+    ));
+    cases.push((
+        "short header",
+        vec![RawDesc::ro(h_in, 8), RawDesc::wo(status, 1)],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "zero-length status",
+        vec![RawDesc::ro(h_in, 16), RawDesc::wo(status, 0)],
+        None,
+    ));
+    cases.push((
+        "data outside memory",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::wo(mem - 256, 4096),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "address overflow",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::wo(u64::MAX - 100, 4096),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "header outside memory",
+        vec![RawDesc::ro(mem + 4096, 16), RawDesc::wo(status, 1)],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "read with read-only data",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::ro(data, 512),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "write with writable data",
+        vec![
+            RawDesc::ro(h_out, 16),
+            RawDesc::wo(data, 512),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "unaligned length",
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::wo(data, 100),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "sector overflow",
+        vec![
+            RawDesc::ro(h_far, 16),
+            RawDesc::wo(data, 512),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
+    cases.push((
+        "past capacity",
+        vec![
+            RawDesc::ro(h_end, 16),
+            RawDesc::wo(data, 1024),
+            RawDesc::wo(status, 1),
+        ],
+        Some(VIRTIO_BLK_S_IOERR),
+    ));
     cases.push((
         "readable after writable",
-        vec![RawDesc::ro(h_in, 16), RawDesc::wo(data, 512), RawDesc::ro(data, 512), RawDesc::wo(status, 1)],
+        vec![
+            RawDesc::ro(h_in, 16),
+            RawDesc::wo(data, 512),
+            RawDesc::ro(data, 512),
+            RawDesc::wo(status, 1),
+        ],
         Some(VIRTIO_BLK_S_IOERR),
     ));
     // A loop: entry 1 points back at itself.
@@ -223,22 +308,39 @@ fn malformed_descriptor_chains_never_crash_or_hang() -> Result<()> {
         "descriptor loop",
         vec![
             RawDesc::ro(h_in, 16),
-            RawDesc { addr: data, len: 512, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: RawNext::Entry(1) },
+            RawDesc {
+                addr: data,
+                len: 512,
+                flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                next: RawNext::Entry(1),
+            },
         ],
         None,
     ));
     // next index outside the table.
     cases.push((
         "next outside the table",
-        vec![RawDesc { addr: h_in, len: 16, flags: VIRTQ_DESC_F_NEXT, next: RawNext::Table(60000) }],
+        vec![RawDesc {
+            addr: h_in,
+            len: 16,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: RawNext::Table(60000),
+        }],
         None,
     ));
     // An indirect table outside guest memory.
-    cases.push(("indirect table outside memory", vec![RawDesc::indirect(mem + 8192, 64)], None));
+    cases.push((
+        "indirect table outside memory",
+        vec![RawDesc::indirect(mem + 8192, 64)],
+        None,
+    ));
     for (name, chain, want) in cases {
         vmm.write_mem(status, &[0xee])?;
         let used = vmm.submit_raw(0, &chain, t)?;
-        assert!(used.is_some(), "{name}: the head was never given back (guest would hang)");
+        assert!(
+            used.is_some(),
+            "{name}: the head was never given back (guest would hang)"
+        );
         if let Some(want) = want {
             assert_eq!(vmm.read_mem(status, 1)?[0], want, "{name}: status");
         }
@@ -336,8 +438,15 @@ fn storage_kill_9_under_load_only_stalls() -> Result<()> {
     let (r, restarted) = r;
     restarted?;
     let r = r?;
-    assert!(r.completed > 1000, "only {} requests completed", r.completed);
+    assert!(
+        r.completed > 1000,
+        "only {} requests completed",
+        r.completed
+    );
     assert_eq!((r.errors, r.mismatches), (0, 0), "{:?}", r.first_error);
-    assert!(r.percentile_us(100.0) > 500_000, "the kill should have stalled some request");
+    assert!(
+        r.percentile_us(100.0) > 500_000,
+        "the kill should have stalled some request"
+    );
     Ok(())
 }

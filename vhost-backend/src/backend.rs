@@ -28,7 +28,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -87,10 +88,7 @@ impl QueueState {
     }
 
     fn vring(&self) -> Option<VringRwLock> {
-        self.vring
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.vring.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -145,7 +143,11 @@ impl KeelBlk {
 
     /// Requests popped and not yet published, over all queues.
     pub fn in_flight(&self) -> usize {
-        self.inner.queues.iter().map(|q| q.lock().entries.len()).sum()
+        self.inner
+            .queues
+            .iter()
+            .map(|q| q.lock().entries.len())
+            .sum()
     }
 }
 
@@ -232,7 +234,10 @@ impl Inner {
             return Ok(());
         };
         {
-            let mut slot = self.queues[queue].vring.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = self.queues[queue]
+                .vring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
                 *slot = Some(vring.clone());
             }
@@ -293,7 +298,11 @@ impl Inner {
                 let n = (req.data_len as usize).min(id.len());
                 self.finish(t, |m| {
                     let ok = request::write_segments(m, &req.data, 0, &id[..n]);
-                    let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
+                    let status = if ok {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    };
                     if m.write_obj(status, req.status).is_ok() {
                         n as u32 + 1
                     } else {
@@ -324,9 +333,23 @@ impl Inner {
                             agg.part_done(None, Outcome::Failed(Status::IoError));
                             continue;
                         }
-                        agg.submit(Op::Write, ReqFlags::default(), offset + start, plen, buf, None);
+                        agg.submit(
+                            Op::Write,
+                            ReqFlags::default(),
+                            offset + start,
+                            plen,
+                            buf,
+                            None,
+                        );
                     } else {
-                        agg.submit(Op::Read, ReqFlags::default(), offset + start, plen, Vec::new(), Some(start));
+                        agg.submit(
+                            Op::Read,
+                            ReqFlags::default(),
+                            offset + start,
+                            plen,
+                            Vec::new(),
+                            Some(start),
+                        );
                     }
                 }
             }
@@ -336,12 +359,23 @@ impl Inner {
                 } else {
                     Op::WriteZeroes
                 };
-                let ranges = ranges.clone();
-                let agg = Agg::new(me, t, req, ranges.len());
-                for r in ranges {
-                    // Limits cap a range at 1 GiB, which fits the wire's u32 length.
-                    let len = u32::try_from(r.len).unwrap_or(u32::MAX & !511);
-                    agg.submit(op, ReqFlags::default(), r.offset, len, Vec::new(), None);
+                // Wire lengths are u32: split ranges into pieces of at most 1 GiB.
+                const PIECE: u64 = 1 << 30;
+                let pieces: Vec<(u64, u32)> = ranges
+                    .iter()
+                    .flat_map(|r| {
+                        (0..r.len.div_ceil(PIECE)).map(move |i| {
+                            let off = i * PIECE;
+                            (r.offset + off, (r.len - off).min(PIECE) as u32)
+                        })
+                    })
+                    .collect();
+                let agg = Agg::new(me, t, req, pieces.len().max(1));
+                if pieces.is_empty() {
+                    agg.part_done(None, Outcome::Ok(Vec::new()));
+                }
+                for (offset, len) in pieces {
+                    agg.submit(op, ReqFlags::default(), offset, len, Vec::new(), None);
                 }
             }
         }
@@ -414,7 +448,9 @@ impl Agg {
             let o = q.lock();
             if o.generation == ticket.generation {
                 if let (Some(at), Some(mem)) = (read_at, me.inner.memory()) {
-                    if !data.is_empty() && !request::write_segments(&*mem.memory(), &req.data, at, &data) {
+                    if !data.is_empty()
+                        && !request::write_segments(&*mem.memory(), &req.data, at, &data)
+                    {
                         me.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
                     }
                 }
@@ -561,11 +597,15 @@ impl VhostUserBackend for KeelBlk {
         _thread_id: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
-            return Err(std::io::Error::other(format!("unexpected event set {evset:?}")));
+            return Err(std::io::Error::other(format!(
+                "unexpected event set {evset:?}"
+            )));
         }
         let q = device_event as usize;
         let Some(vring) = vrings.get(q) else {
-            return Err(std::io::Error::other(format!("event for unknown queue {q}")));
+            return Err(std::io::Error::other(format!(
+                "event for unknown queue {q}"
+            )));
         };
         self.inner.process_queue(q, vring)
     }

@@ -244,7 +244,10 @@ fn complete(
     out: &mut Vec<u8>,
 ) -> Step {
     let Some(p) = inflight.get_mut(&r.request_id) else {
-        tracing::warn!(id = r.request_id, "response for an unknown request id; ignored");
+        tracing::warn!(
+            id = r.request_id,
+            "response for an unknown request id; ignored"
+        );
         return Step::Continue;
     };
     match r.status {
@@ -262,7 +265,10 @@ fn complete(
                         (p.done)(Outcome::Failed(Status::ChecksumMismatch));
                     }
                 } else {
-                    tracing::warn!(id = r.request_id, "read data failed its checksum; resending");
+                    tracing::warn!(
+                        id = r.request_id,
+                        "read data failed its checksum; resending"
+                    );
                     p.sent = Instant::now();
                     encode(&p.req, out);
                 }

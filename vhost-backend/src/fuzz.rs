@@ -96,17 +96,79 @@ pub fn parse_request_seeds() -> Vec<(&'static str, Vec<u8>)> {
     range.extend_from_slice(&16u32.to_le_bytes());
     range.extend_from_slice(&1u32.to_le_bytes());
     vec![
-        ("read", input(&[hdr.clone(), desc(4096, 4096, true, true), status.clone()], (0, 8), &[])),
-        ("write", input(&[hdr.clone(), desc(4096, 512, true, false), status.clone()], (1, 0), &[])),
+        (
+            "read",
+            input(
+                &[hdr.clone(), desc(4096, 4096, true, true), status.clone()],
+                (0, 8),
+                &[],
+            ),
+        ),
+        (
+            "write",
+            input(
+                &[hdr.clone(), desc(4096, 512, true, false), status.clone()],
+                (1, 0),
+                &[],
+            ),
+        ),
         ("flush", input(&[hdr.clone(), status.clone()], (4, 0), &[])),
-        ("get_id", input(&[hdr.clone(), desc(4096, 20, true, true), status.clone()], (8, 0), &[])),
-        ("discard", input(&[hdr.clone(), desc(4096, 16, true, false), status.clone()], (11, 0), &[(4096, &range[..12])])),
-        ("write_zeroes", input(&[hdr.clone(), desc(4096, 16, true, false), status.clone()], (13, 0), &[(4096, &range)])),
-        ("out_of_range", input(&[hdr.clone(), desc(4096, 4096, true, true), status.clone()], (0, 4096), &[])),
-        ("outside_memory", input(&[hdr.clone(), desc(u64::MAX - 4, 4096, true, true), status.clone()], (0, 0), &[])),
-        ("no_status", input(&[hdr.clone(), desc(4096, 512, false, false)], (1, 0), &[])),
-        ("truncated", input(&[hdr, desc(4096, 512, true, true)], (0, 0), &[])),
-        ("unsupported", input(&[desc(0, 16, true, false), status], (77, 0), &[])),
+        (
+            "get_id",
+            input(
+                &[hdr.clone(), desc(4096, 20, true, true), status.clone()],
+                (8, 0),
+                &[],
+            ),
+        ),
+        (
+            "discard",
+            input(
+                &[hdr.clone(), desc(4096, 16, true, false), status.clone()],
+                (11, 0),
+                &[(4096, &range[..12])],
+            ),
+        ),
+        (
+            "write_zeroes",
+            input(
+                &[hdr.clone(), desc(4096, 16, true, false), status.clone()],
+                (13, 0),
+                &[(4096, &range)],
+            ),
+        ),
+        (
+            "out_of_range",
+            input(
+                &[hdr.clone(), desc(4096, 4096, true, true), status.clone()],
+                (0, 4096),
+                &[],
+            ),
+        ),
+        (
+            "outside_memory",
+            input(
+                &[
+                    hdr.clone(),
+                    desc(u64::MAX - 4, 4096, true, true),
+                    status.clone(),
+                ],
+                (0, 0),
+                &[],
+            ),
+        ),
+        (
+            "no_status",
+            input(&[hdr.clone(), desc(4096, 512, false, false)], (1, 0), &[]),
+        ),
+        (
+            "truncated",
+            input(&[hdr, desc(4096, 512, true, true)], (0, 0), &[]),
+        ),
+        (
+            "unsupported",
+            input(&[desc(0, 16, true, false), status], (77, 0), &[]),
+        ),
     ]
 }
 
@@ -128,8 +190,8 @@ mod unit_tests {
                 std::fs::create_dir_all(&dir).expect("mkdir");
                 std::fs::write(&path, &bytes).expect("write seed");
             }
-            let on_disk = std::fs::read(&path)
-                .expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
+            let on_disk =
+                std::fs::read(&path).expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
             assert_eq!(on_disk, bytes, "{name} differs from the checked-in seed");
         }
     }

@@ -64,8 +64,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -139,6 +138,9 @@ fn main() -> anyhow::Result<()> {
             Err(e) => tracing::warn!(error = %e, "frontend session ended with an error"),
         }
         backend.shutdown();
-        tracing::info!(in_flight = backend.in_flight(), "ready for the next frontend");
+        tracing::info!(
+            in_flight = backend.in_flight(),
+            "ready for the next frontend"
+        );
     }
 }

@@ -28,12 +28,42 @@ struct Job {
 }
 
 const JOBS: &[Job] = &[
-    Job { name: "randread-4k-qd1", rw: "randread", bs: "4k", qd: 1 },
-    Job { name: "randwrite-4k-qd1", rw: "randwrite", bs: "4k", qd: 1 },
-    Job { name: "randread-4k-qd32", rw: "randread", bs: "4k", qd: 32 },
-    Job { name: "randwrite-4k-qd32", rw: "randwrite", bs: "4k", qd: 32 },
-    Job { name: "write-1m-qd8", rw: "write", bs: "1m", qd: 8 },
-    Job { name: "read-1m-qd8", rw: "read", bs: "1m", qd: 8 },
+    Job {
+        name: "randread-4k-qd1",
+        rw: "randread",
+        bs: "4k",
+        qd: 1,
+    },
+    Job {
+        name: "randwrite-4k-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        qd: 1,
+    },
+    Job {
+        name: "randread-4k-qd32",
+        rw: "randread",
+        bs: "4k",
+        qd: 32,
+    },
+    Job {
+        name: "randwrite-4k-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        qd: 32,
+    },
+    Job {
+        name: "write-1m-qd8",
+        rw: "write",
+        bs: "1m",
+        qd: 8,
+    },
+    Job {
+        name: "read-1m-qd8",
+        rw: "read",
+        bs: "1m",
+        qd: 8,
+    },
 ];
 
 const CONFIGS: &[(&str, &str)] = &[("K1", "vda"), ("Q", "vdb")];
@@ -69,7 +99,9 @@ fn parse_args() -> Result<Opts> {
             "--ramp" => o.ramp = num("--ramp")?,
             "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
             "-h" | "--help" => {
-                println!("usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]");
+                println!(
+                    "usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -209,7 +241,6 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Result<()> {
     let o = parse_args()?;
     guest::require_tools()?;
-    let size_bytes: u64 = if o.smoke { 16 << 20 } else { 256 << 20 };
     let region = if o.smoke { "16M" } else { "256M" };
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(&dir.path().join("pki"))?;
@@ -229,7 +260,6 @@ fn main() -> Result<()> {
         },
     )?;
     let (mut qsd, qsd_sock) = start_qsd(dir.path(), 512 << 20)?;
-    let _ = size_bytes;
     let cfg = GuestConfig {
         disks: vec![
             Disk {
@@ -281,7 +311,13 @@ fn main() -> Result<()> {
                 results.push((
                     job.name.to_string(),
                     cfgname.to_string(),
-                    Sample { iops, mean_us, p99_us, keel_cpu_s, ios },
+                    Sample {
+                        iops,
+                        mean_us,
+                        p99_us,
+                        keel_cpu_s,
+                        ios,
+                    },
                 ));
             }
         }
@@ -314,12 +350,15 @@ fn main() -> Result<()> {
             let m = median(&mut iops);
             let cpu: f64 = s.iter().map(|x| x.keel_cpu_s).sum();
             let ios: f64 = s.iter().map(|x| x.ios).sum();
-            let cpu_per_io = if *cfgname == "Q" || ios == 0.0 { f64::NAN } else { cpu / ios * 1e6 };
+            let cpu_per_io = if *cfgname == "Q" || ios == 0.0 {
+                f64::NAN
+            } else {
+                cpu / ios * 1e6
+            };
             med.insert(*cfgname, m);
-            let ratio = if *cfgname == "K1" { String::new() } else { String::new() };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | |",
                 job.name,
                 cfgname,
                 m,
@@ -327,8 +366,11 @@ fn main() -> Result<()> {
                 max,
                 median(&mut mean),
                 median(&mut p99),
-                if cpu_per_io.is_nan() { "–".to_string() } else { format!("{cpu_per_io:.1}") },
-                ratio
+                if cpu_per_io.is_nan() {
+                    "–".to_string()
+                } else {
+                    format!("{cpu_per_io:.1}")
+                },
             );
             json_jobs.push(json!({
                 "job": job.name, "config": cfgname, "median_iops": m, "min_iops": min, "max_iops": max,

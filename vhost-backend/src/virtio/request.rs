@@ -54,14 +54,21 @@ pub struct Range {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Read `data` bytes at `offset`.
-    In { offset: u64 },
+    In {
+        offset: u64,
+    },
     /// Write `data` bytes at `offset`.
-    Out { offset: u64 },
+    Out {
+        offset: u64,
+    },
     Flush,
     /// Write the volume's serial into `data` (up to 20 bytes).
     GetId,
     Discard(Vec<Range>),
-    WriteZeroes { ranges: Vec<Range>, unmap: bool },
+    WriteZeroes {
+        ranges: Vec<Range>,
+        unmap: bool,
+    },
 }
 
 /// A parsed, validated request.
@@ -167,7 +174,12 @@ fn total(segs: &[Segment]) -> u64 {
 }
 
 /// Writes `data` into `segs` starting `skip` bytes in; false if guest memory refused.
-pub fn write_segments<M: GuestMemory>(mem: &M, segs: &[Segment], mut skip: u64, data: &[u8]) -> bool {
+pub fn write_segments<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    mut skip: u64,
+    data: &[u8],
+) -> bool {
     let mut done = 0usize;
     for s in segs {
         if done == data.len() {
@@ -291,10 +303,12 @@ pub fn parse<M: GuestMemory>(
     if last.len == 0 {
         writable.pop();
     }
-    let fail = |error| Err(Rejected {
-        error,
-        status: Some(status),
-    });
+    let fail = |error| {
+        Err(Rejected {
+            error,
+            status: Some(status),
+        })
+    };
     if descs.last().is_some_and(|d| d.has_next) {
         return fail(ParseError::Truncated);
     }
@@ -317,7 +331,7 @@ pub fn parse<M: GuestMemory>(
 
     let check_rw = |data: &[Segment]| -> Result<(u64, u64), ParseError> {
         let len = total(data);
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(ParseError::UnalignedLength(len));
         }
         if len > limits.max_request_bytes {
@@ -326,7 +340,9 @@ pub fn parse<M: GuestMemory>(
         if data.len() > MAX_DESCRIPTORS {
             return Err(ParseError::TooManySegments(data.len()));
         }
-        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(ParseError::Overflow)?;
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(ParseError::Overflow)?;
         let end = offset.checked_add(len).ok_or(ParseError::Overflow)?;
         if end > capacity_bytes {
             return Err(ParseError::OutOfRange);
@@ -397,7 +413,7 @@ pub fn parse<M: GuestMemory>(
             };
             let bytes = total(&rdata);
             let n = bytes / 16;
-            if bytes == 0 || bytes % 16 != 0 || n > u64::from(max_seg) {
+            if bytes == 0 || !bytes.is_multiple_of(16) || n > u64::from(max_seg) {
                 return fail(ParseError::BadRanges);
             }
             let mut ranges = Vec::with_capacity(n as usize);
@@ -532,7 +548,13 @@ mod unit_tests {
         ];
         let r = parse(&descs, &m, &limits()).expect("parse");
         assert_eq!(r.kind, Kind::Out { offset: 0 });
-        assert_eq!(r.data, vec![Segment { addr: GuestAddress(16), len: 512 }]);
+        assert_eq!(
+            r.data,
+            vec![Segment {
+                addr: GuestAddress(16),
+                len: 512
+            }]
+        );
     }
 
     #[test]
@@ -548,16 +570,30 @@ mod unit_tests {
         };
         let cases: Vec<(Vec<Desc>, ParseError, bool)> = vec![
             (vec![], ParseError::Empty, false),
-            (vec![h(VIRTIO_BLK_T_IN, 0), d(4096, 512, true)], ParseError::Truncated, true),
+            (
+                vec![h(VIRTIO_BLK_T_IN, 0), d(4096, 512, true)],
+                ParseError::Truncated,
+                true,
+            ),
             (vec![h(VIRTIO_BLK_T_IN, 0)], ParseError::NoStatus, false),
             (
                 vec![h(VIRTIO_BLK_T_IN, 0), d(MEM - 100, 512, true), status(8192)],
-                ParseError::OutsideMemory { addr: MEM - 100, len: 512 },
+                ParseError::OutsideMemory {
+                    addr: MEM - 100,
+                    len: 512,
+                },
                 true,
             ),
             (
-                vec![h(VIRTIO_BLK_T_IN, 0), d(u64::MAX - 10, 512, true), status(8192)],
-                ParseError::OutsideMemory { addr: u64::MAX - 10, len: 512 },
+                vec![
+                    h(VIRTIO_BLK_T_IN, 0),
+                    d(u64::MAX - 10, 512, true),
+                    status(8192),
+                ],
+                ParseError::OutsideMemory {
+                    addr: u64::MAX - 10,
+                    len: 512,
+                },
                 true,
             ),
             (
@@ -581,7 +617,11 @@ mod unit_tests {
                 true,
             ),
             (
-                vec![h(VIRTIO_BLK_T_IN, u64::MAX / 256), d(4096, 512, true), status(8192)],
+                vec![
+                    h(VIRTIO_BLK_T_IN, u64::MAX / 256),
+                    d(4096, 512, true),
+                    status(8192),
+                ],
                 ParseError::Overflow,
                 true,
             ),
@@ -595,7 +635,11 @@ mod unit_tests {
                 ParseError::WrongDirection,
                 true,
             ),
-            (vec![h(99, 0), status(8192)], ParseError::Unsupported(99), true),
+            (
+                vec![h(99, 0), status(8192)],
+                ParseError::Unsupported(99),
+                true,
+            ),
             (
                 vec![h(VIRTIO_BLK_T_DISCARD, 0), status(8192)],
                 ParseError::BadRanges,
@@ -613,7 +657,11 @@ mod unit_tests {
     fn read_only_refuses_writes() {
         let m = mem();
         let l = Limits::new(1 << 20, true);
-        let descs = [header(&m, 0, VIRTIO_BLK_T_OUT, 0), d(4096, 512, false), status(8192)];
+        let descs = [
+            header(&m, 0, VIRTIO_BLK_T_OUT, 0),
+            d(4096, 512, false),
+            status(8192),
+        ];
         assert_eq!(
             parse(&descs, &m, &l).expect_err("ro").error,
             ParseError::ReadOnly
@@ -640,14 +688,24 @@ mod unit_tests {
             r.kind,
             Kind::WriteZeroes {
                 ranges: vec![
-                    Range { offset: 4096, len: 8192 },
-                    Range { offset: 51200, len: 4096 }
+                    Range {
+                        offset: 4096,
+                        len: 8192
+                    },
+                    Range {
+                        offset: 51200,
+                        len: 4096
+                    }
                 ],
                 unmap: false
             }
         );
         // The same flags on a discard are unsupported.
-        let descs = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), d(4096, 32, false), status(8192)];
+        let descs = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            d(4096, 32, false),
+            status(8192),
+        ];
         assert_eq!(
             parse(&descs, &m, &limits()).expect_err("flags").error,
             ParseError::BadRangeFlags(1)
