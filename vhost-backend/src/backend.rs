@@ -19,7 +19,7 @@
 //! rewound to the used index so the frontend re-offers them when it restarts the ring.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::client::{Outcome, VolumeClient, WireOp, MAX_WIRE_DATA};
 use crate::virtio::request::{self, BlkRequest, Desc, Kind, MAX_DESCRIPTORS};
@@ -108,7 +109,18 @@ struct Inner {
     mem: RwLock<Option<Mem>>,
     event_idx: AtomicBool,
     queues: Vec<QueueState>,
+    /// Bytes of guest data the volume may still take in flight. A guest can queue far more
+    /// than memory allows (every queue full of maximal requests), so popping stops when this
+    /// runs out and resumes when completions give it back.
+    budget: AtomicI64,
+    /// Popping stopped for lack of budget; the next refund must wake the vring thread.
+    throttled: AtomicBool,
+    /// Wakes the vring thread to pop again (registered with the epoll loop as RESUME_EVENT).
+    resume: EventFd,
 }
+
+/// In-flight data budget per volume.
+pub const BUDGET_BYTES: i64 = 64 << 20;
 
 /// The backend; cheap to clone (one per frontend connection).
 #[derive(Clone)]
@@ -117,11 +129,11 @@ pub struct KeelBlk {
 }
 
 impl KeelBlk {
-    pub fn new(cfg: DiskConfig, client: VolumeClient) -> KeelBlk {
+    pub fn new(cfg: DiskConfig, client: VolumeClient) -> std::io::Result<KeelBlk> {
         let limits = Limits::new(cfg.capacity_bytes, cfg.read_only);
         let config_space = config_space(&limits, cfg.num_queues, 4096);
         let queues = (0..cfg.num_queues).map(|_| QueueState::new()).collect();
-        KeelBlk {
+        Ok(KeelBlk {
             inner: Arc::new(Inner {
                 cfg,
                 limits,
@@ -130,8 +142,23 @@ impl KeelBlk {
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 queues,
+                budget: AtomicI64::new(BUDGET_BYTES),
+                throttled: AtomicBool::new(false),
+                resume: EventFd::new(libc::EFD_NONBLOCK)?,
             }),
-        }
+        })
+    }
+
+    /// The event id under which [`KeelBlk::resume_fd`] must be registered with the vring
+    /// epoll loop (`VringEpollHandler::register_listener`).
+    pub fn resume_event(&self) -> u16 {
+        self.inner.cfg.num_queues + 1
+    }
+
+    /// The eventfd that wakes the vring thread when in-flight budget comes back.
+    pub fn resume_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.inner.resume.as_raw_fd()
     }
 
     /// Stops every ring (the frontend is gone): waits for requests in flight, bounded.
@@ -250,18 +277,24 @@ impl Inner {
                     .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
             }
             let mem = atomic.memory();
-            let mut chains = Vec::new();
-            {
-                let mut state = vring.get_mut();
-                let q = state.get_queue_mut();
-                while let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
-                    let head = chain.head_index();
-                    let descs: Vec<Desc> =
-                        chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
-                    chains.push((head, descs));
+            loop {
+                if self.budget.load(Ordering::Acquire) <= 0 {
+                    // Out of budget: leave the rest in the ring; a refund resumes us. Re-check
+                    // after raising the flag so a refund in between is not missed.
+                    self.throttled.store(true, Ordering::SeqCst);
+                    if self.budget.load(Ordering::SeqCst) <= 0 {
+                        tracing::debug!(queue, "in-flight budget used up: pausing the ring");
+                        return Ok(());
+                    }
+                    self.throttled.store(false, Ordering::SeqCst);
                 }
-            }
-            for (head, descs) in chains {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let descs: Vec<Desc> = chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
                 let ticket = self.register(queue, head);
                 match request::parse(&descs, &*mem, &self.limits) {
                     Ok(req) => self.dispatch(ticket, req),
@@ -321,6 +354,7 @@ impl Inner {
                 let parts = len.div_ceil(MAX_WIRE_DATA as u64).max(1) as usize;
                 let mem = self.memory();
                 let agg = Agg::new(me, t, req, parts);
+                agg.charge(len);
                 for i in 0..parts {
                     let start = i as u64 * MAX_WIRE_DATA as u64;
                     let plen = (len - start).min(MAX_WIRE_DATA as u64) as u32;
@@ -390,6 +424,8 @@ struct Agg {
     remaining: AtomicUsize,
     /// The first failure's virtio status (OK while none).
     status: AtomicU8,
+    /// Bytes taken from the volume's budget, given back on completion.
+    charged: AtomicU64,
 }
 
 impl Agg {
@@ -400,7 +436,28 @@ impl Agg {
             req,
             remaining: AtomicUsize::new(parts),
             status: AtomicU8::new(VIRTIO_BLK_S_OK),
+            charged: AtomicU64::new(0),
         })
+    }
+
+    fn charge(&self, bytes: u64) {
+        let b = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.charged.store(bytes, Ordering::Relaxed);
+        self.inner.budget.fetch_sub(b, Ordering::AcqRel);
+    }
+
+    fn refund(&self) {
+        let bytes = self.charged.swap(0, Ordering::AcqRel);
+        if bytes == 0 {
+            return;
+        }
+        let b = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let now = self.inner.budget.fetch_add(b, Ordering::SeqCst) + b;
+        if now > 0 && self.inner.throttled.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.inner.resume.write(1) {
+                tracing::error!(error = %e, "cannot wake the vring thread");
+            }
+        }
     }
 
     fn submit(
@@ -458,6 +515,7 @@ impl Agg {
             return;
         }
         me.inner.finish(ticket, |m| {
+            // (the budget is refunded after publication, below)
             if let Some(at) = read_at {
                 if !data.is_empty() && !request::write_segments(m, &req.data, at, &data) {
                     me.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
@@ -475,6 +533,7 @@ impl Agg {
                 0
             }
         });
+        me.refund();
     }
 }
 
@@ -600,6 +659,15 @@ impl VhostUserBackend for KeelBlk {
             return Err(std::io::Error::other(format!(
                 "unexpected event set {evset:?}"
             )));
+        }
+        if device_event == self.resume_event() {
+            let _ = self.inner.resume.read();
+            for (q, vring) in vrings.iter().enumerate() {
+                if vring.get_ref().get_queue().ready() {
+                    self.inner.process_queue(q, vring)?;
+                }
+            }
+            return Ok(());
         }
         let q = device_event as usize;
         let Some(vring) = vrings.get(q) else {

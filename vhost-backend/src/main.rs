@@ -118,13 +118,25 @@ fn main() -> anyhow::Result<()> {
     );
     tracing::info!(volume = %args.volume, socket = %args.socket.display(), "ready for a frontend");
     loop {
-        let backend = KeelBlk::new(disk.clone(), client.clone());
+        let backend = KeelBlk::new(disk.clone(), client.clone()).context("creating the device")?;
         let mut daemon = VhostUserDaemon::new(
             "keel-vhost".into(),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| anyhow::anyhow!("creating the vhost-user daemon: {e}"))?;
+        // One vring thread serves every queue; it also listens for the budget's resume event.
+        let handlers = daemon.get_epoll_handlers();
+        let handler = handlers
+            .first()
+            .context("the vhost-user daemon has no vring thread")?;
+        handler
+            .register_listener(
+                backend.resume_fd(),
+                vmm_sys_util::epoll::EventSet::IN,
+                u64::from(backend.resume_event()),
+            )
+            .map_err(|e| anyhow::anyhow!("registering the resume event: {e}"))?;
         match daemon.start(&mut listener) {
             Ok(()) => tracing::info!("frontend connected"),
             Err(e) => {
