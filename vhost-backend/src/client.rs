@@ -84,7 +84,8 @@ struct Pending {
 const MAX_CRC_RETRIES: u32 = 3;
 
 fn encode(req: &Request, out: &mut Vec<u8>) {
-    Frame::Request(req.clone()).encode(out);
+    req.encode_header(req.payload.len(), out);
+    out.extend_from_slice(&req.payload);
 }
 
 async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
