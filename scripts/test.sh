@@ -29,4 +29,5 @@ fi
 
 echo "== benchmark (smoke)"
 target/release/keel-bench --smoke --out target/bench-smoke
+target/release/keel-vmm-bench --smoke --out target/vmm-bench-smoke
 echo "keel: all tests passed"
