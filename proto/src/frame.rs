@@ -277,9 +277,57 @@ impl Frame {
                 c.finish("hello reply")?;
                 Ok(Frame::HelloReply(HelloReply { status, version }))
             }
-            TYPE_REQUEST => decode_request(&mut c).map(Frame::Request),
-            TYPE_RESPONSE => decode_response(&mut c).map(Frame::Response),
+            TYPE_REQUEST => {
+                let fixed = body.get(..REQUEST_FIXED_LEN).unwrap_or(body);
+                let payload = body.get(REQUEST_FIXED_LEN..).unwrap_or(&[]).to_vec();
+                let mut c = Cursor::new(fixed);
+                c.u8("frame")?;
+                decode_request(&mut c, payload).map(Frame::Request)
+            }
+            TYPE_RESPONSE => {
+                let fixed = body.get(..RESPONSE_FIXED_LEN).unwrap_or(body);
+                let payload = body.get(RESPONSE_FIXED_LEN..).unwrap_or(&[]).to_vec();
+                let mut c = Cursor::new(fixed);
+                c.u8("frame")?;
+                decode_response(&mut c, payload).map(Frame::Response)
+            }
             other => Err(DecodeError::UnknownType(other)),
+        }
+    }
+
+    /// Bytes of a frame type's fixed part (type byte included), or `None` for an unknown type.
+    /// Lets a reader take the fixed part first and read the payload straight into its own
+    /// buffer (see [`Frame::decode_parts`]).
+    pub fn fixed_len(frame_type: u8) -> Option<usize> {
+        match frame_type {
+            TYPE_HELLO => Some(HELLO_LEN),
+            TYPE_HELLO_REPLY => Some(HELLO_REPLY_LEN),
+            TYPE_REQUEST => Some(REQUEST_FIXED_LEN),
+            TYPE_RESPONSE => Some(RESPONSE_FIXED_LEN),
+            _ => None,
+        }
+    }
+
+    /// Decodes a frame from its fixed part (`fixed_len` bytes, type byte first) and its payload,
+    /// taking ownership of the payload without copying it.
+    pub fn decode_parts(fixed: &[u8], payload: Vec<u8>) -> Result<Frame, DecodeError> {
+        match fixed.first() {
+            Some(&TYPE_REQUEST) => {
+                let mut c = Cursor::new(fixed);
+                c.u8("frame")?;
+                decode_request(&mut c, payload).map(Frame::Request)
+            }
+            Some(&TYPE_RESPONSE) => {
+                let mut c = Cursor::new(fixed);
+                c.u8("frame")?;
+                decode_response(&mut c, payload).map(Frame::Response)
+            }
+            _ if payload.is_empty() => Frame::decode_body(fixed),
+            _ => {
+                let mut body = fixed.to_vec();
+                body.extend_from_slice(&payload);
+                Frame::decode_body(&body)
+            }
         }
     }
 
@@ -299,7 +347,7 @@ impl Frame {
     }
 }
 
-fn decode_request(c: &mut Cursor<'_>) -> Result<Request, DecodeError> {
+fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, DecodeError> {
     const WHAT: &str = "request";
     c.need(WHAT, REQUEST_FIXED_LEN - 1)?;
     let op_raw = c.u8(WHAT)?;
@@ -317,7 +365,6 @@ fn decode_request(c: &mut Cursor<'_>) -> Result<Request, DecodeError> {
     let offset = c.u64(WHAT)?;
     let length = c.u32(WHAT)?;
     let crc = c.u32(WHAT)?;
-    let payload = c.rest();
     let invalid = |reason| Err(DecodeError::InvalidRequest { op, reason });
     if flags & ReqFlags::FUA != 0 && op != Op::Write {
         return invalid("FUA is only valid on writes");
@@ -349,11 +396,11 @@ fn decode_request(c: &mut Cursor<'_>) -> Result<Request, DecodeError> {
         offset,
         length,
         crc,
-        payload: payload.to_vec(),
+        payload,
     })
 }
 
-fn decode_response(c: &mut Cursor<'_>) -> Result<Response, DecodeError> {
+fn decode_response(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Response, DecodeError> {
     const WHAT: &str = "response";
     c.need(WHAT, RESPONSE_FIXED_LEN - 1)?;
     let s = c.u8(WHAT)?;
@@ -364,7 +411,6 @@ fn decode_response(c: &mut Cursor<'_>) -> Result<Response, DecodeError> {
     let request_id = c.u64(WHAT)?;
     let epoch = Epoch(c.u64(WHAT)?);
     let crc = c.u32(WHAT)?;
-    let payload = c.rest();
     if payload.len() > MAX_PAYLOAD {
         return Err(DecodeError::TooLong(payload.len()));
     }
@@ -373,7 +419,7 @@ fn decode_response(c: &mut Cursor<'_>) -> Result<Response, DecodeError> {
         request_id,
         epoch,
         crc,
-        payload: payload.to_vec(),
+        payload,
     })
 }
 
@@ -425,12 +471,6 @@ impl<'a> Cursor<'a> {
     }
     fn u128(&mut self, what: &'static str) -> Result<u128, DecodeError> {
         Ok(u128::from_le_bytes(self.take(what)?))
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        let r = self.buf.get(self.pos..).unwrap_or(&[]);
-        self.pos = self.buf.len();
-        r
     }
 
     fn finish(&self, what: &'static str) -> Result<(), DecodeError> {

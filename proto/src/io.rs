@@ -52,16 +52,27 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = Frame::check_len(prefix)?;
-    buf.clear();
-    buf.resize(len, 0);
-    match r.read_exact(buf).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(FrameIoError::TruncatedStream)
+    let read_exact = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameIoError::TruncatedStream
+        } else {
+            FrameIoError::Io(e)
         }
-        Err(e) => return Err(e.into()),
-    }
-    Ok(Some(Frame::decode_body(buf)?))
+    };
+    // The fixed part first, then the payload straight into a buffer of its own: no copy.
+    let mut ty = [0u8; 1];
+    r.read_exact(&mut ty).await.map_err(read_exact)?;
+    let Some(fixed) = Frame::fixed_len(ty[0]) else {
+        return Err(DecodeError::UnknownType(ty[0]).into());
+    };
+    let fixed = fixed.min(len);
+    buf.clear();
+    buf.push(ty[0]);
+    buf.resize(fixed, 0);
+    r.read_exact(&mut buf[1..]).await.map_err(read_exact)?;
+    let mut payload = vec![0u8; len - fixed];
+    r.read_exact(&mut payload).await.map_err(read_exact)?;
+    Ok(Some(Frame::decode_parts(buf, payload)?))
 }
 
 /// Writes one frame and flushes it.
@@ -152,4 +163,36 @@ pub async fn accept(
         )));
     }
     Ok((tls, peer))
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    /// The streaming reader (fixed part, then the payload into its own buffer) agrees with the
+    /// whole-buffer decoder on every seed input, valid or not, and on every truncation.
+    #[test]
+    fn streaming_reader_agrees_with_the_decoder() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for (name, bytes) in crate::fuzz::decode_frame_seeds() {
+            for cut in [bytes.len(), bytes.len().saturating_sub(1), 5, 4, 0] {
+                let input = &bytes[..cut.min(bytes.len())];
+                let mut r = input;
+                let mut buf = Vec::new();
+                let streamed = rt.block_on(read_frame(&mut r, &mut buf));
+                match Frame::decode(input) {
+                    Ok(Some((f, _))) => {
+                        assert_eq!(streamed.expect(name).expect(name), f, "{name} cut {cut}")
+                    }
+                    Ok(None) => assert!(
+                        matches!(streamed, Ok(None) | Err(FrameIoError::TruncatedStream)),
+                        "{name} cut {cut}: {streamed:?}"
+                    ),
+                    Err(_) => assert!(streamed.is_err(), "{name} cut {cut}"),
+                }
+            }
+        }
+    }
 }

@@ -145,6 +145,8 @@ pub struct Copy {
     data_offset: u64,
     epoch: AtomicU64,
     failed: AtomicBool,
+    /// The filesystem refused an `RWF_NOWAIT` write once: don't try again.
+    nowait_write_unsupported: AtomicBool,
     sync: GroupSync,
 }
 
@@ -245,6 +247,7 @@ impl Copy {
             epoch: AtomicU64::new(header.epoch.0),
             header: Mutex::new(header),
             failed: AtomicBool::new(false),
+            nowait_write_unsupported: AtomicBool::new(false),
             sync: GroupSync::new(),
             file,
         })
@@ -325,6 +328,47 @@ impl Copy {
             .map_err(|e| self.io(e))
     }
 
+    /// Reads without blocking: `Ok(true)` if the whole range came from the page cache,
+    /// `Ok(false)` if it would have to wait for the disk (the caller then uses [`Copy::read`]
+    /// on a thread that may block).
+    pub fn try_read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, CopyError> {
+        self.check_ok()?;
+        nowait_io(
+            &self.file,
+            buf.as_mut_ptr(),
+            buf.len(),
+            self.data_offset + offset,
+            false,
+        )
+        .map_err(|e| self.io(e))
+    }
+
+    /// Writes into the page cache without blocking: `Ok(true)` if done, `Ok(false)` if the
+    /// write would block (or the kernel cannot say), in which case nothing needs undoing: the
+    /// caller retries with [`Copy::write`] on a thread that may block.
+    pub fn try_write_cached(&self, offset: u64, data: &[u8]) -> Result<bool, CopyError> {
+        self.check_ok()?;
+        if self.nowait_write_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let r = nowait_io(
+            &self.file,
+            data.as_ptr().cast_mut(),
+            data.len(),
+            self.data_offset + offset,
+            true,
+        );
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // Buffered RWF_NOWAIT writes are not supported by this filesystem (ext4 on
+                // Linux 6.x): stop trying, it only costs a syscall.
+                self.nowait_write_unsupported.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            r => r.map_err(|e| self.io(e)),
+        }
+    }
+
     /// Makes the range read as zeros, freeing its space where the filesystem can.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         self.check_ok()?;
@@ -380,6 +424,37 @@ impl Copy {
     }
 }
 
+/// One `preadv2`/`pwritev2` with `RWF_NOWAIT`: true if it moved every byte. A short transfer,
+/// `EAGAIN` or `EOPNOTSUPP` mean "would block": false, and the caller redoes the whole range
+/// with a blocking call (re-writing the same bytes at the same place is harmless).
+fn nowait_io(f: &File, ptr: *mut u8, len: usize, off: u64, write: bool) -> std::io::Result<bool> {
+    let Ok(off) = i64::try_from(off) else {
+        return Ok(false);
+    };
+    let iov = libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes `len` bytes the caller owns (mutably for reads) for the duration
+    // of the call; the file descriptor is open for reading and writing.
+    let n = unsafe {
+        if write {
+            libc::pwritev2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT)
+        } else {
+            libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT)
+        }
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINVAL) => Ok(false),
+            Some(libc::EOPNOTSUPP) if !write => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(n as usize == len)
+}
+
 /// pread until `buf` is full or end of file; returns the bytes read.
 fn read_full_at(f: &File, buf: &mut [u8], mut off: u64) -> std::io::Result<usize> {
     let mut done = 0;
@@ -428,6 +503,25 @@ mod unit_tests {
         let mut back = vec![0u8; 8192];
         c.read(4096, &mut back).expect("read");
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn cached_fast_path_reads_and_writes_the_same_bytes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 241) as u8).collect();
+        if !c.try_write_cached(8192, &data).expect("nowait write") {
+            c.write(8192, &data).expect("write");
+        }
+        let mut back = vec![0u8; 8192];
+        if !c.try_read_cached(8192, &mut back).expect("nowait read") {
+            c.read(8192, &mut back).expect("read");
+        }
+        assert_eq!(back, data);
+        // Just written, so it is in the page cache: the fast path must have served it.
+        let mut again = vec![0u8; 8192];
+        assert!(c.try_read_cached(8192, &mut again).expect("nowait read"));
+        assert_eq!(again, data);
     }
 
     #[test]

@@ -141,7 +141,11 @@ fn main() -> Result<()> {
         for (op, bs, qd) in &jobs {
             let name = format!(
                 "{}-{}k-qd{qd}",
-                if *op == LoadOp::Read { "randread" } else { "randwrite" },
+                if *op == LoadOp::Read {
+                    "randread"
+                } else {
+                    "randwrite"
+                },
                 bs / 1024
             );
             for (cfg, vmm) in [("K1", &mut k), ("Q", &mut q)] {
@@ -160,7 +164,11 @@ fn main() -> Result<()> {
                 let r = vmm.run_load(0, spec)?;
                 let c1 = keel_cpu();
                 if r.errors != 0 {
-                    bail!("{name} on {cfg}: {} errors, first {:?}", r.errors, r.first_error);
+                    bail!(
+                        "{name} on {cfg}: {} errors, first {:?}",
+                        r.errors,
+                        r.first_error
+                    );
                 }
                 let cpu_us = if cfg == "K1" && r.completed > 0 {
                     (c1 - c0) as f64 * 10_000.0 / r.completed as f64
@@ -188,15 +196,22 @@ fn main() -> Result<()> {
     names.dedup();
     for name in names {
         let pick = |cfg: &str| -> (f64, u64, f64) {
-            let mut v: Vec<&(String, &str, f64, u64, f64)> =
-                results.iter().filter(|r| r.0 == name && r.1 == cfg).collect();
+            let mut v: Vec<&(String, &str, f64, u64, f64)> = results
+                .iter()
+                .filter(|r| r.0 == name && r.1 == cfg)
+                .collect();
             v.sort_by(|a, b| a.2.total_cmp(&b.2));
-            v.get(v.len() / 2).map(|r| (r.2, r.3, r.4)).unwrap_or((0.0, 0, f64::NAN))
+            v.get(v.len() / 2)
+                .map(|r| (r.2, r.3, r.4))
+                .unwrap_or((0.0, 0, f64::NAN))
         };
         let (ki, kp, kc) = pick("K1");
         let (qi, qp, _) = pick("Q");
         let ratio = if qi > 0.0 { ki / qi } else { 0.0 };
-        let _ = writeln!(md, "| {name} | {ki:.0} | {qi:.0} | {ratio:.2} | {kp} | {qp} | {kc:.1} |");
+        let _ = writeln!(
+            md,
+            "| {name} | {ki:.0} | {qi:.0} | {ratio:.2} | {kp} | {qp} | {kc:.1} |"
+        );
         json_rows.push(json!({"job": name, "k1_iops": ki, "q_iops": qi, "k_over_q": ratio,
             "k1_p99_us": kp, "q_p99_us": qp, "keel_cpu_us_per_io": if kc.is_nan() { serde_json::Value::Null } else { json!(kc) }}));
     }
@@ -204,7 +219,9 @@ fn main() -> Result<()> {
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(
         out.join("results.json"),
-        serde_json::to_string_pretty(&json!({"rounds": rounds, "seconds": seconds, "results": json_rows}))?,
+        serde_json::to_string_pretty(
+            &json!({"rounds": rounds, "seconds": seconds, "results": json_rows}),
+        )?,
     )?;
     println!("{md}");
     println!("keel-vmm-bench: results in {}", out.display());
