@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod cluster;
 pub mod guest;
 pub mod vmm;

@@ -11,11 +11,11 @@
 //! CPU seconds keel's daemons used per I/O; writes `results.json` and `results.md` to DIR.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use keel_tests::bench::{cpu_ticks, start_qsd, ticks_per_second};
 use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
 use keel_tests::guest::{self, Disk, GuestConfig};
 use serde_json::{json, Value};
@@ -116,59 +116,6 @@ fn parse_args() -> Result<Opts> {
         bail!("--rounds and --runtime must be positive");
     }
     Ok(o)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, i.e. 11 and 12 here.
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-fn start_qsd(dir: &Path, size: u64) -> Result<(Child, PathBuf)> {
-    let img = dir.join("qsd.raw");
-    let f = std::fs::File::create(&img)?;
-    f.set_len(size)?;
-    let sock = dir.join("qsd.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=file0,filename={},aio=native,cache.direct=on",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting qemu-storage-daemon (apt-get install qemu-system-x86)")?;
-    for _ in 0..100 {
-        if sock.exists() {
-            return Ok((child, sock));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("qemu-storage-daemon did not create {}", sock.display())
 }
 
 fn guest_script(o: &Opts, size: &str) -> String {

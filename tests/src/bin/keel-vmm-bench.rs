@@ -6,56 +6,16 @@
 //! Usage: keel-vmm-bench [--smoke] [--rounds N] [--seconds S] [--out DIR]
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use keel_tests::bench::{cpu_ticks, start_qsd};
 use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
 use keel_tests::vmm::{LoadOp, LoadSpec, TestVmm, VmmOptions};
 use serde_json::json;
 
 const SIZE: u64 = 256 << 20;
-
-fn start_qsd(dir: &Path) -> Result<(Child, PathBuf)> {
-    let img = dir.join("qsd.raw");
-    std::fs::File::create(&img)?.set_len(SIZE)?;
-    let sock = dir.join("qsd.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=file0,filename={},aio=native,cache.direct=on",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting qemu-storage-daemon (apt-get install qemu-system-x86)")?;
-    for _ in 0..100 {
-        if sock.exists() {
-            return Ok((child, sock));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("qemu-storage-daemon did not create {}", sock.display())
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some((_, rest)) = s.rsplit_once(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
 
 fn main() -> Result<()> {
     let mut smoke = false;
@@ -97,7 +57,7 @@ fn main() -> Result<()> {
             extra: vec!["--queue-size".into(), "512".into()],
         },
     )?;
-    let (mut qsd, qsd_sock) = start_qsd(dir.path())?;
+    let (mut qsd, qsd_sock) = start_qsd(dir.path(), SIZE)?;
     let opts = VmmOptions {
         queue_size: 512,
         mem_size: 256 << 20,
