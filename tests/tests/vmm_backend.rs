@@ -495,3 +495,58 @@ fn in_flight_budget_throttles_and_resumes() -> Result<()> {
     );
     Ok(())
 }
+
+/// keel-storage frozen (SIGSTOP) under load: requests time out, keel-vhost reconnects and
+/// resends; after SIGCONT everything completes with the right data and no error.
+#[test]
+fn storage_sigstop_under_load_only_stalls() -> Result<()> {
+    let s = setup(1, false)?;
+    let mut vmm = TestVmm::connect(
+        &s.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(30),
+            ..opts(1)
+        },
+    )?;
+    let region = Some((0, 16384));
+    let w = LoadSpec {
+        op: LoadOp::Write,
+        depth: 32,
+        random: false,
+        region,
+        count: Some(16384 / 8),
+        data_seed: Some(78),
+        ..LoadSpec::default()
+    };
+    assert_eq!(vmm.run_load(0, w)?.errors, 0);
+    let load = LoadSpec {
+        op: LoadOp::Mixed { read_percent: 50 },
+        depth: 32,
+        region,
+        count: None,
+        duration: Some(Duration::from_secs(6)),
+        data_seed: Some(78),
+        ..LoadSpec::default()
+    };
+    let storage = &s.storage;
+    let r = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            storage.pause(true);
+            std::thread::sleep(Duration::from_secs(3));
+            storage.pause(false);
+        });
+        vmm.run_load(0, load)
+    })?;
+    assert!(
+        r.completed > 1000,
+        "only {} requests completed",
+        r.completed
+    );
+    assert_eq!((r.errors, r.mismatches), (0, 0), "{:?}", r.first_error);
+    assert!(
+        r.percentile_us(100.0) > 2_000_000,
+        "the freeze should have stalled some request"
+    );
+    Ok(())
+}

@@ -113,7 +113,19 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
         id
     };
     'reconnect: loop {
-        let stream = match connect(cfg.server, cfg.tls.clone(), Role::Storage).await {
+        // A server that accepts TCP but does not answer (stopped, overloaded) must not hold
+        // the reconnect forever: the handshake gets the request timeout too.
+        let attempt = tokio::time::timeout(
+            cfg.request_timeout,
+            connect(cfg.server, cfg.tls.clone(), Role::Storage),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(keel_proto::io::FrameIoError::Handshake(
+                "no answer within the request timeout".into(),
+            ))
+        });
+        let stream = match attempt {
             Ok((s, peer)) => {
                 tracing::info!(server = %cfg.server, %peer, volume = %cfg.volume, resend = inflight.len(), "connected to storage");
                 backoff = Duration::from_millis(50);
