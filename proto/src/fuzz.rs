@@ -12,6 +12,34 @@ pub fn decode_frame(data: &[u8]) {
     }
 }
 
+/// Test support shared by every crate's fuzz targets: checks that the checked-in corpus `dir`
+/// holds each seed (rewriting them when `KEEL_WRITE_CORPUS` is set), then replays every input
+/// of the corpus through `target`. Returns how many inputs were replayed. Panics on a missing
+/// or differing seed: it is meant for tests.
+pub fn check_and_replay_corpus(
+    dir: &std::path::Path,
+    seeds: &[(&str, Vec<u8>)],
+    target: impl Fn(&[u8]),
+) -> usize {
+    for (name, bytes) in seeds {
+        let path = dir.join(format!("seed-{name}"));
+        if std::env::var_os("KEEL_WRITE_CORPUS").is_some() {
+            std::fs::create_dir_all(dir).expect("mkdir");
+            std::fs::write(&path, bytes).expect("write seed");
+        }
+        let on_disk =
+            std::fs::read(&path).expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
+        assert_eq!(&on_disk, bytes, "{name} differs from the checked-in seed");
+    }
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).expect("corpus dir") {
+        let data = std::fs::read(e.expect("entry").path()).expect("read");
+        target(&data);
+        n += 1;
+    }
+    n
+}
+
 /// Seed inputs for the frame decoder: one valid frame of every kind plus malformed variants.
 pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     use crate::frame::{checksum, Hello, HelloReply, Request, Response, MAX_FRAME_LEN};
@@ -92,31 +120,12 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
 mod unit_tests {
     use std::path::PathBuf;
 
-    /// The checked-in corpus holds every seed; `KEEL_WRITE_CORPUS=1` (re)writes them.
+    /// The checked-in corpus holds every seed and every input decodes without panicking.
     #[test]
-    fn seed_corpus_is_checked_in() {
+    fn seed_corpus_is_checked_in_and_replays() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_frame");
-        for (name, bytes) in super::decode_frame_seeds() {
-            let path = dir.join(format!("seed-{name}"));
-            if std::env::var_os("KEEL_WRITE_CORPUS").is_some() {
-                std::fs::create_dir_all(&dir).expect("mkdir");
-                std::fs::write(&path, &bytes).expect("write seed");
-            }
-            let on_disk =
-                std::fs::read(&path).expect("seed file missing: run with KEEL_WRITE_CORPUS=1");
-            assert_eq!(on_disk, bytes, "{name} differs from the checked-in seed");
-        }
-    }
-
-    #[test]
-    fn replay_decode_frame_corpus() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_frame");
-        let mut n = 0;
-        for e in std::fs::read_dir(&dir).expect("corpus dir") {
-            let data = std::fs::read(e.expect("entry").path()).expect("read");
-            super::decode_frame(&data);
-            n += 1;
-        }
+        let seeds = super::decode_frame_seeds();
+        let n = super::check_and_replay_corpus(&dir, &seeds, super::decode_frame);
         assert!(n >= 10, "corpus has only {n} inputs");
     }
 

@@ -390,11 +390,14 @@ fn reconnecting_frontend_finds_its_data() -> Result<()> {
     Ok(())
 }
 
-/// keel-storage killed while requests are in flight: they stall, then complete with the right
-/// data once it is back; no error reaches the guest.
-#[test]
-fn storage_kill_9_under_load_only_stalls() -> Result<()> {
-    let mut s = setup(1, false)?;
+/// Writes a verified pattern over a region, then runs verified mixed I/O at depth 32 for
+/// `secs` seconds while `disrupt` acts on keel-storage from another thread.
+fn load_while(
+    s: &mut Setup,
+    seed: u64,
+    secs: u64,
+    disrupt: impl FnOnce(&mut Storage) -> Result<()> + Send,
+) -> Result<LoadResult> {
     let mut vmm = TestVmm::connect(
         &s.vhost.opts.socket,
         VmmOptions {
@@ -409,7 +412,7 @@ fn storage_kill_9_under_load_only_stalls() -> Result<()> {
         random: false,
         region,
         count: Some(16384 / 8),
-        data_seed: Some(77),
+        data_seed: Some(seed),
         ..LoadSpec::default()
     };
     assert_eq!(vmm.run_load(0, w)?.errors, 0);
@@ -418,26 +421,30 @@ fn storage_kill_9_under_load_only_stalls() -> Result<()> {
         depth: 32,
         region,
         count: None,
-        duration: Some(Duration::from_secs(4)),
-        data_seed: Some(77),
+        duration: Some(Duration::from_secs(secs)),
+        data_seed: Some(seed),
         ..LoadSpec::default()
     };
-    // Kill storage shortly after the load starts, bring it back a second later.
     let storage = &mut s.storage;
-    let r = std::thread::scope(|sc| {
-        let h = sc.spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            storage.kill9();
-            std::thread::sleep(Duration::from_secs(1));
-            storage.restart()
-        });
+    std::thread::scope(|sc| {
+        let h = sc.spawn(move || disrupt(storage));
         let r = vmm.run_load(0, load);
-        let restarted = h.join().expect("join");
-        (r, restarted)
-    });
-    let (r, restarted) = r;
-    restarted?;
-    let r = r?;
+        h.join().expect("disruptor thread")?;
+        r
+    })
+}
+
+/// keel-storage killed while requests are in flight: they stall, then complete with the right
+/// data once it is back; no error reaches the guest.
+#[test]
+fn storage_kill_9_under_load_only_stalls() -> Result<()> {
+    let mut s = setup(1, false)?;
+    let r = load_while(&mut s, 77, 4, |storage| {
+        std::thread::sleep(Duration::from_millis(300));
+        storage.kill9();
+        std::thread::sleep(Duration::from_secs(1));
+        storage.restart()
+    })?;
     assert!(
         r.completed > 1000,
         "only {} requests completed",
@@ -500,43 +507,13 @@ fn in_flight_budget_throttles_and_resumes() -> Result<()> {
 /// resends; after SIGCONT everything completes with the right data and no error.
 #[test]
 fn storage_sigstop_under_load_only_stalls() -> Result<()> {
-    let s = setup(1, false)?;
-    let mut vmm = TestVmm::connect(
-        &s.vhost.opts.socket,
-        VmmOptions {
-            io_timeout: Duration::from_secs(30),
-            ..opts(1)
-        },
-    )?;
-    let region = Some((0, 16384));
-    let w = LoadSpec {
-        op: LoadOp::Write,
-        depth: 32,
-        random: false,
-        region,
-        count: Some(16384 / 8),
-        data_seed: Some(78),
-        ..LoadSpec::default()
-    };
-    assert_eq!(vmm.run_load(0, w)?.errors, 0);
-    let load = LoadSpec {
-        op: LoadOp::Mixed { read_percent: 50 },
-        depth: 32,
-        region,
-        count: None,
-        duration: Some(Duration::from_secs(6)),
-        data_seed: Some(78),
-        ..LoadSpec::default()
-    };
-    let storage = &s.storage;
-    let r = std::thread::scope(|sc| {
-        sc.spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            storage.pause(true);
-            std::thread::sleep(Duration::from_secs(3));
-            storage.pause(false);
-        });
-        vmm.run_load(0, load)
+    let mut s = setup(1, false)?;
+    let r = load_while(&mut s, 78, 6, |storage| {
+        std::thread::sleep(Duration::from_millis(300));
+        storage.pause(true);
+        std::thread::sleep(Duration::from_secs(3));
+        storage.pause(false);
+        Ok(())
     })?;
     assert!(
         r.completed > 1000,
