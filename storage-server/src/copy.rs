@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use keel_proto::{Epoch, VolumeId};
@@ -144,6 +144,8 @@ pub struct Copy {
     size: u64,
     data_offset: u64,
     epoch: AtomicU64,
+    /// `CopyRole as u8`, mirrored from the header for the per-request check.
+    role: AtomicU8,
     failed: AtomicBool,
     /// The filesystem refused an `RWF_NOWAIT` write once: don't try again.
     nowait_write_unsupported: AtomicBool,
@@ -245,6 +247,7 @@ impl Copy {
             size: header.size,
             data_offset: header.data_offset,
             epoch: AtomicU64::new(header.epoch.0),
+            role: AtomicU8::new(header.role as u8),
             header: Mutex::new(header),
             failed: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
@@ -261,6 +264,13 @@ impl Copy {
     }
     pub fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
+    }
+    pub fn role(&self) -> CopyRole {
+        if self.role.load(Ordering::Acquire) == CopyRole::Primary as u8 {
+            CopyRole::Primary
+        } else {
+            CopyRole::Mirror
+        }
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -287,6 +297,7 @@ impl Copy {
             .map_err(io_err(&self.path))?;
         self.file.sync_data().map_err(io_err(&self.path))?;
         *h = next;
+        self.role.store(role as u8, Ordering::Release);
         self.epoch.store(epoch.0, Ordering::Release);
         Ok(())
     }

@@ -169,7 +169,7 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Option<Arc<Cop
     if req.epoch < epoch {
         return fail(Status::StaleEpoch, epoch);
     }
-    if req.epoch > epoch || copy.header().role != CopyRole::Primary {
+    if req.epoch > epoch || copy.role() != CopyRole::Primary {
         return fail(Status::NotPrimary, epoch);
     }
     if req.op.has_range() {

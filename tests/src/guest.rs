@@ -1543,31 +1543,31 @@ pub struct Guest {
     _run_dir: tempfile::TempDir,
 }
 
-/// Boots a guest as described by `cfg` and returns without waiting.
-/// Boots a guest with the console on this process's terminal (for people, not tests); returns
-/// QEMU's exit status when the guest powers off.
-pub fn interactive(cfg: &GuestConfig) -> Result<std::process::ExitStatus> {
+/// The per-run temp dir (holding the initrd with `cfg.script`) and the QEMU command to boot it.
+fn prepare(cfg: &GuestConfig) -> Result<(tempfile::TempDir, Command)> {
     let kernel = boot_kernel()?;
     let run_dir = tempfile::Builder::new()
         .prefix("keel-guest-")
         .tempdir()
         .context("creating a per-run temp dir")?;
     let initrd = build_run_initrd(run_dir.path(), &cfg.script)?;
-    let mut cmd = qemu_command(cfg, &kernel, &initrd)?;
+    let cmd = qemu_command(cfg, &kernel, &initrd)?;
+    Ok((run_dir, cmd))
+}
+
+/// Boots a guest with the console on this process's terminal (for people, not tests); returns
+/// QEMU's exit status when the guest powers off.
+pub fn interactive(cfg: &GuestConfig) -> Result<std::process::ExitStatus> {
+    let (_run_dir, mut cmd) = prepare(cfg)?;
     cmd.stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     cmd.status().context("running QEMU")
 }
 
+/// Boots a guest as described by `cfg` and returns without waiting.
 pub fn spawn(cfg: &GuestConfig) -> Result<Guest> {
-    let kernel = boot_kernel()?;
-    let run_dir = tempfile::Builder::new()
-        .prefix("keel-guest-")
-        .tempdir()
-        .context("creating a per-run temp dir")?;
-    let initrd = build_run_initrd(run_dir.path(), &cfg.script)?;
-    let mut cmd = qemu_command(cfg, &kernel, &initrd)?;
+    let (run_dir, mut cmd) = prepare(cfg)?;
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

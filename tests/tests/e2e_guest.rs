@@ -124,11 +124,9 @@ fn guest_fio_verifies_across_daemon_restarts() -> Result<()> {
     Ok(())
 }
 
-/// kill -9 of keel-vhost while the guest writes: QEMU reconnects to the restarted daemon, the
-/// requests the guest had not seen complete are re-offered, and fio's verification passes.
-#[test]
-fn kill_9_of_keel_vhost_during_guest_io_loses_nothing() -> Result<()> {
-    let mut s = setup(1, &[])?;
+/// Boots a guest running the verified fio job at QD32 and, 3 s into it, applies `disrupt`;
+/// fio's verification must still pass.
+fn fio_survives(mut s: Setup, disrupt: impl FnOnce(&mut Setup) -> Result<()>) -> Result<()> {
     let socket = s.vhost.opts.socket.clone();
     let g = guest::spawn(&guest_config(
         &socket,
@@ -137,33 +135,30 @@ fn kill_9_of_keel_vhost_during_guest_io_loses_nothing() -> Result<()> {
     ))?;
     g.wait_for_line("FIO-START", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(3));
-    s.vhost.kill9();
-    std::thread::sleep(Duration::from_millis(500));
-    s.vhost.restart()?;
-    let out = g.wait()?;
-    check_fio(&out)?;
-    Ok(())
+    disrupt(&mut s)?;
+    check_fio(&g.wait()?)
+}
+
+/// kill -9 of keel-vhost while the guest writes: QEMU reconnects to the restarted daemon, the
+/// requests the guest had not seen complete are re-offered, and fio's verification passes.
+#[test]
+fn kill_9_of_keel_vhost_during_guest_io_loses_nothing() -> Result<()> {
+    fio_survives(setup(1, &[])?, |s| {
+        s.vhost.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        s.vhost.restart()
+    })
 }
 
 /// kill -9 of keel-storage while the guest writes: keel-vhost reconnects and resends what was
 /// in flight; the guest only stalls.
 #[test]
 fn kill_9_of_keel_storage_during_guest_io_stalls_and_loses_nothing() -> Result<()> {
-    let mut s = setup(1, &["--request-timeout-ms", "2000"])?;
-    let socket = s.vhost.opts.socket.clone();
-    let g = guest::spawn(&guest_config(
-        &socket,
-        1,
-        fio_script("4k-4k", "", "FIO-START"),
-    ))?;
-    g.wait_for_line("FIO-START", Duration::from_secs(120))?;
-    std::thread::sleep(Duration::from_secs(3));
-    s.storage.kill9();
-    std::thread::sleep(Duration::from_secs(1));
-    s.storage.restart()?;
-    let out = g.wait()?;
-    check_fio(&out)?;
-    Ok(())
+    fio_survives(setup(1, &["--request-timeout-ms", "2000"])?, |s| {
+        s.storage.kill9();
+        std::thread::sleep(Duration::from_secs(1));
+        s.storage.restart()
+    })
 }
 
 /// The verification above can fail: verifying data that was never written is an error.

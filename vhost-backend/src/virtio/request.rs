@@ -173,64 +173,48 @@ fn total(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
-/// Writes `data` into `segs` starting `skip` bytes in; false if guest memory refused.
-pub fn write_segments<M: GuestMemory>(
-    mem: &M,
+/// Walks `len` bytes of `segs` starting `skip` bytes in, calling `f(position, address, n)`
+/// for each contiguous piece; stops and returns false as soon as `f` does, or if the segments
+/// hold fewer bytes.
+fn walk_segments(
     segs: &[Segment],
     mut skip: u64,
-    data: &[u8],
+    len: usize,
+    mut f: impl FnMut(usize, GuestAddress, usize) -> bool,
 ) -> bool {
     let mut done = 0usize;
     for s in segs {
-        if done == data.len() {
+        if done == len {
             break;
         }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
+        let slen = u64::from(s.len);
+        if skip >= slen {
+            skip -= slen;
             continue;
         }
-        let n = ((len - skip) as usize).min(data.len() - done);
-        if mem
-            .write_slice(&data[done..done + n], GuestAddress(s.addr.0 + skip))
-            .is_err()
-        {
+        let n = ((slen - skip) as usize).min(len - done);
+        if !f(done, GuestAddress(s.addr.0 + skip), n) {
             return false;
         }
         done += n;
         skip = 0;
     }
-    done == data.len()
+    done == len
+}
+
+/// Writes `data` into `segs` starting `skip` bytes in; false if guest memory refused.
+pub fn write_segments<M: GuestMemory>(mem: &M, segs: &[Segment], skip: u64, data: &[u8]) -> bool {
+    walk_segments(segs, skip, data.len(), |at, addr, n| {
+        mem.write_slice(&data[at..at + n], addr).is_ok()
+    })
 }
 
 /// Reads `buf.len()` bytes starting `skip` bytes into `segs`; false if guest memory refused.
 pub fn read_segments<M: GuestMemory>(mem: &M, segs: &[Segment], skip: u64, buf: &mut [u8]) -> bool {
-    read_from(mem, segs, skip, buf)
-}
-
-/// Reads `buf.len()` bytes starting `skip` bytes into `segs`.
-fn read_from<M: GuestMemory>(mem: &M, segs: &[Segment], mut skip: u64, buf: &mut [u8]) -> bool {
-    let mut done = 0usize;
-    for s in segs {
-        if done == buf.len() {
-            break;
-        }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = ((len - skip) as usize).min(buf.len() - done);
-        if mem
-            .read_slice(&mut buf[done..done + n], GuestAddress(s.addr.0 + skip))
-            .is_err()
-        {
-            return false;
-        }
-        done += n;
-        skip = 0;
-    }
-    done == buf.len()
+    let len = buf.len();
+    walk_segments(segs, skip, len, |at, addr, n| {
+        mem.read_slice(&mut buf[at..at + n], addr).is_ok()
+    })
 }
 
 /// Parses one request. `descs` are the chain's descriptors in order (indirect tables expanded).
@@ -313,7 +297,7 @@ pub fn parse<M: GuestMemory>(
         return fail(ParseError::Truncated);
     }
     let mut header = [0u8; 16];
-    if total(&readable) < 16 || !read_from(mem, &readable, 0, &mut header) {
+    if total(&readable) < 16 || !read_segments(mem, &readable, 0, &mut header) {
         return fail(ParseError::ShortHeader);
     }
     let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -420,7 +404,7 @@ pub fn parse<M: GuestMemory>(
             let mut unmap = true;
             for i in 0..n {
                 let mut seg = [0u8; 16];
-                if !read_from(mem, &rdata, i * 16, &mut seg) {
+                if !read_segments(mem, &rdata, i * 16, &mut seg) {
                     return fail(ParseError::BadRanges);
                 }
                 let mut s = [0u8; 8];
