@@ -13,9 +13,9 @@ scripts/deps.sh
 cargo build --release --workspace --bins
 BIN=target/release
 mkdir -p "$DIR"
-[ -f "$DIR/pki/ca.pem" ] || "$BIN/keelctl" pki init --dir "$DIR/pki"
-[ -f "$DIR/pki/storage-s1.pem" ] || "$BIN/keelctl" pki issue --dir "$DIR/pki" --role storage --id s1 >/dev/null
-[ -f "$DIR/pki/node-n1.pem" ] || "$BIN/keelctl" pki issue --dir "$DIR/pki" --role node --id n1 >/dev/null
+[ -f "$DIR/pki/ca.pem" ] || "$BIN/keelctl" pki init --pki-dir "$DIR/pki"
+[ -f "$DIR/pki/storage-s1.pem" ] || "$BIN/keelctl" pki issue --pki-dir "$DIR/pki" --role storage --id s1 >/dev/null
+[ -f "$DIR/pki/node-n1.pem" ] || "$BIN/keelctl" pki issue --pki-dir "$DIR/pki" --role node --id n1 >/dev/null
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -16,7 +16,7 @@
 //! length prefix is checked against [`MAX_FRAME_LEN`] before any buffer is allocated.
 //! See `docs/protocol.md` for the rules each field obeys.
 
-use crate::types::{Epoch, Op, ReqFlags, Status, VolumeId};
+use crate::types::{Epoch, MemberRole, Op, ReqFlags, Status, VolumeId};
 
 /// Protocol versions this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -24,6 +24,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KEEL");
 /// Largest data payload one frame may carry (reads and writes larger than this are split).
 pub const MAX_PAYLOAD: usize = 4 << 20;
+/// The unit of offsets, lengths and volume sizes, in bytes.
+pub const SECTOR_SIZE: u64 = 512;
 
 const TYPE_HELLO: u8 = 1;
 const TYPE_HELLO_REPLY: u8 = 2;
@@ -84,17 +86,21 @@ pub struct HelloReply {
     pub version: u16,
 }
 
-/// One data-path request.
+/// One request: a data-path op, or a copy administration op (see [`Op::is_admin`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub op: Op,
     pub flags: ReqFlags,
     pub request_id: u64,
     pub volume: VolumeId,
+    /// The client's epoch (data ops); the epoch to set ([`Op::CreateCopy`],
+    /// [`Op::SetMembership`]).
     pub epoch: Epoch,
-    /// Byte offset into the volume (0 for ops without a range).
+    /// Byte offset into the volume (0 for ops without a range); the volume's size in bytes for
+    /// [`Op::CreateCopy`] and [`Op::Resize`].
     pub offset: u64,
-    /// Byte length of the range (0 for ops without a range).
+    /// Byte length of the range (0 for ops without a range); the [`MemberRole`] code for
+    /// [`Op::CreateCopy`] and [`Op::SetMembership`].
     pub length: u32,
     /// CRC32C of `payload` (0 when there is none).
     pub crc: u32,
@@ -369,7 +375,11 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
     if flags & ReqFlags::FUA != 0 && op != Op::Write {
         return invalid("FUA is only valid on writes");
     }
-    if !op.has_range() && (offset != 0 || length != 0) {
+    if op.is_admin() {
+        if let Some(reason) = admin_fields_error(op, offset, length, payload.len(), crc) {
+            return invalid(reason);
+        }
+    } else if !op.has_range() && (offset != 0 || length != 0) {
         return invalid("offset and length must be 0");
     }
     if op.request_has_payload() {
@@ -398,6 +408,36 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         crc,
         payload,
     })
+}
+
+/// Why an admin request's fields are malformed, if they are: no payload, and `offset` (the
+/// size) and `length` (the role) as each op defines them.
+fn admin_fields_error(
+    op: Op,
+    offset: u64,
+    length: u32,
+    payload_len: usize,
+    crc: u32,
+) -> Option<&'static str> {
+    if payload_len != 0 {
+        return Some("admin requests carry no payload");
+    }
+    if crc != 0 {
+        return Some("checksum without payload");
+    }
+    let size_ok = offset != 0 && offset.is_multiple_of(SECTOR_SIZE);
+    let role_ok = MemberRole::from_u32(length).is_some();
+    match op {
+        Op::CreateCopy | Op::Resize if !size_ok => {
+            Some("size (offset) must be a positive multiple of 512 bytes")
+        }
+        Op::CreateCopy | Op::SetMembership if !role_ok => {
+            Some("role (length) must be 0 (primary) or 1 (mirror)")
+        }
+        Op::DeleteCopy | Op::SetMembership if offset != 0 => Some("offset must be 0"),
+        Op::DeleteCopy | Op::Resize if length != 0 => Some("length must be 0"),
+        _ => None,
+    }
 }
 
 fn decode_response(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Response, DecodeError> {
@@ -523,8 +563,19 @@ mod unit_tests {
             r.length = 4096;
             round_trip(Frame::Request(r));
         }
-        for op in [Op::Flush, Op::Ping] {
+        for op in [Op::Flush, Op::Ping, Op::DeleteCopy] {
             round_trip(Frame::Request(Request::new(op, 10, VolumeId(1), Epoch(2))));
+        }
+        for (op, offset, length) in [
+            (Op::CreateCopy, 1 << 30, MemberRole::Primary as u32),
+            (Op::CreateCopy, 512, MemberRole::Mirror as u32),
+            (Op::SetMembership, 0, MemberRole::Mirror as u32),
+            (Op::Resize, 2 << 30, 0),
+        ] {
+            let mut r = Request::new(op, 13, VolumeId(u128::MAX), Epoch(u64::MAX));
+            r.offset = offset;
+            r.length = length;
+            round_trip(Frame::Request(r));
         }
         let data = vec![1u8, 2, 3, 4];
         round_trip(Frame::Response(Response {
@@ -635,6 +686,105 @@ mod unit_tests {
         r.length = 512;
         assert!(matches!(
             Frame::decode_body(&body_of(&Frame::Request(r))),
+            Err(DecodeError::InvalidRequest { .. })
+        ));
+    }
+
+    fn admin(op: Op, offset: u64, length: u32) -> Request {
+        let mut r = Request::new(op, 1, VolumeId(5), Epoch(3));
+        r.offset = offset;
+        r.length = length;
+        r
+    }
+
+    fn reason_of(r: Request) -> Option<&'static str> {
+        let op = r.op;
+        match Frame::decode_body(&body_of(&Frame::Request(r))) {
+            Ok(_) => None,
+            Err(DecodeError::InvalidRequest { op: o, reason }) => {
+                assert_eq!(o, op);
+                Some(reason)
+            }
+            Err(other) => panic!("{op:?}: unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn admin_requests_decode_and_malformed_ones_are_refused() {
+        // Valid.
+        assert_eq!(reason_of(admin(Op::CreateCopy, 64 << 20, 0)), None);
+        assert_eq!(reason_of(admin(Op::CreateCopy, 512, 1)), None);
+        assert_eq!(reason_of(admin(Op::SetMembership, 0, 1)), None);
+        assert_eq!(reason_of(admin(Op::Resize, 1 << 40, 0)), None);
+        assert_eq!(reason_of(admin(Op::DeleteCopy, 0, 0)), None);
+        // Size zero or unaligned.
+        for op in [Op::CreateCopy, Op::Resize] {
+            for size in [0, 1, 511, 513, u64::MAX] {
+                let why = reason_of(admin(op, size, 0)).expect("refused");
+                assert!(why.contains("multiple of 512"), "{op:?} {size}: {why}");
+            }
+        }
+        // Bad role.
+        for op in [Op::CreateCopy, Op::SetMembership] {
+            let size = if op == Op::CreateCopy { 4096 } else { 0 };
+            for role in [2, 7, u32::MAX] {
+                let why = reason_of(admin(op, size, role)).expect("refused");
+                assert!(why.contains("role"), "{op:?} {role}: {why}");
+            }
+        }
+        // Fields an op does not use must be zero.
+        assert_eq!(
+            reason_of(admin(Op::DeleteCopy, 512, 0)),
+            Some("offset must be 0")
+        );
+        assert_eq!(
+            reason_of(admin(Op::SetMembership, 512, 0)),
+            Some("offset must be 0")
+        );
+        assert_eq!(
+            reason_of(admin(Op::DeleteCopy, 0, 1)),
+            Some("length must be 0")
+        );
+        assert_eq!(
+            reason_of(admin(Op::Resize, 4096, 1)),
+            Some("length must be 0")
+        );
+        // A payload (with a matching checksum, or without one) or a stray checksum.
+        for op in [
+            Op::CreateCopy,
+            Op::DeleteCopy,
+            Op::SetMembership,
+            Op::Resize,
+        ] {
+            let size = if matches!(op, Op::CreateCopy | Op::Resize) {
+                4096
+            } else {
+                0
+            };
+            let mut r = admin(op, size, 0);
+            r.payload = vec![1; 512];
+            r.crc = checksum(&r.payload);
+            assert_eq!(reason_of(r), Some("admin requests carry no payload"));
+            let mut r = admin(op, size, 0);
+            r.payload = vec![1; 4];
+            assert_eq!(reason_of(r), Some("admin requests carry no payload"));
+            let mut r = admin(op, size, 0);
+            r.crc = 9;
+            assert_eq!(reason_of(r), Some("checksum without payload"));
+            // FUA is a write flag.
+            let mut r = admin(op, size, 0);
+            r.flags = ReqFlags(ReqFlags::FUA);
+            assert!(reason_of(r).is_some());
+        }
+        // The streaming path (fixed part and payload apart) agrees.
+        let mut r = admin(Op::Resize, 4096, 0);
+        r.payload = vec![0; 8];
+        let body = body_of(&Frame::Request(r));
+        assert!(matches!(
+            Frame::decode_parts(
+                &body[..REQUEST_FIXED_LEN],
+                body[REQUEST_FIXED_LEN..].to_vec()
+            ),
             Err(DecodeError::InvalidRequest { .. })
         ));
     }

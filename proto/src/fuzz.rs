@@ -43,7 +43,7 @@ pub fn check_and_replay_corpus(
 /// Seed inputs for the frame decoder: one valid frame of every kind plus malformed variants.
 pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     use crate::frame::{checksum, Hello, HelloReply, Request, Response, MAX_FRAME_LEN};
-    use crate::types::{Epoch, Op, ReqFlags, Status, VolumeId};
+    use crate::types::{Epoch, MemberRole, Op, ReqFlags, Status, VolumeId};
     let mut seeds = Vec::new();
     let data = vec![0x5au8; 512];
     let mut w = Request::new(Op::Write, 1, VolumeId(42), Epoch(1));
@@ -71,6 +71,31 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         "ping",
         Frame::Request(Request::new(Op::Ping, 4, VolumeId(1), Epoch(1))).to_bytes(),
     ));
+    // Copy administration (controller to storage): size in `offset`, role in `length`.
+    for (name, op, size, role) in [
+        (
+            "create_copy",
+            Op::CreateCopy,
+            1u64 << 30,
+            MemberRole::Primary as u32,
+        ),
+        ("delete_copy", Op::DeleteCopy, 0, 0),
+        (
+            "set_membership",
+            Op::SetMembership,
+            0,
+            MemberRole::Mirror as u32,
+        ),
+        ("resize", Op::Resize, 2 << 30, 0),
+        // Malformed: an unaligned size and a role that does not exist.
+        ("create_copy_unaligned", Op::CreateCopy, 1000, 0),
+        ("set_membership_bad_role", Op::SetMembership, 0, 2),
+    ] {
+        let mut r = Request::new(op, 6, VolumeId(42), Epoch(2));
+        r.offset = size;
+        r.length = role;
+        seeds.push((name, Frame::Request(r).to_bytes()));
+    }
     seeds.push((
         "response_read",
         Frame::Response(Response {

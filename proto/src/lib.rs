@@ -7,10 +7,12 @@
 //! * [`tls`]: mutual TLS 1.3 configuration against the cluster CA, and the peer's identity
 //!   (role + id) taken from its certificate.
 //! * [`pki`]: creating a cluster CA and issuing role certificates (used by `keelctl pki` and tests).
+//! * [`admin`]: the controller's one-shot client for copy administration on a storage server.
 //! * [`fuzz`]: fuzz target bodies, replayed by `cargo test` over the checked-in corpus.
 //!
 //! The format is documented in `docs/protocol.md`.
 
+pub mod admin;
 pub mod frame;
 pub mod fuzz;
 pub mod io;
@@ -19,4 +21,4 @@ pub mod tls;
 pub mod types;
 
 pub use frame::{DecodeError, Frame, Hello, HelloReply, Request, Response};
-pub use types::{parse_size, Epoch, Op, ReqFlags, Role, Status, VolumeId};
+pub use types::{parse_size, Epoch, MemberRole, Op, ReqFlags, Role, Status, VolumeId};

@@ -42,7 +42,8 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// Data-path operations.
+/// Request operations: the data path (1..=6, from node managers) and copy administration
+/// (16..=19, from the controller). See `docs/protocol.md` for each op's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Op {
@@ -52,6 +53,14 @@ pub enum Op {
     Discard = 4,
     WriteZeroes = 5,
     Ping = 6,
+    /// Create a copy: `offset` = size in bytes, `length` = [`MemberRole`], `epoch` = its epoch.
+    CreateCopy = 16,
+    /// Delete a copy and its file.
+    DeleteCopy = 17,
+    /// Durably set a copy's role (`length`) and epoch (`epoch`): the fencing step.
+    SetMembership = 18,
+    /// Grow a copy to `offset` bytes.
+    Resize = 19,
 }
 
 impl Op {
@@ -63,6 +72,10 @@ impl Op {
             4 => Op::Discard,
             5 => Op::WriteZeroes,
             6 => Op::Ping,
+            16 => Op::CreateCopy,
+            17 => Op::DeleteCopy,
+            18 => Op::SetMembership,
+            19 => Op::Resize,
             _ => return None,
         })
     }
@@ -85,6 +98,44 @@ impl Op {
     /// Whether the op changes the volume's content.
     pub fn is_mutation(self) -> bool {
         matches!(self, Op::Write | Op::Discard | Op::WriteZeroes)
+    }
+
+    /// Whether the op administers copies (controller only) rather than moving data.
+    pub fn is_admin(self) -> bool {
+        matches!(
+            self,
+            Op::CreateCopy | Op::DeleteCopy | Op::SetMembership | Op::Resize
+        )
+    }
+}
+
+/// A copy's role in its volume's membership, as carried in the `length` field of
+/// [`Op::CreateCopy`] and [`Op::SetMembership`] requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum MemberRole {
+    /// Serves the volume's clients.
+    Primary = 0,
+    /// Receives the primary's writes.
+    Mirror = 1,
+}
+
+impl MemberRole {
+    pub fn from_u32(v: u32) -> Option<MemberRole> {
+        match v {
+            0 => Some(MemberRole::Primary),
+            1 => Some(MemberRole::Mirror),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MemberRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemberRole::Primary => "primary",
+            MemberRole::Mirror => "mirror",
+        })
     }
 }
 
@@ -233,6 +284,15 @@ mod unit_tests {
             }
         }
         assert_eq!(Op::from_u8(0), None);
+        assert_eq!(Op::from_u8(16), Some(Op::CreateCopy));
+        assert_eq!(Op::from_u8(19), Some(Op::Resize));
+        assert_eq!(Op::from_u8(20), None);
+        for v in 0..=u32::from(u8::MAX) {
+            if let Some(r) = MemberRole::from_u32(v) {
+                assert_eq!(r as u32, v);
+            }
+        }
+        assert_eq!(MemberRole::from_u32(2), None);
         assert_eq!(Status::from_u8(11), None);
     }
 }

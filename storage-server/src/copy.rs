@@ -9,13 +9,19 @@
 //! number and a CRC32C, then fdatasyncs: a torn update leaves the other slot valid. Data never
 //! written are holes and read as zeros; discard and write-zeroes punch holes. Later formats
 //! keep per-chunk (`chunk_size`, 4 MiB) state in sidecar files (see `docs/format.md`).
+//!
+//! **Fencing.** A data request is *admitted* ([`Copy::admit`]) before its I/O: the admission
+//! checks the request's epoch against the copy's and holds a shared gate for the duration of
+//! the I/O. Membership changes ([`Copy::set_membership`]) and deletion ([`Copy::retire`]) take
+//! the gate exclusively, so when they return, every request admitted under the old membership
+//! has finished and every later one is checked against the new one.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, TryLockError};
 
 use keel_proto::{Epoch, VolumeId};
 
@@ -50,12 +56,36 @@ pub enum CopyError {
         "{path}: format version {found} is newer than this build understands ({FORMAT_VERSION})"
     )]
     NewerFormat { path: PathBuf, found: u32 },
-    #[error("volume size {0} is not a positive multiple of 512 bytes")]
+    #[error("volume size {0} is not a positive multiple of 512 bytes, or too large")]
     BadSize(u64),
     #[error("a copy of volume {0} already exists")]
     Exists(VolumeId),
     #[error("copy is failed after an earlier write-back error; it refuses I/O until repaired")]
     Failed,
+    #[error("epoch {requested} is older than the copy's epoch {current}")]
+    StaleEpoch { requested: Epoch, current: Epoch },
+    #[error("copies only grow: size {requested} is smaller than the current {current} bytes")]
+    Shrink { requested: u64, current: u64 },
+    #[error("the copy was deleted")]
+    Deleted,
+}
+
+/// Why a copy refuses a data request at a given epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The copy was deleted.
+    Deleted,
+    /// The request's epoch is older than the copy's (carried): the client was fenced.
+    Stale(Epoch),
+    /// The request's epoch is newer than the copy's (carried), or the copy is not primary.
+    NotPrimary(Epoch),
+}
+
+/// Proof that a data request was admitted at the copy's current membership; I/O done while it
+/// is held finishes before any membership change or deletion takes effect.
+#[must_use = "the admission lasts as long as the guard"]
+pub struct Admitted<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
 }
 
 /// The header's content.
@@ -139,13 +169,21 @@ impl Header {
 pub struct Copy {
     path: PathBuf,
     file: File,
+    /// The newest header on disk. Held across header updates, so they are serialised.
     header: Mutex<Header>,
     volume: VolumeId,
-    size: u64,
+    /// Mirrored from the header for the per-request range check. Only ever grows, and is
+    /// raised only once the file and header hold the new size durably.
+    size: AtomicU64,
     data_offset: u64,
     epoch: AtomicU64,
     /// `CopyRole as u8`, mirrored from the header for the per-request check.
     role: AtomicU8,
+    /// Shared by admitted data requests for their I/O, exclusive for publishing membership
+    /// changes and deletion (see the module documentation). Lock order: `header`, then `gate`.
+    gate: RwLock<()>,
+    /// Set (under both locks) when the copy is deleted: it then refuses everything.
+    deleted: AtomicBool,
     failed: AtomicBool,
     /// The filesystem refused an `RWF_NOWAIT` write once: don't try again.
     nowait_write_unsupported: AtomicBool,
@@ -168,9 +206,7 @@ impl Copy {
         role: CopyRole,
         epoch: Epoch,
     ) -> Result<Copy, CopyError> {
-        if size == 0 || !size.is_multiple_of(SECTOR) {
-            return Err(CopyError::BadSize(size));
-        }
+        let total = file_len(size)?;
         if path.exists() {
             return Err(CopyError::Exists(volume));
         }
@@ -191,9 +227,6 @@ impl Copy {
             epoch,
             data_offset: DATA_OFFSET,
         };
-        let total = DATA_OFFSET
-            .checked_add(size)
-            .ok_or(CopyError::BadSize(size))?;
         f.write_all_at(&header.encode(), (header.sequence % 2) * SLOT_SIZE)
             .map_err(io_err(&tmp))?;
         f.set_len(total).map_err(io_err(&tmp))?;
@@ -244,11 +277,13 @@ impl Copy {
         Ok(Copy {
             path: path.to_owned(),
             volume: header.volume,
-            size: header.size,
+            size: AtomicU64::new(header.size),
             data_offset: header.data_offset,
             epoch: AtomicU64::new(header.epoch.0),
             role: AtomicU8::new(header.role as u8),
             header: Mutex::new(header),
+            gate: RwLock::new(()),
+            deleted: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
             sync: GroupSync::new(),
@@ -260,7 +295,7 @@ impl Copy {
         self.volume
     }
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     pub fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
@@ -284,22 +319,135 @@ impl Copy {
         }
     }
 
-    /// Durably records a new epoch and role (used by the controller's membership changes).
-    pub fn set_membership(&self, role: CopyRole, epoch: Epoch) -> Result<(), CopyError> {
-        let mut h = self.header.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = h.clone();
-        next.sequence += 1;
-        next.role = role;
-        next.epoch = epoch;
+    fn lock_header(&self) -> std::sync::MutexGuard<'_, Header> {
+        self.header.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `next` (whose sequence is one higher than the current header's) into its slot
+    /// and fdatasyncs; the caller then installs it.
+    fn write_header(&self, next: &Header) -> Result<(), CopyError> {
         let slot = next.sequence % 2;
         self.file
             .write_all_at(&next.encode(), slot * SLOT_SIZE)
             .map_err(io_err(&self.path))?;
-        self.file.sync_data().map_err(io_err(&self.path))?;
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+
+    /// Durably records a new epoch and role (the controller's membership changes), refusing an
+    /// epoch older than the copy's with [`CopyError::StaleEpoch`]: the epoch never goes back.
+    /// Setting the current role and epoch again writes nothing. When it returns, data requests
+    /// admitted under the old membership have finished and later ones see the new one.
+    pub fn set_membership(&self, role: CopyRole, epoch: Epoch) -> Result<(), CopyError> {
+        let mut h = self.lock_header();
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(CopyError::Deleted);
+        }
+        if epoch < h.epoch {
+            return Err(CopyError::StaleEpoch {
+                requested: epoch,
+                current: h.epoch,
+            });
+        }
+        if epoch == h.epoch && role == h.role {
+            return Ok(());
+        }
+        let mut next = h.clone();
+        next.sequence += 1;
+        next.role = role;
+        next.epoch = epoch;
+        // Durable first (data I/O goes on meanwhile, under the old membership), then
+        // published with the gate held exclusively: that waits for the requests admitted under
+        // the old membership, and later ones see the new one.
+        self.write_header(&next)?;
         *h = next;
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.role.store(role as u8, Ordering::Release);
         self.epoch.store(epoch.0, Ordering::Release);
         Ok(())
+    }
+
+    /// Grows the copy to `size` bytes durably: the file is extended (sparse) and the header
+    /// rewritten and fdatasynced before the new size is served. A smaller size is
+    /// [`CopyError::Shrink`]; the current one is a no-op. Safe with concurrent I/O: requests
+    /// checked against the old size stay inside the file.
+    pub fn resize(&self, size: u64) -> Result<(), CopyError> {
+        file_len(size)?;
+        let mut h = self.lock_header();
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(CopyError::Deleted);
+        }
+        if size < h.size {
+            return Err(CopyError::Shrink {
+                requested: size,
+                current: h.size,
+            });
+        }
+        if size == h.size {
+            return Ok(());
+        }
+        // File first: a crash between the two leaves a longer file under the old header, which
+        // opens fine; the fdatasync of the header also makes the new length durable.
+        let total = h
+            .data_offset
+            .checked_add(size)
+            .filter(|&t| i64::try_from(t).is_ok())
+            .ok_or(CopyError::BadSize(size))?;
+        self.file.set_len(total).map_err(io_err(&self.path))?;
+        let mut next = h.clone();
+        next.sequence += 1;
+        next.size = size;
+        self.write_header(&next)?;
+        *h = next;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Marks the copy deleted, waiting for admitted data requests to finish first: afterwards
+    /// it refuses every request and membership change. Used by [`crate::store::Store::delete`].
+    pub fn retire(&self) {
+        let _h = self.lock_header();
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.deleted.store(true, Ordering::Release);
+    }
+
+    /// Whether the copy was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Checks a data request's epoch against the copy's membership, without admitting it (an
+    /// early refusal; the decisive check is [`Copy::admit`]'s).
+    pub fn check_epoch(&self, epoch: Epoch) -> Result<(), Refusal> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(Refusal::Deleted);
+        }
+        let current = self.epoch();
+        if epoch < current {
+            return Err(Refusal::Stale(current));
+        }
+        if epoch > current || self.role() != CopyRole::Primary {
+            return Err(Refusal::NotPrimary(current));
+        }
+        Ok(())
+    }
+
+    /// Admits a data request at `epoch`: the returned guard must be held for the request's I/O.
+    /// Waits while a membership change or deletion is in progress.
+    pub fn admit(&self, epoch: Epoch) -> Result<Admitted<'_>, Refusal> {
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        self.check_epoch(epoch)?;
+        Ok(Admitted { _gate: gate })
+    }
+
+    /// [`Copy::admit`] without waiting: `None` if a membership change or deletion holds (or
+    /// waits for) the gate.
+    pub fn try_admit(&self, epoch: Epoch) -> Option<Result<Admitted<'_>, Refusal>> {
+        let gate = match self.gate.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(self.check_epoch(epoch).map(|()| Admitted { _gate: gate }))
     }
 
     fn check_ok(&self) -> Result<(), CopyError> {
@@ -319,7 +467,9 @@ impl Copy {
 
     /// Whether `[offset, offset + len)` lies inside the volume.
     pub fn in_range(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size)
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 
     /// Reads `buf.len()` bytes at `offset` (caller checked the range).
@@ -433,6 +583,18 @@ impl Copy {
             }
         }
     }
+}
+
+/// The length of a copy file holding `size` bytes of volume, or [`CopyError::BadSize`] if
+/// `size` is not a positive multiple of 512 or the file could not be that long.
+fn file_len(size: u64) -> Result<u64, CopyError> {
+    if size == 0 || !size.is_multiple_of(SECTOR) {
+        return Err(CopyError::BadSize(size));
+    }
+    DATA_OFFSET
+        .checked_add(size)
+        .filter(|&t| i64::try_from(t).is_ok())
+        .ok_or(CopyError::BadSize(size))
 }
 
 /// One `preadv2`/`pwritev2` with `RWF_NOWAIT`: true if it moved every byte. A short transfer,
@@ -570,6 +732,100 @@ mod unit_tests {
         drop(f);
         let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
         assert_eq!(c.epoch(), Epoch(1));
+    }
+
+    #[test]
+    fn membership_never_goes_back_and_fences_admission() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        assert!(c.admit(Epoch(1)).is_ok());
+        c.set_membership(CopyRole::Primary, Epoch(3))
+            .expect("raise");
+        let seq = c.header().sequence;
+        // The same membership again writes nothing; an older epoch is refused.
+        c.set_membership(CopyRole::Primary, Epoch(3)).expect("same");
+        assert_eq!(c.header().sequence, seq);
+        assert!(matches!(
+            c.set_membership(CopyRole::Primary, Epoch(2)),
+            Err(CopyError::StaleEpoch {
+                requested: Epoch(2),
+                current: Epoch(3)
+            })
+        ));
+        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Stale(Epoch(3))));
+        assert_eq!(c.admit(Epoch(4)).err(), Some(Refusal::NotPrimary(Epoch(3))));
+        assert!(c.admit(Epoch(3)).is_ok());
+        c.set_membership(CopyRole::Mirror, Epoch(3)).expect("role");
+        assert_eq!(c.admit(Epoch(3)).err(), Some(Refusal::NotPrimary(Epoch(3))));
+    }
+
+    #[test]
+    fn membership_change_waits_for_admitted_io() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = std::sync::Arc::new(new_copy(d.path()));
+        let admitted = c.admit(Epoch(1)).expect("admit");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            c2.set_membership(CopyRole::Primary, Epoch(2)).expect("set");
+            tx.send(()).expect("send");
+        });
+        // While a request is admitted, the change cannot complete, and nothing new is admitted
+        // without waiting.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        c.write(0, &[1u8; 512]).expect("admitted write");
+        drop(admitted);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("change completes");
+        t.join().expect("join");
+        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Stale(Epoch(2))));
+        assert!(c.try_admit(Epoch(2)).expect("free").is_ok());
+    }
+
+    #[test]
+    fn resize_grows_durably_and_never_shrinks() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        assert!(!c.in_range(8 << 20, 4096));
+        c.resize(16 << 20).expect("grow");
+        assert!(c.in_range(8 << 20, 4096));
+        c.write(12 << 20, &[7u8; 4096])
+            .expect("write past the old end");
+        c.resize(16 << 20).expect("same size");
+        assert!(matches!(c.resize(4 << 20), Err(CopyError::Shrink { .. })));
+        assert!(matches!(c.resize(1000), Err(CopyError::BadSize(1000))));
+        assert!(matches!(
+            c.resize(u64::MAX - 511),
+            Err(CopyError::BadSize(_))
+        ));
+        c.flush().expect("flush");
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(c.size(), 16 << 20);
+        assert_eq!(c.header().size, 16 << 20);
+        let mut b = vec![0u8; 4096];
+        c.read(12 << 20, &mut b).expect("read");
+        assert!(b.iter().all(|&x| x == 7));
+        let len = std::fs::metadata(d.path().join("v.keel"))
+            .expect("stat")
+            .len();
+        assert_eq!(len, DATA_OFFSET + (16 << 20));
+    }
+
+    #[test]
+    fn a_retired_copy_refuses_everything() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        c.retire();
+        assert!(c.is_deleted());
+        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Deleted));
+        assert!(matches!(
+            c.set_membership(CopyRole::Primary, Epoch(2)),
+            Err(CopyError::Deleted)
+        ));
+        assert!(matches!(c.resize(16 << 20), Err(CopyError::Deleted)));
     }
 
     #[test]

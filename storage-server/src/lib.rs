@@ -3,9 +3,13 @@
 //! * [`copy`]: one copy's on-disk format and its I/O (see `docs/format.md`).
 //! * [`sync`]: group commit of fdatasync for flushes and FUA writes.
 //! * [`store`]: the copies in a data directory.
-//! * [`server`]: the mutual-TLS request server.
+//! * [`server`]: the mutual-TLS request server (data path and copy administration).
+//! * [`register`]: registration with the controller and heartbeats.
+//! * [`daemon`]: the `keel-storage` daemon's arguments and main loop.
 
 pub mod copy;
+pub mod daemon;
+pub mod register;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -1,45 +1,132 @@
-//! The data-path server: mutual-TLS connections, pipelined requests answered out of order.
+//! The request server: mutual-TLS connections, pipelined requests answered out of order.
 //!
 //! Per connection, one task reads frames and checks each request (authorisation, volume,
 //! epoch, range, checksum) before starting it; the disk work runs on the blocking pool, and one
 //! writer task batches finished responses into as few TLS writes as possible. In-flight work
 //! per connection is bounded by a byte budget, so a client that floods requests is slowed by
 //! TCP back-pressure instead of growing the server's memory.
+//!
+//! Data ops are for `node` peers, copy administration ([`Op::is_admin`]) for `controller`
+//! peers, ping for anyone. A data request is admitted on its copy ([`Copy::admit`]) for the
+//! duration of its I/O, so a membership change or deletion answered to the controller fences
+//! every later request (see `docs/protocol.md`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel_proto::frame::checksum;
 use keel_proto::io::{accept, read_frame, FrameIoError};
 use keel_proto::tls::Identity;
-use keel_proto::{Epoch, Frame, Op, Request, Response, Role, Status};
+use keel_proto::{Epoch, Frame, MemberRole, Op, Request, Response, Role, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::copy::{Copy, CopyError, CopyRole, SECTOR};
+use crate::copy::{Copy, CopyError, CopyRole, Refusal, SECTOR};
 use crate::store::Store;
+
+/// Request counters of one server, shared with whoever reports them (a heartbeat). Updated
+/// with relaxed atomics when each response is produced.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reads answered `ok`.
+    pub reads: AtomicU64,
+    /// Writes answered `ok`.
+    pub writes: AtomicU64,
+    /// Bytes returned by reads answered `ok`.
+    pub bytes_read: AtomicU64,
+    /// Bytes stored by writes answered `ok`.
+    pub bytes_written: AtomicU64,
+    /// Requests of any op answered `io error` (the disk failed them).
+    pub errors: AtomicU64,
+    /// Requests answered with any other refusal (stale epoch, out of range, unauthorized, ...).
+    pub refused: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+    pub refused: u64,
+}
+
+impl Stats {
+    /// The counters now (each read on its own: not one atomic cut across them).
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            reads: r(&self.reads),
+            writes: r(&self.writes),
+            bytes_read: r(&self.bytes_read),
+            bytes_written: r(&self.bytes_written),
+            errors: r(&self.errors),
+            refused: r(&self.refused),
+        }
+    }
+
+    /// Counts one answered request.
+    fn record(&self, op: Op, length: u32, status: Status) {
+        let add = |a: &AtomicU64, n: u64| {
+            a.fetch_add(n, Ordering::Relaxed);
+        };
+        match (status, op) {
+            (Status::Ok, Op::Read) => {
+                add(&self.reads, 1);
+                add(&self.bytes_read, u64::from(length));
+            }
+            (Status::Ok, Op::Write) => {
+                add(&self.writes, 1);
+                add(&self.bytes_written, u64::from(length));
+            }
+            (Status::Ok, _) => {}
+            (Status::IoError, _) => add(&self.errors, 1),
+            _ => add(&self.refused, 1),
+        }
+    }
+}
+
+/// Sends responses to a connection's writer task, counting them.
+#[derive(Clone)]
+struct Responder {
+    tx: mpsc::UnboundedSender<Response>,
+    stats: Arc<Stats>,
+}
+
+impl Responder {
+    /// Queues the answer to a request with `op` and `length`; false once the writer is gone.
+    fn send(&self, op: Op, length: u32, resp: Response) -> bool {
+        self.stats.record(op, length, resp.status);
+        self.tx.send(resp).is_ok()
+    }
+}
 
 /// In-flight budget per connection, in 4 KiB units (128 MiB).
 const BUDGET_UNITS: u32 = 32 * 1024;
 const UNIT: usize = 4096;
 
-/// Accepts connections forever.
+/// Accepts connections forever, counting requests in `stats`.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    stats: Arc<Stats>,
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, addr) = listener.accept().await?;
         let store = store.clone();
         let acceptor = acceptor.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             match accept(tcp, &acceptor).await {
                 Ok((stream, peer)) => {
                     tracing::info!(%addr, %peer, "client connected");
-                    match serve_conn(stream, peer.clone(), store).await {
+                    match serve_conn(stream, peer.clone(), store, stats).await {
                         Ok(()) => tracing::info!(%addr, %peer, "client disconnected"),
                         Err(e) => tracing::warn!(%addr, %peer, error = %e, "connection closed"),
                     }
@@ -54,9 +141,11 @@ async fn serve_conn(
     stream: keel_proto::io::ServerStream,
     peer: Identity,
     store: Arc<Store>,
+    stats: Arc<Stats>,
 ) -> Result<(), FrameIoError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let tx = Responder { tx, stats };
     let writer = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(1 << 20);
         while let Some(first) = rx.recv().await {
@@ -97,26 +186,36 @@ async fn serve_conn(
             Ok(p) => p,
             Err(_) => break Ok(()),
         };
+        let (op, length) = (req.op, req.length);
         match check(&store, &peer, &req) {
             Err(resp) => {
-                if tx.send(resp).is_err() {
+                if !tx.send(op, length, resp) {
                     break Ok(());
                 }
             }
-            Ok(None) => {
+            Ok(Next::Ping) => {
                 let resp = Response::status(Status::Ok, req.request_id, store_epoch(&store, &req));
-                if tx.send(resp).is_err() {
+                if !tx.send(op, length, resp) {
                     break Ok(());
                 }
             }
-            Ok(Some(copy)) => {
+            Ok(Next::Admin) => {
+                // Admin ops fsync: always on the blocking pool.
+                let (tx, store) = (tx.clone(), store.clone());
+                tokio::task::spawn_blocking(move || {
+                    let resp = administer(&store, &req);
+                    drop(permit);
+                    tx.send(op, length, resp);
+                });
+            }
+            Ok(Next::Data(copy)) => {
                 // Reads and writes the page cache can take without waiting are done right here
                 // (a thread hand-off costs more than a 4 KiB copy); everything else runs on the
                 // blocking pool so a slow disk never stalls the connection.
                 let req = match try_cached(&copy, req) {
                     Ok(resp) => {
                         drop(permit);
-                        if tx.send(resp).is_err() {
+                        if !tx.send(op, length, resp) {
                             break Ok(());
                         }
                         continue;
@@ -127,7 +226,7 @@ async fn serve_conn(
                 tokio::task::spawn_blocking(move || {
                     let resp = execute(&copy, req);
                     drop(permit);
-                    let _ = tx.send(resp);
+                    tx.send(op, length, resp);
                 });
             }
         }
@@ -151,13 +250,39 @@ fn store_epoch(store: &Store, req: &Request) -> Epoch {
     store.get(req.volume).map(|c| c.epoch()).unwrap_or_default()
 }
 
-/// Checks a request before any work: `Err` is the answer, `Ok(None)` means answer Ok at once
-/// (ping), `Ok(Some(copy))` means execute on that copy.
+/// What to do with a request that passed [`check`].
+enum Next {
+    /// Answer `ok` at once.
+    Ping,
+    /// Copy administration, on the blocking pool.
+    Admin,
+    /// A data op on this copy (admitted again, decisively, when it runs).
+    Data(Arc<Copy>),
+}
+
+/// The answer refusing a data request.
+fn refusal(req: &Request, r: Refusal) -> Response {
+    let (status, epoch) = match r {
+        Refusal::Deleted => (Status::UnknownVolume, Epoch(0)),
+        Refusal::Stale(e) => (Status::StaleEpoch, e),
+        Refusal::NotPrimary(e) => (Status::NotPrimary, e),
+    };
+    Response::status(status, req.request_id, epoch)
+}
+
+/// Checks a request before any work: `Err` is the answer.
 #[allow(clippy::result_large_err)]
-fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Option<Arc<Copy>>, Response> {
+fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response> {
     let fail = |s: Status, e: Epoch| Err(Response::status(s, req.request_id, e));
     if req.op == Op::Ping {
-        return Ok(None);
+        return Ok(Next::Ping);
+    }
+    if req.op.is_admin() {
+        return if peer.role == Role::Controller {
+            Ok(Next::Admin)
+        } else {
+            fail(Status::Unauthorized, Epoch(0))
+        };
     }
     if peer.role != Role::Node {
         return fail(Status::Unauthorized, Epoch(0));
@@ -165,13 +290,8 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Option<Arc<Cop
     let Some(copy) = store.get(req.volume) else {
         return fail(Status::UnknownVolume, Epoch(0));
     };
+    copy.check_epoch(req.epoch).map_err(|r| refusal(req, r))?;
     let epoch = copy.epoch();
-    if req.epoch < epoch {
-        return fail(Status::StaleEpoch, epoch);
-    }
-    if req.epoch > epoch || copy.role() != CopyRole::Primary {
-        return fail(Status::NotPrimary, epoch);
-    }
     if req.op.has_range() {
         if !req.offset.is_multiple_of(SECTOR) || !u64::from(req.length).is_multiple_of(SECTOR) {
             return fail(Status::BadRequest, epoch);
@@ -183,7 +303,7 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Option<Arc<Cop
     if req.op == Op::Write && !req.crc_ok() {
         return fail(Status::ChecksumMismatch, epoch);
     }
-    Ok(Some(copy))
+    Ok(Next::Data(copy))
 }
 
 /// Requests up to this size may be served inline from the page cache.
@@ -193,9 +313,16 @@ const INLINE_MAX: u32 = 256 << 10;
 /// request back otherwise.
 #[allow(clippy::result_large_err)]
 fn try_cached(copy: &Copy, req: Request) -> Result<Response, Request> {
-    if req.length > INLINE_MAX || req.flags.fua() {
+    if req.length > INLINE_MAX || req.flags.fua() || !matches!(req.op, Op::Read | Op::Write) {
         return Err(req);
     }
+    // Never wait for the gate on the connection's task: a membership change holds it across
+    // an fdatasync.
+    let _admitted = match copy.try_admit(req.epoch) {
+        None => return Err(req),
+        Some(Err(r)) => return Ok(refusal(&req, r)),
+        Some(Ok(a)) => a,
+    };
     let epoch = copy.epoch();
     match req.op {
         Op::Read => {
@@ -216,14 +343,22 @@ fn try_cached(copy: &Copy, req: Request) -> Result<Response, Request> {
             // Where the filesystem cannot tell whether a write would block, a small buffered
             // write into the page cache is still done here, with the runtime told that this
             // worker may block for a moment (dirty-page throttling).
-            _ => Ok(tokio::task::block_in_place(|| execute(copy, req))),
+            _ => Ok(tokio::task::block_in_place(|| perform(copy, req))),
         },
         _ => Err(req),
     }
 }
 
-/// Runs a checked request on its copy (blocking).
+/// Admits a checked request on its copy and runs it (blocking).
 fn execute(copy: &Copy, req: Request) -> Response {
+    match copy.admit(req.epoch) {
+        Ok(_admitted) => perform(copy, req),
+        Err(r) => refusal(&req, r),
+    }
+}
+
+/// Runs an admitted request (blocking).
+fn perform(copy: &Copy, req: Request) -> Response {
     let epoch = copy.epoch();
     let result: Result<Vec<u8>, CopyError> = match req.op {
         Op::Read => {
@@ -245,6 +380,10 @@ fn execute(copy: &Copy, req: Request) -> Response {
             .zero_range(req.offset, u64::from(req.length))
             .map(|()| Vec::new()),
         Op::Ping => Ok(Vec::new()),
+        Op::CreateCopy | Op::DeleteCopy | Op::SetMembership | Op::Resize => {
+            // Routed to `administer` by `check`; never reaches here.
+            return Response::status(Status::BadRequest, req.request_id, epoch);
+        }
     };
     match result {
         Ok(payload) => Response {
@@ -258,5 +397,158 @@ fn execute(copy: &Copy, req: Request) -> Response {
             tracing::warn!(volume = %req.volume, op = ?req.op, offset = req.offset, len = req.length, error = %e, "request failed");
             Response::status(Status::IoError, req.request_id, epoch)
         }
+    }
+}
+
+/// The copy role of a wire role code (the decoder already refused unknown ones).
+fn copy_role(code: u32) -> Option<CopyRole> {
+    Some(match MemberRole::from_u32(code)? {
+        MemberRole::Primary => CopyRole::Primary,
+        MemberRole::Mirror => CopyRole::Mirror,
+    })
+}
+
+/// The status answering a failed admin op.
+fn admin_status(e: &CopyError) -> Status {
+    match e {
+        CopyError::BadSize(_) | CopyError::Shrink { .. } | CopyError::Exists(_) => {
+            Status::BadRequest
+        }
+        CopyError::StaleEpoch { .. } => Status::StaleEpoch,
+        CopyError::Deleted => Status::UnknownVolume,
+        CopyError::Io { .. }
+        | CopyError::NoValidHeader { .. }
+        | CopyError::NewerFormat { .. }
+        | CopyError::Failed => Status::IoError,
+    }
+}
+
+/// Runs a controller's copy administration request (blocking: it fsyncs) and answers with the
+/// copy's epoch after it (0 if there is no copy). Every op is idempotent, so the controller
+/// may retry any of them.
+fn administer(store: &Store, req: &Request) -> Response {
+    let v = req.volume;
+    let ok = |c: &Copy| Response::status(Status::Ok, req.request_id, c.epoch());
+    let current = || store.get(v).map(|c| c.epoch()).unwrap_or_default();
+    let failed = |e: CopyError| {
+        let status = admin_status(&e);
+        let epoch = match e {
+            CopyError::StaleEpoch { current, .. } => current,
+            _ => current(),
+        };
+        tracing::warn!(volume = %v, op = ?req.op, %status, error = %e, "admin request refused");
+        Response::status(status, req.request_id, epoch)
+    };
+    let result = match req.op {
+        Op::CreateCopy => {
+            let Some(role) = copy_role(req.length) else {
+                return Response::status(Status::BadRequest, req.request_id, current());
+            };
+            store
+                .create(v, req.offset, role, req.epoch)
+                .and_then(|c| {
+                    // An existing copy of the same size moves to the requested membership,
+                    // unless that is older than its own (a late retry): then it stays.
+                    match c.set_membership(role, req.epoch) {
+                        Ok(()) | Err(CopyError::StaleEpoch { .. }) => Ok(c),
+                        Err(e) => Err(e),
+                    }
+                })
+                .map(|c| {
+                    tracing::info!(volume = %v, size = c.size(), role = ?c.role(), epoch = %c.epoch(), "copy created");
+                    ok(&c)
+                })
+        }
+        Op::DeleteCopy => store.delete(v).map(|gone| {
+            tracing::info!(volume = %v, existed = gone.is_some(), "copy deleted");
+            match gone {
+                Some(c) => ok(&c),
+                None => Response::status(Status::Ok, req.request_id, Epoch(0)),
+            }
+        }),
+        Op::SetMembership => {
+            let Some(role) = copy_role(req.length) else {
+                return Response::status(Status::BadRequest, req.request_id, current());
+            };
+            let Some(c) = store.get(v) else {
+                return Response::status(Status::UnknownVolume, req.request_id, Epoch(0));
+            };
+            c.set_membership(role, req.epoch).map(|()| {
+                tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, "membership set");
+                ok(&c)
+            })
+        }
+        Op::Resize => {
+            let Some(c) = store.get(v) else {
+                return Response::status(Status::UnknownVolume, req.request_id, Epoch(0));
+            };
+            c.resize(req.offset).map(|()| {
+                tracing::info!(volume = %v, size = req.offset, "copy resized");
+                ok(&c)
+            })
+        }
+        Op::Read | Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes | Op::Ping => {
+            // Routed to the data path by `check`; never reaches here.
+            return Response::status(Status::BadRequest, req.request_id, current());
+        }
+    };
+    result.unwrap_or_else(failed)
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn stats_count_answers_by_op_and_status() {
+        let s = Stats::default();
+        s.record(Op::Read, 4096, Status::Ok);
+        s.record(Op::Read, 512, Status::Ok);
+        s.record(Op::Write, 8192, Status::Ok);
+        s.record(Op::Write, 8192, Status::IoError);
+        s.record(Op::Write, 512, Status::StaleEpoch);
+        s.record(Op::Read, 512, Status::OutOfRange);
+        s.record(Op::Flush, 0, Status::Ok);
+        s.record(Op::CreateCopy, 0, Status::Ok);
+        s.record(Op::Resize, 0, Status::BadRequest);
+        assert_eq!(
+            s.snapshot(),
+            StatsSnapshot {
+                reads: 2,
+                writes: 1,
+                bytes_read: 4608,
+                bytes_written: 8192,
+                errors: 1,
+                refused: 3,
+            }
+        );
+    }
+
+    #[test]
+    fn admin_errors_map_to_statuses() {
+        assert_eq!(admin_status(&CopyError::BadSize(1)), Status::BadRequest);
+        assert_eq!(
+            admin_status(&CopyError::Shrink {
+                requested: 1,
+                current: 2
+            }),
+            Status::BadRequest
+        );
+        assert_eq!(
+            admin_status(&CopyError::Exists(keel_proto::VolumeId(1))),
+            Status::BadRequest
+        );
+        assert_eq!(
+            admin_status(&CopyError::StaleEpoch {
+                requested: Epoch(1),
+                current: Epoch(2)
+            }),
+            Status::StaleEpoch
+        );
+        assert_eq!(admin_status(&CopyError::Deleted), Status::UnknownVolume);
+        assert_eq!(admin_status(&CopyError::Failed), Status::IoError);
+        assert_eq!(copy_role(0), Some(CopyRole::Primary));
+        assert_eq!(copy_role(1), Some(CopyRole::Mirror));
+        assert_eq!(copy_role(2), None);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use keel_proto::{Epoch, VolumeId};
 
@@ -11,7 +11,11 @@ use crate::copy::{Copy, CopyError, CopyRole};
 /// All copies of one server, by volume.
 pub struct Store {
     dir: PathBuf,
+    /// Taken briefly: lookups on every request, insertions and removals. Never held across
+    /// disk I/O.
     copies: RwLock<HashMap<VolumeId, Arc<Copy>>>,
+    /// Serialises creations and deletions (which fsync) without blocking lookups.
+    admin: Mutex<()>,
 }
 
 impl Store {
@@ -50,6 +54,7 @@ impl Store {
         Ok(Store {
             dir,
             copies: RwLock::new(copies),
+            admin: Mutex::new(()),
         })
     }
 
@@ -74,8 +79,22 @@ impl Store {
             .collect()
     }
 
-    /// Creates a copy; if one exists with the same size it is kept (idempotent), otherwise
-    /// [`CopyError::Exists`].
+    /// Sum of the sizes of every copy, in bytes (what the copies may take on disk once fully
+    /// written).
+    pub fn used_bytes(&self) -> u64 {
+        self.copies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .fold(0u64, |sum, c| sum.saturating_add(c.size()))
+    }
+
+    fn lock_admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a copy; if one exists with the same size it is kept as it is (idempotent; its
+    /// role and epoch are not changed), otherwise [`CopyError::Exists`].
     pub fn create(
         &self,
         v: VolumeId,
@@ -83,16 +102,98 @@ impl Store {
         role: CopyRole,
         epoch: Epoch,
     ) -> Result<Arc<Copy>, CopyError> {
-        let mut map = self.copies.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(&v) {
+        let _admin = self.lock_admin();
+        if let Some(c) = self.get(v) {
             return if c.size() == size {
-                Ok(c.clone())
+                Ok(c)
             } else {
                 Err(CopyError::Exists(v))
             };
         }
         let c = Arc::new(Copy::create(&self.path_of(v), v, size, role, epoch)?);
-        map.insert(v, c.clone());
+        self.copies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(v, c.clone());
         Ok(c)
+    }
+
+    /// Deletes a copy and its file, returning it (`None` if there was none: deleting is
+    /// idempotent). Data requests admitted before finish first; later ones are refused (the
+    /// copy is marked deleted), also through references taken before the deletion.
+    pub fn delete(&self, v: VolumeId) -> Result<Option<Arc<Copy>>, CopyError> {
+        let _admin = self.lock_admin();
+        let Some(c) = self.get(v) else {
+            return Ok(None);
+        };
+        // The file first: if that fails nothing changed. Requests running meanwhile write to
+        // the unlinked file and complete before the deletion is answered.
+        match std::fs::remove_file(c.path()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CopyError::Io {
+                    path: c.path().to_owned(),
+                    source,
+                })
+            }
+        }
+        c.retire();
+        self.copies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&v);
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| CopyError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
+        Ok(Some(c))
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn create_delete_and_used_bytes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Store::open(d.path()).expect("open");
+        assert_eq!(s.used_bytes(), 0);
+        let a = s
+            .create(VolumeId(1), 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("create");
+        s.create(VolumeId(2), 4 << 20, CopyRole::Mirror, Epoch(2))
+            .expect("create");
+        assert_eq!(s.used_bytes(), 12 << 20);
+        // Idempotent with the same size, refused with another.
+        let again = s
+            .create(VolumeId(1), 8 << 20, CopyRole::Mirror, Epoch(9))
+            .expect("again");
+        assert!(Arc::ptr_eq(&a, &again));
+        assert_eq!(again.epoch(), Epoch(1));
+        assert!(matches!(
+            s.create(VolumeId(1), 16 << 20, CopyRole::Primary, Epoch(1)),
+            Err(CopyError::Exists(_))
+        ));
+        let path = a.path().to_owned();
+        assert!(path.exists());
+        let gone = s.delete(VolumeId(1)).expect("delete").expect("existed");
+        assert!(gone.is_deleted() && a.is_deleted());
+        assert!(!path.exists());
+        assert!(s.get(VolumeId(1)).is_none());
+        assert!(s.delete(VolumeId(1)).expect("again").is_none());
+        assert_eq!(s.used_bytes(), 4 << 20);
+        // A deleted volume can be created again, afresh; the store reopens what is left.
+        let b = s
+            .create(VolumeId(1), 16 << 20, CopyRole::Primary, Epoch(5))
+            .expect("recreate");
+        assert!(!b.is_deleted());
+        drop((a, b, gone, s));
+        let s = Store::open(d.path()).expect("reopen");
+        assert_eq!(s.list().len(), 2);
+        assert_eq!(s.get(VolumeId(1)).expect("v1").epoch(), Epoch(5));
     }
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use keel_proto::{pki, Role};
@@ -271,6 +271,13 @@ impl Vhost {
         }
     }
 
+    /// SIGHUP: keel-vhost re-reads its `--control-file`.
+    pub fn sighup(&self) {
+        if let Some(c) = &self.child {
+            signal(c, libc::SIGHUP);
+        }
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
         let pki = Pki {
@@ -286,4 +293,81 @@ impl Drop for Vhost {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A keel-vhost `--status-file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VhostStatus {
+    pub connected: bool,
+    pub pid: u32,
+    pub size: u64,
+    pub epoch: u64,
+}
+
+impl VhostStatus {
+    /// Reads and parses a status file: `{"connected", "pid", "size", "epoch"}`.
+    pub fn read(path: &Path) -> Result<VhostStatus> {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let field = |name: &str| {
+            v.get(name)
+                .with_context(|| format!("{} has no {name:?}: {v}", path.display()))
+        };
+        let num = |name: &str| -> Result<u64> {
+            field(name)?
+                .as_u64()
+                .with_context(|| format!("{name:?} is not a u64: {v}"))
+        };
+        Ok(VhostStatus {
+            connected: field("connected")?
+                .as_bool()
+                .with_context(|| format!("\"connected\" is not a bool: {v}"))?,
+            pid: u32::try_from(num("pid")?)?,
+            size: num("size")?,
+            epoch: num("epoch")?,
+        })
+    }
+
+    /// Polls the status file until `want` holds for it; errors with the last one seen after
+    /// `timeout`.
+    pub fn wait_for(
+        path: &Path,
+        timeout: Duration,
+        want: impl Fn(&VhostStatus) -> bool,
+    ) -> Result<VhostStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = VhostStatus::read(path);
+            if let Ok(s) = &got {
+                if want(s) {
+                    return Ok(*s);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: status not reached within {timeout:?}; last: {got:?}",
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes a keel-vhost `--control-file` (`{"size": <bytes>, "epoch": <u64>}`) atomically.
+pub fn write_vhost_control(path: &Path, size: u64, epoch: u64) -> Result<()> {
+    write_atomically(
+        path,
+        format!("{{\"size\": {size}, \"epoch\": {epoch}}}\n").as_bytes(),
+    )
+}
+
+/// Writes `data` to a temporary file next to `path` and renames it over `path`.
+pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

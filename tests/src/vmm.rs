@@ -10,7 +10,10 @@
 //!
 //! Same order as QEMU: `GET_FEATURES`, `GET_PROTOCOL_FEATURES` /
 //! `SET_PROTOCOL_FEATURES` (`MQ | CONFIG`, plus `REPLY_ACK` when offered and
-//! [`VmmOptions::reply_ack`] is set), `GET_QUEUE_NUM`, `SET_OWNER`,
+//! [`VmmOptions::reply_ack`] is set, plus `BACKEND_REQ` when offered and
+//! [`VmmOptions::backend_req`] is set), `GET_QUEUE_NUM`, `SET_BACKEND_REQ_FD`
+//! (one end of a socketpair, with `BACKEND_REQ`; the back-end's messages on
+//! it are read by [`TestVmm::recv_backend_message`]), `SET_OWNER`,
 //! `GET_CONFIG`, `SET_FEATURES`, `SET_MEM_TABLE`, then for every queue
 //! `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE` (0), `SET_VRING_CALL`,
 //! `SET_VRING_KICK` and finally `SET_VRING_ENABLE` (when
@@ -76,7 +79,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -199,6 +204,9 @@ pub struct VmmOptions {
     pub io_timeout: Duration,
     /// Socket send/receive timeout for vhost-user messages.
     pub msg_timeout: Duration,
+    /// Negotiate `BACKEND_REQ` if offered and give the back-end a channel
+    /// for its requests (as QEMU does); see [`TestVmm::recv_backend_message`].
+    pub backend_req: bool,
 }
 
 impl Default for VmmOptions {
@@ -214,6 +222,7 @@ impl Default for VmmOptions {
             always_kick: false,
             io_timeout: Duration::from_secs(10),
             msg_timeout: Duration::from_secs(10),
+            backend_req: false,
         }
     }
 }
@@ -768,10 +777,25 @@ struct Seg {
     write: bool,
 }
 
+/// One message the back-end sent on the backend request channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendMessage {
+    /// Request code (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` is 2).
+    pub request: u32,
+    /// Header flags (bit 0..1: version 1; bit 3: `NEED_REPLY`).
+    pub flags: u32,
+    pub payload: Vec<u8>,
+}
+
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+
 /// A vhost-user front-end plus virtio-blk driver for tests; see the module docs.
 pub struct TestVmm {
     // Dropped first: closing the socket ends the session before RAM goes away.
     frontend: Frontend,
+    /// Our end of the backend request channel (`SET_BACKEND_REQ_FD`).
+    backend_channel: Option<UnixStream>,
     mem: GuestMem,
     alloc: Alloc,
     queues: Vec<Vq>,
@@ -911,6 +935,9 @@ impl TestVmm {
             if opts.reply_ack {
                 pwant |= VhostUserProtocolFeatures::REPLY_ACK;
             }
+            if opts.backend_req {
+                pwant |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
             device_protocol_features = offered.bits();
             let acked = offered & pwant;
             fe.set_protocol_features(acked)
@@ -933,6 +960,16 @@ impl TestVmm {
                 VhostUserHeaderFlag::empty()
             })
         };
+
+        let mut backend_channel = None;
+        if protocol_features & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0 {
+            let (ours, theirs) = UnixStream::pair().context("backend channel socketpair")?;
+            need_reply(&fe, true);
+            fe.set_backend_request_fd(&theirs)
+                .map_err(|e| step("SET_BACKEND_REQ_FD", e))?;
+            need_reply(&fe, false);
+            backend_channel = Some(ours);
+        }
 
         need_reply(&fe, true);
         fe.set_owner().map_err(|e| step("SET_OWNER", e))?;
@@ -1037,6 +1074,7 @@ impl TestVmm {
 
         Ok(TestVmm {
             frontend: fe,
+            backend_channel,
             mem,
             alloc,
             queues,
@@ -1052,9 +1090,50 @@ impl TestVmm {
         })
     }
 
-    /// Device configuration read at connect time.
+    /// Device configuration read at connect time (or by the last
+    /// [`TestVmm::reread_config`]).
     pub fn config(&self) -> BlkConfig {
         self.config.clone()
+    }
+
+    /// Reads the device configuration again with `GET_CONFIG` (as QEMU does
+    /// on a config-change message) and returns it.
+    pub fn reread_config(&mut self) -> Result<BlkConfig> {
+        let buf = vec![0u8; 60];
+        let (_, payload) = self
+            .frontend
+            .get_config(0, 60, VhostUserConfigFlags::empty(), &buf)
+            .map_err(|e| anyhow!("vhost-user GET_CONFIG: {e}"))?;
+        self.config = BlkConfig::parse(&payload);
+        Ok(self.config.clone())
+    }
+
+    /// Waits up to `timeout` for a message from the back-end on the backend
+    /// request channel; `None` if none came. Errors if no channel was set up
+    /// or the back-end closed it. Messages asking for a reply get none.
+    pub fn recv_backend_message(&mut self, timeout: Duration) -> Result<Option<BackendMessage>> {
+        let ch = self
+            .backend_channel
+            .as_mut()
+            .context("no backend request channel (BACKEND_REQ not negotiated)")?;
+        if !poll_fds(&[ch.as_raw_fd()], timeout)?[0] {
+            return Ok(None);
+        }
+        ch.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut hdr = [0u8; 12];
+        ch.read_exact(&mut hdr)
+            .context("reading a backend message header")?;
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let size = word(8);
+        ensure!(size <= 4096, "backend message claims a {size}-byte payload");
+        let mut payload = vec![0u8; size as usize];
+        ch.read_exact(&mut payload)
+            .context("reading a backend message payload")?;
+        Ok(Some(BackendMessage {
+            request: word(0),
+            flags: word(4),
+            payload,
+        }))
     }
 
     /// Negotiated (acknowledged) virtio feature bits.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
+use keel_tests::cluster::{write_vhost_control, Pki, Storage, Vhost, VhostOptions, VhostStatus};
 use keel_tests::guest::{self, Disk, GuestConfig, GuestOutput};
 
 const VOLUME: &str = "e2e1";
@@ -175,5 +175,97 @@ fn fio_verify_only_fails_on_a_fresh_volume() -> Result<()> {
         "verifying a fresh volume must fail"
     );
     assert_ne!(out.exit_status, Some(0));
+    Ok(())
+}
+
+/// Online resize seen by a real guest: the copy is 128 MiB, keel-vhost starts offering 64 MiB;
+/// the node manager's control file + SIGHUP grow it to 128 MiB, QEMU gets the config-change
+/// message and interrupts the guest, whose kernel picks up the new capacity; data written
+/// beyond the old end reads back. The status file follows the session.
+#[test]
+fn guest_sees_online_resize() -> Result<()> {
+    guest::require_tools()?;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(&dir.path().join("pki"))?;
+    let storage = Storage::start(
+        &pki,
+        "s1",
+        &dir.path().join("data"),
+        &[&format!("{VOLUME}:128MiB")],
+    )?;
+    let control = dir.path().join("control.json");
+    let status = dir.path().join("status.json");
+    let vhost = Vhost::start(
+        &pki,
+        VhostOptions {
+            socket: dir.path().join("vda.sock"),
+            server: storage.addr,
+            volume: VOLUME.into(),
+            size: "64MiB".into(),
+            epoch: 1,
+            node_id: "n1".into(),
+            num_queues: 1,
+            read_only: false,
+            extra: vec![
+                "--control-file".into(),
+                control.display().to_string(),
+                "--status-file".into(),
+                status.display().to_string(),
+            ],
+        },
+    )?;
+    assert!(!VhostStatus::read(&status)?.connected);
+    let script = "\
+        echo SIZE0=$(cat /sys/block/vda/size)\n\
+        echo WAIT-RESIZE\n\
+        i=0\n\
+        while [ \"$(cat /sys/block/vda/size)\" != 262144 ]; do\n\
+          i=$((i+1)); if [ $i -gt 1200 ]; then echo RESIZE-TIMEOUT; exit 1; fi; sleep 0.1\n\
+        done\n\
+        echo SIZE1=$(cat /sys/block/vda/size)\n\
+        dmesg | grep -i 'capacity change' | sed 's/^/DMESG: /'\n\
+        dmesg | grep -qi 'detected capacity change' || { echo NO-CAPACITY-MESSAGE; exit 1; }\n\
+        dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null\n\
+        dd if=/tmp/pat of=/dev/vda bs=1M seek=100 count=4 conv=fsync 2>/dev/null || { echo WRITE-FAILED; exit 1; }\n\
+        blockdev --flushbufs /dev/vda\n\
+        echo 3 > /proc/sys/vm/drop_caches\n\
+        a=$(md5sum < /tmp/pat | cut -d' ' -f1)\n\
+        b=$(dd if=/dev/vda bs=1M skip=100 count=4 2>/dev/null | md5sum | cut -d' ' -f1)\n\
+        echo MD5 $a $b\n\
+        [ -n \"$a\" ] && [ \"$a\" = \"$b\" ] || { echo MISMATCH; exit 1; }\n\
+        echo RESIZE-OK\n";
+    let g = guest::spawn(&guest_config(&vhost.opts.socket, 1, script.into()))?;
+    let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;
+    ensure!(size0.contains("SIZE0=131072"), "before the resize: {size0}");
+    let st = VhostStatus::wait_for(&status, Duration::from_secs(30), |s| s.connected)?;
+    ensure!(st.size == 64 << 20 && st.epoch == 1, "{st:?}");
+    g.wait_for_line("WAIT-RESIZE", Duration::from_secs(60))?;
+
+    write_vhost_control(&control, 128 << 20, 1)?;
+    vhost.sighup();
+
+    let out = g.wait()?;
+    let relevant: Vec<&str> = out
+        .console
+        .lines()
+        .filter(|l| {
+            ["SIZE", "DMESG", "MD5", "RESIZE", "MISMATCH", "FAILED", "capacity", "KEEL-GUEST-EXIT"]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .collect();
+    ensure!(
+        out.exit_status == Some(0) && out.console.contains("RESIZE-OK"),
+        "guest script failed (exit {:?}):\n{}",
+        out.exit_status,
+        relevant.join("\n")
+    );
+    ensure!(
+        out.console.contains("SIZE1=262144"),
+        "{}",
+        relevant.join("\n")
+    );
+    let st = VhostStatus::wait_for(&status, Duration::from_secs(30), |s| !s.connected)?;
+    ensure!(st.size == 128 << 20, "{st:?}");
     Ok(())
 }

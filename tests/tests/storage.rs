@@ -1,14 +1,18 @@
 //! keel-storage over real mutual TLS on loopback: every op, every refusal, pipelining,
-//! malformed input, restart and kill -9, and a full disk.
+//! malformed input, restart and kill -9, a full disk, and the controller's copy administration
+//! (create, delete, membership and fencing, resize).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use keel_proto::admin::{admin_call, AdminError, AdminRequest};
 use keel_proto::frame::{checksum, MAX_FRAME_LEN};
 use keel_proto::io::{connect, read_frame, ClientStream};
 use keel_proto::tls::{client_config, TlsPaths};
-use keel_proto::{Epoch, Frame, Op, ReqFlags, Request, Response, Role, Status, VolumeId};
+use keel_proto::{
+    Epoch, Frame, MemberRole, Op, ReqFlags, Request, Response, Role, Status, VolumeId,
+};
 use keel_tests::cluster::{Pki, Storage};
 use tokio::io::AsyncWriteExt;
 
@@ -26,6 +30,7 @@ struct Client {
     buf: Vec<u8>,
     next: u64,
     epoch: Epoch,
+    vol: VolumeId,
 }
 
 impl Client {
@@ -39,11 +44,12 @@ impl Client {
             buf: Vec::new(),
             next: 1,
             epoch: Epoch(1),
+            vol: VOL,
         })
     }
 
     fn req(&mut self, op: Op, offset: u64, length: u32, payload: Vec<u8>) -> Request {
-        let mut r = Request::new(op, self.next, VOL, self.epoch);
+        let mut r = Request::new(op, self.next, self.vol, self.epoch);
         self.next += 1;
         r.offset = offset;
         r.length = length;
@@ -402,6 +408,421 @@ fn concurrent_connections_share_a_volume() -> Result<()> {
         for t in tasks {
             t.await??;
         }
+        anyhow::Ok(())
+    })
+}
+
+/// One admin request with the certificate `<role>-<id>` (issued if needed).
+async fn admin_as(
+    pki: &Pki,
+    role: Role,
+    id: &str,
+    storage: &Storage,
+    req: AdminRequest,
+) -> Result<Result<Response, AdminError>> {
+    pki.issue(role, id)?;
+    let cfg = client_config(&TlsPaths::in_dir(&pki.dir, &format!("{role}-{id}")))?;
+    Ok(admin_call(storage.addr, cfg, req).await)
+}
+
+/// One admin request as the controller `c1`: the status and the epoch it carries.
+async fn admin(pki: &Pki, storage: &Storage, req: AdminRequest) -> Result<(Status, Epoch)> {
+    match admin_as(pki, Role::Controller, "c1", storage, req).await? {
+        Ok(r) => {
+            assert_eq!(r.status, Status::Ok);
+            Ok((Status::Ok, r.epoch))
+        }
+        Err(AdminError::Status { status, epoch, .. }) => Ok((status, epoch)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn create(volume: VolumeId, size: u64, role: MemberRole, epoch: u64) -> AdminRequest {
+    AdminRequest::CreateCopy {
+        volume,
+        size,
+        role,
+        epoch: Epoch(epoch),
+    }
+}
+
+fn set_membership(volume: VolumeId, role: MemberRole, epoch: u64) -> AdminRequest {
+    AdminRequest::SetMembership {
+        volume,
+        role,
+        epoch: Epoch(epoch),
+    }
+}
+
+fn copy_file(storage: &Storage, v: VolumeId) -> std::path::PathBuf {
+    storage.data_dir.join("copies").join(format!("{v}.keel"))
+}
+
+#[test]
+fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(&dir.path().join("pki"))?;
+    let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &[])?;
+    let v = VolumeId(0x52);
+    rt().block_on(async {
+        let req = create(v, 16 << 20, MemberRole::Primary, 3);
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(3)));
+        assert!(copy_file(&storage, v).exists());
+        // A node at the copy's epoch reads and writes it.
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        c.vol = v;
+        c.epoch = Epoch(3);
+        let data = pattern(7, 1 << 20);
+        assert_eq!(c.write(15 << 20, data.clone()).await?, Status::Ok);
+        let (st, back) = c.read(15 << 20, 1 << 20).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(checksum(&back), checksum(&data));
+        assert_eq!(c.read(16 << 20, 512).await?.0, Status::OutOfRange);
+        // The same create again (a controller retry) is ok and changes nothing.
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(3)));
+        let (_, back) = c.read(15 << 20, 1 << 20).await?;
+        assert_eq!(
+            checksum(&back),
+            checksum(&data),
+            "a retried create keeps the data"
+        );
+        // An older epoch is a late retry: ok, the copy stays at its epoch.
+        let older = create(v, 16 << 20, MemberRole::Primary, 2);
+        assert_eq!(admin(&pki, &storage, older).await?, (Status::Ok, Epoch(3)));
+        // Another size conflicts with the existing copy.
+        let other = create(v, 32 << 20, MemberRole::Primary, 3);
+        assert_eq!(
+            admin(&pki, &storage, other).await?,
+            (Status::BadRequest, Epoch(3))
+        );
+        // A newer epoch raises the existing copy's membership, like SetMembership.
+        let newer = create(v, 16 << 20, MemberRole::Primary, 4);
+        assert_eq!(admin(&pki, &storage, newer).await?, (Status::Ok, Epoch(4)));
+        assert_eq!(c.write(0, vec![1; 512]).await?, Status::StaleEpoch);
+        c.epoch = Epoch(4);
+        let (st, back) = c.read(15 << 20, 1 << 20).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(checksum(&back), checksum(&data));
+        // A mirror copy does not serve nodes.
+        let w = VolumeId(0x53);
+        let mirror = create(w, 1 << 20, MemberRole::Mirror, 1);
+        assert_eq!(admin(&pki, &storage, mirror).await?, (Status::Ok, Epoch(1)));
+        c.vol = w;
+        c.epoch = Epoch(1);
+        assert_eq!(c.read(0, 512).await?.0, Status::NotPrimary);
+        // Malformed requests are refused before anything is sent.
+        let bad = create(VolumeId(0x54), 1000, MemberRole::Primary, 1);
+        assert!(matches!(
+            admin_as(&pki, Role::Controller, "c1", &storage, bad).await?,
+            Err(AdminError::Invalid(_))
+        ));
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn admin_ops_need_a_controller_and_data_ops_a_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    rt().block_on(async {
+        let ops = [
+            create(VolumeId(0x60), 1 << 20, MemberRole::Primary, 1),
+            AdminRequest::DeleteCopy { volume: VOL },
+            set_membership(VOL, MemberRole::Mirror, 9),
+            AdminRequest::Resize {
+                volume: VOL,
+                size: 128 << 20,
+            },
+        ];
+        for role in [Role::Node, Role::Storage, Role::Admin] {
+            for req in ops {
+                let r = admin_as(&pki, role, "x1", &storage, req).await?;
+                assert!(
+                    matches!(
+                        r,
+                        Err(AdminError::Status {
+                            status: Status::Unauthorized,
+                            ..
+                        })
+                    ),
+                    "{role} {req:?}: {r:?}"
+                );
+            }
+        }
+        // Nothing happened: the copy is there, same size and epoch, the other was not made.
+        assert!(copy_file(&storage, VOL).exists());
+        assert!(!copy_file(&storage, VolumeId(0x60)).exists());
+        let mut n = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(n.read((64 << 20) - 512, 512).await?.0, Status::Ok);
+        assert_eq!(n.read(64 << 20, 512).await?.0, Status::OutOfRange);
+        assert_eq!(n.write(0, pattern(1, 4096)).await?, Status::Ok);
+        // The controller may not do I/O; ping is for anyone.
+        let mut c = Client::new(&pki, Role::Controller, "c1", &storage).await?;
+        assert_eq!(c.read(0, 512).await?.0, Status::Unauthorized);
+        assert_eq!(c.write(0, vec![9; 512]).await?, Status::Unauthorized);
+        assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Unauthorized);
+        assert_eq!(c.simple(Op::Ping, 0, 0).await?, Status::Ok);
+        let (_, d) = n.read(0, 4096).await?;
+        assert_eq!(d, pattern(1, 4096), "the controller's write must not land");
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn set_membership_fences_older_epochs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    rt().block_on(async {
+        let mut old = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        let a = pattern(10, 65536);
+        assert_eq!(old.write(0, a.clone()).await?, Status::Ok);
+        // The fence: epoch 2.
+        let req = set_membership(VOL, MemberRole::Primary, 2);
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        // The old attachment (same connection, epoch 1) is refused and its write does not land.
+        let r = old.req(Op::Write, 0, 65536, pattern(11, 65536));
+        let resp = old.call(r).await?;
+        assert_eq!((resp.status, resp.epoch), (Status::StaleEpoch, Epoch(2)));
+        assert_eq!(old.read(0, 512).await?.0, Status::StaleEpoch);
+        assert_eq!(old.simple(Op::Flush, 0, 0).await?, Status::StaleEpoch);
+        let mut new = Client::new(&pki, Role::Node, "n2", &storage).await?;
+        new.epoch = Epoch(2);
+        let (st, back) = new.read(0, 65536).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(
+            checksum(&back),
+            checksum(&a),
+            "the fenced write must not land"
+        );
+        // Lower is refused with the current epoch; equal is ok (idempotent).
+        let lower = set_membership(VOL, MemberRole::Primary, 1);
+        assert_eq!(
+            admin(&pki, &storage, lower).await?,
+            (Status::StaleEpoch, Epoch(2))
+        );
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        assert_eq!(new.write(65536, pattern(12, 4096)).await?, Status::Ok);
+        // Demoted to mirror at epoch 3: a node at epoch 3 is told this is not a primary.
+        let demote = set_membership(VOL, MemberRole::Mirror, 3);
+        assert_eq!(admin(&pki, &storage, demote).await?, (Status::Ok, Epoch(3)));
+        new.epoch = Epoch(3);
+        assert_eq!(new.read(0, 512).await?.0, Status::NotPrimary);
+        // An absent copy.
+        let absent = set_membership(VolumeId(0x999), MemberRole::Primary, 5);
+        assert_eq!(
+            admin(&pki, &storage, absent).await?,
+            (Status::UnknownVolume, Epoch(0))
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// A node keeps pipelined writes in flight while the controller moves the copy to a new epoch:
+/// every write sent after the controller got its answer is refused, and every refused write
+/// left no data behind, while every acknowledged one is intact.
+#[test]
+fn fencing_under_load_lets_no_refused_write_land() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const BLOCK: u64 = 4096;
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    let storage = Arc::new(storage);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let fenced = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        let node = {
+            let (fenced, acks) = (fenced.clone(), acks.clone());
+            tokio::spawn(async move {
+                let blocks = (64u64 << 20) / BLOCK;
+                // Each block is written once: block -> status of its write.
+                let mut outcome = std::collections::HashMap::new();
+                let mut stale_after_fence = 0;
+                let mut i = 0u64;
+                while stale_after_fence < 16 && i + 8 <= blocks {
+                    let mut batch = Vec::new();
+                    // request id -> (block, sent after the controller had its answer)
+                    let mut sent = std::collections::HashMap::new();
+                    for _ in 0..8 {
+                        let r = c.req(
+                            Op::Write,
+                            i * BLOCK,
+                            BLOCK as u32,
+                            pattern(1000 + i, BLOCK as usize),
+                        );
+                        sent.insert(r.request_id, (i, fenced.load(Ordering::SeqCst)));
+                        Frame::Request(r).encode(&mut batch);
+                        i += 1;
+                    }
+                    c.s.write_all(&batch).await?;
+                    c.s.flush().await?;
+                    for _ in 0..8 {
+                        let resp = c.recv().await?;
+                        let (block, after) = sent[&resp.request_id];
+                        if after {
+                            assert_eq!(
+                                resp.status,
+                                Status::StaleEpoch,
+                                "block {block} sent after the fence"
+                            );
+                            stale_after_fence += 1;
+                        }
+                        if resp.status == Status::Ok {
+                            acks.fetch_add(1, Ordering::SeqCst);
+                        }
+                        outcome.insert(block, resp.status);
+                    }
+                    // Paced, so that the blocks last until well after the fence.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                anyhow::ensure!(stale_after_fence >= 16, "the fence never came ({i} blocks)");
+                anyhow::Ok(outcome)
+            })
+        };
+        while acks.load(Ordering::SeqCst) < 64 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let req = set_membership(VOL, MemberRole::Primary, 2);
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        fenced.store(true, Ordering::SeqCst);
+        let outcome = node.await??;
+        let acked = outcome.values().filter(|s| **s == Status::Ok).count();
+        let stale = outcome
+            .values()
+            .filter(|s| **s == Status::StaleEpoch)
+            .count();
+        assert_eq!(acked + stale, outcome.len(), "only ok or stale epoch");
+        assert!(acked >= 64 && stale >= 16, "acked {acked}, stale {stale}");
+        let mut r = Client::new(&pki, Role::Node, "n2", &storage).await?;
+        r.epoch = Epoch(2);
+        for (block, status) in outcome {
+            let (st, d) = r.read(block * BLOCK, BLOCK as u32).await?;
+            assert_eq!(st, Status::Ok);
+            if status == Status::Ok {
+                assert_eq!(
+                    d,
+                    pattern(1000 + block, BLOCK as usize),
+                    "acknowledged block {block}"
+                );
+            } else {
+                assert!(d.iter().all(|&b| b == 0), "refused block {block} landed");
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn resize_grows_durably_and_never_shrinks() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, mut storage) = setup(dir.path())?;
+    let rt = rt();
+    let grow = AdminRequest::Resize {
+        volume: VOL,
+        size: 128 << 20,
+    };
+    let tail = pattern(20, 1 << 20);
+    rt.block_on(async {
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(c.read(64 << 20, 512).await?.0, Status::OutOfRange);
+        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(1)));
+        // Past the old end, on the same connection.
+        assert_eq!(c.write(100 << 20, tail.clone()).await?, Status::Ok);
+        let (st, back) = c.read(100 << 20, 1 << 20).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(checksum(&back), checksum(&tail));
+        let (st, zeros) = c.read((128 << 20) - 4096, 4096).await?;
+        assert_eq!(st, Status::Ok);
+        assert!(zeros.iter().all(|&b| b == 0));
+        assert_eq!(c.read(128 << 20, 512).await?.0, Status::OutOfRange);
+        // Same size again is ok; smaller is refused; the volume is unchanged.
+        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(1)));
+        let shrink = AdminRequest::Resize {
+            volume: VOL,
+            size: 32 << 20,
+        };
+        assert_eq!(
+            admin(&pki, &storage, shrink).await?,
+            (Status::BadRequest, Epoch(1))
+        );
+        assert_eq!(c.read((128 << 20) - 512, 512).await?.0, Status::Ok);
+        let absent = AdminRequest::Resize {
+            volume: VolumeId(0x999),
+            size: 1 << 20,
+        };
+        assert_eq!(
+            admin(&pki, &storage, absent).await?,
+            (Status::UnknownVolume, Epoch(0))
+        );
+        // A new epoch too, then kill -9: size and epoch were durable when answered.
+        let req = set_membership(VOL, MemberRole::Primary, 4);
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(4)));
+        c.epoch = Epoch(4);
+        assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Ok);
+        anyhow::Ok(())
+    })?;
+    storage.kill9();
+    assert_eq!(
+        std::fs::metadata(copy_file(&storage, VOL))?.len(),
+        (1 << 20) + (128 << 20)
+    );
+    storage.restart()?;
+    rt.block_on(async {
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(c.read(0, 512).await?.0, Status::StaleEpoch);
+        c.epoch = Epoch(4);
+        let (st, back) = c.read(100 << 20, 1 << 20).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(checksum(&back), checksum(&tail));
+        assert_eq!(c.read((128 << 20) - 512, 512).await?.0, Status::Ok);
+        assert_eq!(c.read(128 << 20, 512).await?.0, Status::OutOfRange);
+        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(4)));
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn delete_copy_refuses_later_io_and_is_idempotent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, mut storage) = setup(dir.path())?;
+    let rt = rt();
+    let delete = AdminRequest::DeleteCopy { volume: VOL };
+    rt.block_on(async {
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(c.write(0, pattern(30, 65536)).await?, Status::Ok);
+        assert!(copy_file(&storage, VOL).exists());
+        assert_eq!(admin(&pki, &storage, delete).await?, (Status::Ok, Epoch(1)));
+        assert!(!copy_file(&storage, VOL).exists(), "the file is gone");
+        // The open connection's next requests find no volume.
+        assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
+        assert_eq!(c.write(0, vec![1; 512]).await?, Status::UnknownVolume);
+        assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::UnknownVolume);
+        // Retried: still ok. Other ops on it: unknown volume.
+        assert_eq!(admin(&pki, &storage, delete).await?, (Status::Ok, Epoch(0)));
+        let req = set_membership(VOL, MemberRole::Primary, 2);
+        assert_eq!(
+            admin(&pki, &storage, req).await?,
+            (Status::UnknownVolume, Epoch(0))
+        );
+        anyhow::Ok(())
+    })?;
+    // Gone for good after a restart (the --create of `setup` is not repeated by restart).
+    storage.kill9();
+    storage.restart()?;
+    rt.block_on(async {
+        let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
+        // Created again, it is a fresh, zeroed copy.
+        let req = create(VOL, 8 << 20, MemberRole::Primary, 5);
+        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(5)));
+        c.epoch = Epoch(5);
+        let (st, d) = c.read(0, 65536).await?;
+        assert_eq!(st, Status::Ok);
+        assert!(d.iter().all(|&b| b == 0), "a recreated copy starts empty");
         anyhow::Ok(())
     })
 }

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
-use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
+use anyhow::{Context, Result};
+use keel_tests::cluster::{write_vhost_control, Pki, Storage, Vhost, VhostOptions, VhostStatus};
 use keel_tests::vmm::*;
 
 const SIZE_BYTES: u64 = 64 << 20;
@@ -525,5 +525,234 @@ fn storage_sigstop_under_load_only_stalls() -> Result<()> {
         r.percentile_us(100.0) > 2_000_000,
         "the freeze should have stalled some request"
     );
+    Ok(())
+}
+
+/// A keel-vhost steered by a control file, with a status file; the copy is created with
+/// `create` (`VOLUME:SIZE[:EPOCH]`) and keel-vhost started with `size`, `epoch`, `read_only`.
+struct Controlled {
+    dir: tempfile::TempDir,
+    _pki: Pki,
+    _storage: Storage,
+    vhost: Vhost,
+}
+
+impl Controlled {
+    fn start(create: &str, size: &str, epoch: u64, read_only: bool) -> Result<Controlled> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &[create])?;
+        let control = dir.path().join("control.json");
+        let status = dir.path().join("status.json");
+        let vhost = Vhost::start(
+            &pki,
+            VhostOptions {
+                socket: dir.path().join("blk.sock"),
+                server: storage.addr,
+                volume: "abc123".into(),
+                size: size.into(),
+                epoch,
+                node_id: "n1".into(),
+                num_queues: 1,
+                read_only,
+                extra: vec![
+                    "--request-timeout-ms".into(),
+                    "2000".into(),
+                    "--control-file".into(),
+                    control.display().to_string(),
+                    "--status-file".into(),
+                    status.display().to_string(),
+                ],
+            },
+        )?;
+        Ok(Controlled {
+            dir,
+            _pki: pki,
+            _storage: storage,
+            vhost,
+        })
+    }
+
+    fn control(&self) -> std::path::PathBuf {
+        self.dir.path().join("control.json")
+    }
+
+    fn status(&self) -> std::path::PathBuf {
+        self.dir.path().join("status.json")
+    }
+
+    /// Writes the control file, sends SIGHUP and waits for the reload.
+    fn push(&self, size: u64, epoch: u64) -> Result<()> {
+        write_vhost_control(&self.control(), size, epoch)?;
+        self.reload()
+    }
+
+    /// Sends SIGHUP and waits until keel-vhost has reloaded: every reload replaces the status
+    /// file (a new inode), whatever the control file held.
+    fn reload(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let inode = || std::fs::metadata(self.status()).map(|m| m.ino()).ok();
+        let before = inode();
+        self.vhost.sighup();
+        let deadline = std::time::Instant::now() + WAIT;
+        while inode() == before {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "keel-vhost did not reload within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Online resize: a larger size in the control file + SIGHUP grows the device, the frontend
+/// gets VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on its backend channel and GET_CONFIG then shows
+/// the new capacity; I/O beyond the old end works. Shrinking and bad control files change
+/// nothing. The status file follows the session.
+#[test]
+fn online_resize_notifies_the_frontend_and_grows_the_device() -> Result<()> {
+    let c = Controlled::start("abc123:128MiB", "64MiB", 1, false)?;
+    let st = VhostStatus::read(&c.status())?;
+    assert_eq!(
+        (st.connected, st.size, st.epoch, Some(st.pid)),
+        (false, 64 << 20, 1, c.vhost.pid())
+    );
+
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            backend_req: true,
+            ..opts(1)
+        },
+    )?;
+    assert!(
+        vmm.protocol_features() & vhost::vhost_user::VhostUserProtocolFeatures::BACKEND_REQ.bits()
+            != 0,
+        "BACKEND_REQ must be negotiated"
+    );
+    VhostStatus::wait_for(&c.status(), WAIT, |s| s.connected)?;
+    assert_eq!(vmm.config().capacity, SECTORS);
+    // Beyond the old end: refused.
+    assert_eq!(vmm.read(0, SECTORS, 4096)?.0, VIRTIO_BLK_S_IOERR);
+
+    c.push(128 << 20, 1)?;
+    assert_eq!(VhostStatus::read(&c.status())?.size, 128 << 20);
+    let msg = vmm
+        .recv_backend_message(WAIT)?
+        .context("no config-change message after the resize")?;
+    assert_eq!(
+        msg,
+        BackendMessage {
+            request: BACKEND_CONFIG_CHANGE_MSG,
+            flags: 1,
+            payload: Vec::new()
+        }
+    );
+    assert_eq!(vmm.reread_config()?.capacity, 2 * SECTORS);
+    assert!(VhostStatus::read(&c.status())?.connected);
+
+    // Data beyond the old end, up to the new one.
+    let at = (100 << 20) / 512;
+    let d = pattern(31, at, 1 << 20);
+    assert_eq!(vmm.write(0, at, &d)?, VIRTIO_BLK_S_OK);
+    let (status, back) = vmm.read(0, at, 1 << 20)?;
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(crc(&back), crc(&d));
+    let last = 2 * SECTORS - 8;
+    assert_eq!(vmm.write(0, last, &[7u8; 4096])?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.read(0, 2 * SECTORS, 512)?.0, VIRTIO_BLK_S_IOERR);
+
+    // Shrinking, a malformed file, a missing file: ignored, the daemon keeps serving.
+    c.push(64 << 20, 1)?;
+    std::fs::write(c.control(), b"{\"size\": 12")?;
+    c.reload()?;
+    std::fs::remove_file(c.control())?;
+    c.reload()?;
+    assert_eq!(vmm.recv_backend_message(Duration::from_secs(1))?, None);
+    assert_eq!(vmm.reread_config()?.capacity, 2 * SECTORS);
+    let (status, back) = vmm.read(0, at, 1 << 20)?;
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(crc(&back), crc(&d));
+    assert_eq!(VhostStatus::read(&c.status())?.size, 128 << 20);
+
+    drop(vmm);
+    VhostStatus::wait_for(&c.status(), WAIT, |s| !s.connected)?;
+    // The next session starts with the new size.
+    let vmm = TestVmm::connect(&c.vhost.opts.socket, opts(1))?;
+    assert_eq!(vmm.config().capacity, 2 * SECTORS);
+    Ok(())
+}
+
+/// A writer whose epoch is behind the copy's is fenced (IOERR); after the node manager gives
+/// it the copy's epoch (control file + SIGHUP), its writes carry that epoch and succeed.
+#[test]
+fn epoch_from_the_control_file_is_carried_by_later_writes() -> Result<()> {
+    let c = Controlled::start("abc123:64MiB:2", "64MiB", 1, false)?;
+    let mut vmm = TestVmm::connect(&c.vhost.opts.socket, opts(1))?;
+    let d = pattern(41, 8, 4096);
+    assert_eq!(
+        vmm.write(0, 8, &d)?,
+        VIRTIO_BLK_S_IOERR,
+        "fenced at epoch 1"
+    );
+    assert_eq!(
+        vmm.read(0, 8, 4096)?.0,
+        VIRTIO_BLK_S_IOERR,
+        "fenced at epoch 1"
+    );
+
+    c.push(64 << 20, 2)?;
+    assert_eq!(VhostStatus::read(&c.status())?.epoch, 2);
+    assert_eq!(vmm.write(0, 8, &d)?, VIRTIO_BLK_S_OK);
+    let (status, back) = vmm.read(0, 8, 4096)?;
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(back, d);
+
+    // A lower epoch is refused: writes keep epoch 2.
+    c.push(64 << 20, 1)?;
+    assert_eq!(VhostStatus::read(&c.status())?.epoch, 2);
+    assert_eq!(vmm.write(0, 16, &d)?, VIRTIO_BLK_S_OK);
+    Ok(())
+}
+
+/// A read-only attachment behind the copy's epoch does not fail reads: they stall until the
+/// node manager pushes the new epoch, then complete.
+#[test]
+fn read_only_attachment_waits_for_the_new_epoch() -> Result<()> {
+    let c = Controlled::start("abc123:64MiB:2", "64MiB", 1, true)?;
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            ..opts(1)
+        },
+    )?;
+    let control = c.control();
+    let pid = c.vhost.pid().context("keel-vhost pid")?;
+    let started = std::time::Instant::now();
+    let pusher = std::thread::spawn(move || -> Result<()> {
+        std::thread::sleep(Duration::from_secs(3));
+        write_vhost_control(&control, 64 << 20, 2)?;
+        // SAFETY: kill(2) on keel-vhost's pid, a child of this process that is still running
+        // (the test holds it); no memory is involved.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        Ok(())
+    });
+    let (status, data) = vmm.read(0, 0, 4096)?;
+    let waited = started.elapsed();
+    pusher
+        .join()
+        .map_err(|_| anyhow::anyhow!("pusher panicked"))??;
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert!(data.iter().all(|&b| b == 0));
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "the read must have waited for the new epoch (took {waited:?})"
+    );
+    // Later reads go straight through.
+    assert_eq!(vmm.read(0, 8, 4096)?.0, VIRTIO_BLK_S_OK);
     Ok(())
 }

@@ -11,7 +11,12 @@
 //! restarts the ring at the used index it finds in guest memory; publishing in order makes
 //! "everything before the used index is complete, everything after is not" exactly true, so
 //! the restarted backend re-executes precisely the requests whose completion the guest never
-//! saw. See `docs/vhost-restart.md`.
+//! saw. See `docs/data-path.md`.
+//!
+//! **Capacity can grow at run time** ([`KeelBlk::set_capacity`]): the parser's range checks and
+//! the config space (`GET_CONFIG`) use the current value, and
+//! [`KeelBlk::notify_config_change`] tells the frontend over the backend request channel (see
+//! [`crate::config_change`]).
 //!
 //! When a ring is stopped (GET_VRING_BASE, reset, frontend gone), the backend waits a bounded
 //! time for requests in flight; any still running after that are abandoned: their late
@@ -25,6 +30,7 @@ use std::time::Duration;
 
 use keel_proto::{Op, ReqFlags, Status, VolumeId};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -35,6 +41,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::client::{Outcome, VolumeClient, WireOp, MAX_WIRE_DATA};
+use crate::config_change::{ConfigChannel, SocketSnapshot};
 use crate::virtio::request::{self, BlkRequest, Desc, Kind, MAX_DESCRIPTORS};
 use crate::virtio::spec::*;
 
@@ -44,6 +51,7 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
     pub volume: VolumeId,
+    /// The capacity at first (a multiple of 512); see [`KeelBlk::set_capacity`].
     pub capacity_bytes: u64,
     pub read_only: bool,
     pub num_queues: u16,
@@ -101,11 +109,23 @@ struct Ticket {
     generation: u64,
 }
 
+/// The backend request channel of the current frontend (`SET_BACKEND_REQ_FD`).
+struct BackendReq {
+    /// Kept so the channel stays open; never used to send (see [`crate::config_change`]).
+    _backend: Backend,
+    /// Where config-change messages go; `None` if the socket could not be found.
+    channel: Option<ConfigChannel>,
+}
+
 struct Inner {
     cfg: DiskConfig,
-    limits: Limits,
-    config_space: [u8; 60],
+    /// The limits with the capacity at creation; [`Inner::limits`] adds the current one.
+    base_limits: Limits,
+    capacity_sectors: AtomicU64,
     client: VolumeClient,
+    /// Sockets open before the frontend connected, to tell its backend request channel apart.
+    sockets_before: SocketSnapshot,
+    backend_req: Mutex<Option<BackendReq>>,
     mem: RwLock<Option<Mem>>,
     event_idx: AtomicBool,
     queues: Vec<QueueState>,
@@ -130,15 +150,16 @@ pub struct KeelBlk {
 
 impl KeelBlk {
     pub fn new(cfg: DiskConfig, client: VolumeClient) -> std::io::Result<KeelBlk> {
-        let limits = Limits::new(cfg.capacity_bytes, cfg.read_only);
-        let config_space = config_space(&limits, cfg.num_queues, 4096);
+        let base_limits = Limits::new(cfg.capacity_bytes, cfg.read_only);
         let queues = (0..cfg.num_queues).map(|_| QueueState::new()).collect();
         Ok(KeelBlk {
             inner: Arc::new(Inner {
                 cfg,
-                limits,
-                config_space,
+                capacity_sectors: AtomicU64::new(base_limits.capacity_sectors),
+                base_limits,
                 client,
+                sockets_before: SocketSnapshot::take(),
+                backend_req: Mutex::new(None),
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 queues,
@@ -168,6 +189,35 @@ impl KeelBlk {
         }
     }
 
+    /// The capacity the guest is shown, in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.inner.capacity_sectors.load(Ordering::Acquire) * SECTOR_SIZE
+    }
+
+    /// Changes the capacity (rounded down to whole sectors): requests are checked against it
+    /// and `GET_CONFIG` reports it from now on. The guest learns of it through
+    /// [`KeelBlk::notify_config_change`] (or when it next reads the config space).
+    pub fn set_capacity(&self, bytes: u64) {
+        self.inner
+            .capacity_sectors
+            .store(bytes / SECTOR_SIZE, Ordering::Release);
+    }
+
+    /// Sends the frontend a config-change message (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`), on
+    /// which QEMU re-reads the config space and interrupts the guest. `Ok(false)` if there is
+    /// no channel to send it on (no frontend, or one without `BACKEND_REQ`).
+    pub fn notify_config_change(&self) -> std::io::Result<bool> {
+        let req = self
+            .inner
+            .backend_req
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match req.as_ref().and_then(|r| r.channel.as_ref()) {
+            Some(ch) => ch.notify().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Requests popped and not yet published, over all queues.
     pub fn in_flight(&self) -> usize {
         self.inner
@@ -179,6 +229,14 @@ impl KeelBlk {
 }
 
 impl Inner {
+    /// The limits with the current capacity.
+    fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.capacity_sectors.load(Ordering::Acquire),
+            ..self.base_limits
+        }
+    }
+
     fn memory(&self) -> Option<Mem> {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -296,7 +354,7 @@ impl Inner {
                 let head = chain.head_index();
                 let descs: Vec<Desc> = chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
                 let ticket = self.register(queue, head);
-                match request::parse(&descs, &*mem, &self.limits) {
+                match request::parse(&descs, &*mem, &self.limits()) {
                     Ok(req) => self.dispatch(ticket, req),
                     Err(rej) => {
                         tracing::warn!(queue, head, error = %rej.error, "refused a guest request");
@@ -589,7 +647,28 @@ impl VhostUserBackend for KeelBlk {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // BACKEND_REQ: the frontend gives a channel for config-change messages (resize).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        let channel = match ConfigChannel::find(&self.inner.sockets_before) {
+            Ok(ch) => Some(ch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find the backend request channel: a resize reaches the guest only when it reconnects");
+                None
+            }
+        };
+        *self
+            .inner
+            .backend_req
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(BackendReq {
+            _backend: backend,
+            channel,
+        });
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -597,7 +676,7 @@ impl VhostUserBackend for KeelBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cs = &self.inner.config_space;
+        let cs = config_space(&self.inner.limits(), self.inner.cfg.num_queues, 4096);
         let start = (offset as usize).min(cs.len());
         let end = start.saturating_add(size as usize).min(cs.len());
         cs[start..end].to_vec()

@@ -6,9 +6,20 @@
 //! reconnects with backoff and resends every request still in flight, in id order: the guest
 //! sees a stall, never an error. Only answers that say the request itself is wrong (out of
 //! range, I/O error on the copy, fenced by a newer epoch, ...) fail a request.
+//!
+//! **Epochs.** Every request carries the client's current epoch, which the node manager can
+//! change at run time ([`VolumeClient::set_epoch`]); requests sent from then on, resends
+//! included, carry the new one. A `stale epoch` answer to a request sent before the epoch moved
+//! on (the server's epoch is not newer than ours) is resent at once with the new epoch. Otherwise
+//! it fails the request, except on read-only attachments
+//! ([`ClientConfig::retry_stale_epoch`]): the controller bumps the epoch when it takes a volume
+//! from a writer by force and then pushes the new epoch to the readers, so a reader parks the
+//! request and resends it with backoff (50 ms to 2 s) until the new epoch arrives, which resends
+//! every parked request at once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +27,7 @@ use keel_proto::frame::{checksum, MAX_PAYLOAD};
 use keel_proto::io::{connect, read_frame};
 use keel_proto::{Epoch, Frame, Op, ReqFlags, Request, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// The result of one wire operation.
 #[derive(Debug)]
@@ -45,24 +56,60 @@ pub struct WireOp {
 pub struct ClientConfig {
     pub server: SocketAddr,
     pub volume: VolumeId,
+    /// The epoch requests carry at first (see [`VolumeClient::set_epoch`]).
     pub epoch: Epoch,
     pub tls: Arc<tokio_rustls::rustls::ClientConfig>,
     /// A request unanswered for this long makes the client reconnect and resend.
     pub request_timeout: Duration,
+    /// Treat `stale epoch` as retryable: park the request and resend it with backoff until the
+    /// node manager gives a newer epoch (read-only attachments). Otherwise it fails the request.
+    pub retry_stale_epoch: bool,
+}
+
+/// The epoch requests carry, shared by the handles and the connection task.
+struct EpochCell {
+    epoch: AtomicU64,
+    /// Wakes the task to resend parked requests with the new epoch.
+    changed: Notify,
+}
+
+impl EpochCell {
+    fn get(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Acquire))
+    }
 }
 
 /// Handle to a volume's connection task.
 #[derive(Clone)]
 pub struct VolumeClient {
     tx: mpsc::UnboundedSender<WireOp>,
+    epoch: Arc<EpochCell>,
 }
 
 impl VolumeClient {
     /// Starts the connection task on `rt`.
     pub fn start(cfg: ClientConfig, rt: &tokio::runtime::Handle) -> VolumeClient {
         let (tx, rx) = mpsc::unbounded_channel();
-        rt.spawn(run(cfg, rx));
-        VolumeClient { tx }
+        let epoch = Arc::new(EpochCell {
+            epoch: AtomicU64::new(cfg.epoch.0),
+            changed: Notify::new(),
+        });
+        rt.spawn(run(cfg, epoch.clone(), rx));
+        VolumeClient { tx, epoch }
+    }
+
+    /// The epoch requests are sent with now.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch.get()
+    }
+
+    /// Sets the epoch every request sent from now on carries (resends of requests already in
+    /// flight included); requests parked on a `stale epoch` answer are resent at once.
+    pub fn set_epoch(&self, epoch: Epoch) {
+        let old = self.epoch.epoch.swap(epoch.0, Ordering::AcqRel);
+        if old != epoch.0 {
+            self.epoch.changed.notify_one();
+        }
     }
 
     /// Queues an operation. If the task is gone (shutdown), the operation fails with an I/O
@@ -79,35 +126,112 @@ struct Pending {
     done: Done,
     sent: Instant,
     retries: u32,
+    /// Refused with `stale epoch` and waiting in [`Table::parked`] to be resent.
+    parked: bool,
 }
 
 const MAX_CRC_RETRIES: u32 = 3;
+const STALE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const STALE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The requests in flight and what the task needs to answer them.
+struct Table {
+    inflight: BTreeMap<u64, Pending>,
+    /// Requests refused with `stale epoch` on a read-only attachment, to resend at `resend_at`
+    /// or as soon as the epoch changes.
+    parked: Vec<u64>,
+    resend_at: Option<tokio::time::Instant>,
+    stale_backoff: Duration,
+    /// A `stale epoch` was logged since the last success (keeps the log to one line a stall).
+    stale_logged: bool,
+    epoch: Arc<EpochCell>,
+    retry_stale_epoch: bool,
+}
+
+impl Table {
+    /// Encodes `id` into `out` with the current epoch and restarts its timeout.
+    fn resend(&mut self, id: u64, out: &mut Vec<u8>) {
+        let epoch = self.epoch.get();
+        if let Some(p) = self.inflight.get_mut(&id) {
+            p.req.epoch = epoch;
+            p.sent = Instant::now();
+            p.parked = false;
+            encode(&p.req, out);
+        }
+    }
+
+    /// Encodes every request in flight (after a reconnect), oldest first.
+    fn resend_all(&mut self, out: &mut Vec<u8>) {
+        self.parked.clear();
+        self.resend_at = None;
+        let ids: Vec<u64> = self.inflight.keys().copied().collect();
+        for id in ids {
+            self.resend(id, out);
+        }
+    }
+
+    /// Encodes every parked request (their backoff ran out, or the epoch changed).
+    fn resend_parked(&mut self, out: &mut Vec<u8>) {
+        self.resend_at = None;
+        for id in std::mem::take(&mut self.parked) {
+            self.resend(id, out);
+        }
+    }
+
+    fn park(&mut self, id: u64) {
+        if let Some(p) = self.inflight.get_mut(&id) {
+            p.parked = true;
+            self.parked.push(id);
+        }
+        if self.resend_at.is_none() {
+            self.resend_at = Some(tokio::time::Instant::now() + self.stale_backoff);
+            self.stale_backoff = (self.stale_backoff * 2).min(STALE_BACKOFF_MAX);
+        }
+    }
+
+    /// Whether a request has gone unanswered for longer than `timeout` (parked ones excluded).
+    fn timed_out(&self, timeout: Duration) -> bool {
+        let now = Instant::now();
+        self.inflight
+            .values()
+            .any(|p| !p.parked && now.duration_since(p.sent) > timeout)
+    }
+}
 
 fn encode(req: &Request, out: &mut Vec<u8>) {
     req.encode_header(req.payload.len(), out);
     out.extend_from_slice(&req.payload);
 }
 
-async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
-    let mut inflight: BTreeMap<u64, Pending> = BTreeMap::new();
+async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedReceiver<WireOp>) {
+    let mut t = Table {
+        inflight: BTreeMap::new(),
+        parked: Vec::new(),
+        resend_at: None,
+        stale_backoff: STALE_BACKOFF_MIN,
+        stale_logged: false,
+        epoch,
+        retry_stale_epoch: cfg.retry_stale_epoch,
+    };
     let mut next_id: u64 = 1;
     let mut backoff = Duration::from_millis(50);
-    let mut admit = |op: WireOp, inflight: &mut BTreeMap<u64, Pending>| -> u64 {
+    let mut admit = |op: WireOp, t: &mut Table| -> u64 {
         let id = next_id;
         next_id += 1;
-        let mut req = Request::new(op.op, id, cfg.volume, cfg.epoch);
+        let mut req = Request::new(op.op, id, cfg.volume, t.epoch.get());
         req.flags = op.flags;
         req.offset = op.offset;
         req.length = op.length;
         req.crc = checksum(&op.payload);
         req.payload = op.payload;
-        inflight.insert(
+        t.inflight.insert(
             id,
             Pending {
                 req,
                 done: op.done,
                 sent: Instant::now(),
                 retries: 0,
+                parked: false,
             },
         );
         id
@@ -127,7 +251,7 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
         });
         let stream = match attempt {
             Ok((s, peer)) => {
-                tracing::info!(server = %cfg.server, %peer, volume = %cfg.volume, resend = inflight.len(), "connected to storage");
+                tracing::info!(server = %cfg.server, %peer, volume = %cfg.volume, resend = t.inflight.len(), "connected to storage");
                 backoff = Duration::from_millis(50);
                 s
             }
@@ -138,8 +262,8 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
                 loop {
                     tokio::select! {
                         op = rx.recv() => match op {
-                            Some(op) => { admit(op, &mut inflight); }
-                            None => { fail_all(&mut inflight); return; }
+                            Some(op) => { admit(op, &mut t); }
+                            None => { fail_all(&mut t.inflight); return; }
                         },
                         _ = &mut sleep => break,
                     }
@@ -171,47 +295,45 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
                 }
             }
         });
-        // Resend everything still in flight, oldest first.
+        // Resend everything still in flight, oldest first, with the current epoch.
         let mut out = Vec::with_capacity(1 << 20);
-        let now = Instant::now();
-        for p in inflight.values_mut() {
-            encode(&p.req, &mut out);
-            p.sent = now;
-        }
+        t.resend_all(&mut out);
         if !out.is_empty() && (wr.write_all(&out).await.is_err() || wr.flush().await.is_err()) {
             reader.abort();
             continue 'reconnect;
         }
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let epoch = t.epoch.clone();
         let broken = loop {
+            let resend_at = t.resend_at;
             tokio::select! {
                 op = rx.recv() => {
                     let Some(op) = op else {
                         // Shutdown: wait for what is in flight, bounded.
                         let deadline = tokio::time::sleep(cfg.request_timeout);
                         tokio::pin!(deadline);
-                        while !inflight.is_empty() {
+                        while !t.inflight.is_empty() {
                             tokio::select! {
                                 r = resp_rx.recv() => match r {
-                                    Some(r) => { let _ = complete(&mut inflight, r, &mut out); }
+                                    Some(r) => { let _ = complete(&mut t, r, &mut out); }
                                     None => break,
                                 },
                                 _ = &mut deadline => break,
                             }
                         }
-                        fail_all(&mut inflight);
+                        fail_all(&mut t.inflight);
                         reader.abort();
                         return;
                     };
                     out.clear();
-                    let id = admit(op, &mut inflight);
-                    if let Some(p) = inflight.get(&id) { encode(&p.req, &mut out); }
+                    let id = admit(op, &mut t);
+                    if let Some(p) = t.inflight.get(&id) { encode(&p.req, &mut out); }
                     // Batch everything already queued into one write.
                     while out.len() < (1 << 20) {
                         match rx.try_recv() {
                             Ok(op) => {
-                                let id = admit(op, &mut inflight);
-                                if let Some(p) = inflight.get(&id) { encode(&p.req, &mut out); }
+                                let id = admit(op, &mut t);
+                                if let Some(p) = t.inflight.get(&id) { encode(&p.req, &mut out); }
                             }
                             Err(_) => break,
                         }
@@ -223,7 +345,7 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
                 r = resp_rx.recv() => {
                     let Some(r) = r else { break "connection closed" };
                     out.clear();
-                    match complete(&mut inflight, r, &mut out) {
+                    match complete(&mut t, r, &mut out) {
                         Step::Continue => {}
                         Step::Reconnect(why) => break why,
                     }
@@ -231,18 +353,37 @@ async fn run(cfg: ClientConfig, mut rx: mpsc::UnboundedReceiver<WireOp>) {
                         break "write failed";
                     }
                 }
+                _ = epoch.changed.notified() => {
+                    tracing::info!(volume = %cfg.volume, epoch = %epoch.get(), parked = t.parked.len(), "epoch changed: requests carry the new one from now on");
+                    t.stale_backoff = STALE_BACKOFF_MIN;
+                    out.clear();
+                    t.resend_parked(&mut out);
+                    if !out.is_empty() && (wr.write_all(&out).await.is_err() || wr.flush().await.is_err()) {
+                        break "write failed";
+                    }
+                }
+                _ = tokio::time::sleep_until(resend_at.unwrap_or_else(far_future)), if resend_at.is_some() => {
+                    out.clear();
+                    t.resend_parked(&mut out);
+                    if !out.is_empty() && (wr.write_all(&out).await.is_err() || wr.flush().await.is_err()) {
+                        break "write failed";
+                    }
+                }
                 _ = tick.tick() => {
-                    let now = Instant::now();
-                    if inflight.values().any(|p| now.duration_since(p.sent) > cfg.request_timeout) {
+                    if t.timed_out(cfg.request_timeout) {
                         break "request timed out";
                     }
                 }
             }
         };
         reader.abort();
-        tracing::warn!(server = %cfg.server, volume = %cfg.volume, reason = broken, inflight = inflight.len(), "storage connection lost; reconnecting and resending");
+        tracing::warn!(server = %cfg.server, volume = %cfg.volume, reason = broken, inflight = t.inflight.len(), "storage connection lost; reconnecting and resending");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 enum Step {
@@ -251,18 +392,16 @@ enum Step {
 }
 
 /// Handles one response; may queue a resend into `out`.
-fn complete(
-    inflight: &mut BTreeMap<u64, Pending>,
-    r: keel_proto::Response,
-    out: &mut Vec<u8>,
-) -> Step {
-    let Some(p) = inflight.get_mut(&r.request_id) else {
-        tracing::warn!(
-            id = r.request_id,
-            "response for an unknown request id; ignored"
-        );
+fn complete(t: &mut Table, r: keel_proto::Response, out: &mut Vec<u8>) -> Step {
+    let id = r.request_id;
+    let Some(p) = t.inflight.get_mut(&id) else {
+        tracing::warn!(id, "response for an unknown request id; ignored");
         return Step::Continue;
     };
+    if p.parked {
+        // A late answer to a request already parked (a duplicate): the resend will answer it.
+        return Step::Continue;
+    }
     match r.status {
         Status::Ok => {
             let want = if p.req.op.response_has_payload() {
@@ -273,35 +412,48 @@ fn complete(
             if r.payload.len() != want || !r.crc_ok() {
                 p.retries += 1;
                 if p.retries > MAX_CRC_RETRIES {
-                    tracing::error!(id = r.request_id, "read data keeps failing its checksum");
-                    if let Some(p) = inflight.remove(&r.request_id) {
+                    tracing::error!(id, "read data keeps failing its checksum");
+                    if let Some(p) = t.inflight.remove(&id) {
                         (p.done)(Outcome::Failed(Status::ChecksumMismatch));
                     }
                 } else {
-                    tracing::warn!(
-                        id = r.request_id,
-                        "read data failed its checksum; resending"
-                    );
-                    p.sent = Instant::now();
-                    encode(&p.req, out);
+                    tracing::warn!(id, "read data failed its checksum; resending");
+                    t.resend(id, out);
                 }
                 return Step::Continue;
             }
-            if let Some(p) = inflight.remove(&r.request_id) {
+            t.stale_logged = false;
+            t.stale_backoff = STALE_BACKOFF_MIN;
+            if let Some(p) = t.inflight.remove(&id) {
                 (p.done)(Outcome::Ok(r.payload));
             }
         }
         Status::ChecksumMismatch if p.retries < MAX_CRC_RETRIES => {
             p.retries += 1;
-            p.sent = Instant::now();
-            encode(&p.req, out);
+            t.resend(id, out);
         }
         Status::NotPrimary => return Step::Reconnect("server is not primary for this epoch"),
-        failed => {
-            if failed == Status::StaleEpoch {
-                tracing::error!(volume = %p.req.volume, ours = %p.req.epoch, current = %r.epoch, "this attachment was fenced by a newer epoch: failing its I/O");
+        Status::StaleEpoch => {
+            let ours = t.epoch.get();
+            let sent = p.req.epoch;
+            if sent < ours && r.epoch <= ours {
+                // Sent before the epoch moved on: the new one is enough.
+                t.resend(id, out);
+            } else if t.retry_stale_epoch {
+                if !t.stale_logged {
+                    t.stale_logged = true;
+                    tracing::warn!(volume = %p.req.volume, ours = %ours, current = %r.epoch, "read-only attachment behind the volume's epoch: reads wait for the new epoch");
+                }
+                t.park(id);
+            } else {
+                tracing::error!(volume = %p.req.volume, ours = %sent, current = %r.epoch, "this attachment was fenced by a newer epoch: failing its I/O");
+                if let Some(p) = t.inflight.remove(&id) {
+                    (p.done)(Outcome::Failed(Status::StaleEpoch));
+                }
             }
-            if let Some(p) = inflight.remove(&r.request_id) {
+        }
+        failed => {
+            if let Some(p) = t.inflight.remove(&id) {
                 (p.done)(Outcome::Failed(failed));
             }
         }

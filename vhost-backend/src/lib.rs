@@ -4,9 +4,17 @@
 //! * [`virtio`]: virtio-blk definitions and the request parser (no I/O; fuzzed).
 //! * [`backend`]: the `vhost-user-backend` device: queues, in-order publication, completions.
 //! * [`client`]: the connection to the storage server, with reconnect and resend.
+//! * [`config_change`]: config-change messages to the frontend (online resize).
+//! * [`daemon`]: the `keel-vhost` process serving one attachment: flags, control and status
+//!   files, SIGHUP reload.
+//! * [`node`]: the node manager: registers with the controller, runs one keel-vhost per
+//!   attachment, adopts them after its own restart.
 //! * [`fuzz`]: fuzz target bodies replayed by `cargo test`.
 
 pub mod backend;
 pub mod client;
+pub mod config_change;
+pub mod daemon;
 pub mod fuzz;
+pub mod node;
 pub mod virtio;

@@ -1,0 +1,273 @@
+//! The records of the controller's JSON API (`/v1/...`). Field names are the stable JSON
+//! names scripts rely on; new fields may be added, none are renamed or removed within `v1`.
+
+use serde::{Deserialize, Serialize};
+
+/// A size in a request body: a byte count (`1073741824`) or a human size (`"1GiB"`, `"512MiB"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeInput {
+    Bytes(u64),
+    Human(String),
+}
+
+impl SizeInput {
+    /// The size in bytes, or why it is not one.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeInput::Bytes(b) => Ok(*b),
+            SizeInput::Human(s) => keel_proto::parse_size(s),
+        }
+    }
+}
+
+/// `POST /v1/servers`: a storage server announces itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerRegistration {
+    /// Must equal the id in the caller's certificate (`keel://storage/<id>`).
+    pub id: String,
+    /// Where nodes and the controller reach its data path, `IP:PORT`.
+    pub address: String,
+    /// Failure-domain label (zone or rack); copies of a volume prefer distinct zones.
+    #[serde(default)]
+    pub zone: String,
+    /// Bytes this server offers for copies.
+    pub capacity_bytes: u64,
+}
+
+/// One copy a storage server holds, as it reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReport {
+    pub volume: String,
+    pub size: u64,
+    pub epoch: u64,
+    pub role: String,
+}
+
+/// Request counters a storage server reports (totals since it started).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+/// `POST /v1/servers/{id}/heartbeat`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerHeartbeat {
+    /// Bytes the server's copies occupy (provisioned sizes).
+    pub used_bytes: u64,
+    pub copies: Vec<CopyReport>,
+    #[serde(default)]
+    pub counters: ServerCounters,
+}
+
+/// Liveness as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Heartbeats arrive.
+    Up,
+    /// No heartbeat for longer than the failure timeout.
+    Down,
+}
+
+/// `GET /v1/servers` entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub id: String,
+    pub address: String,
+    pub zone: String,
+    pub capacity_bytes: u64,
+    /// Bytes the controller has placed on this server (sum of its copies' sizes).
+    pub allocated_bytes: u64,
+    /// Bytes the server last reported in use.
+    pub used_bytes: u64,
+    pub copies: u64,
+    pub health: Health,
+    /// Milliseconds since the last heartbeat (or registration).
+    pub last_seen_ms_ago: u64,
+    pub counters: ServerCounters,
+}
+
+/// `POST /v1/nodes`: a node manager announces itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    /// Must equal the id in the caller's certificate (`keel://node/<id>`).
+    pub id: String,
+    /// Directory where the node creates vhost-user sockets.
+    pub socket_dir: String,
+}
+
+/// What a node reports about one attachment it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentReport {
+    pub volume: String,
+    pub instance: String,
+    /// A guest (vhost-user frontend) is connected to the socket.
+    pub connected: bool,
+}
+
+/// `POST /v1/nodes/{id}/heartbeat`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    pub attachments: Vec<AttachmentReport>,
+}
+
+/// `GET /v1/nodes` entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub socket_dir: String,
+    pub health: Health,
+    pub last_seen_ms_ago: u64,
+    pub attachments: u64,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVolume {
+    pub size: SizeInput,
+    /// Copies to keep (1 until replication lands; at most the number of servers).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/volumes/{id}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    pub size: SizeInput,
+}
+
+/// `POST /v1/volumes/{id}/attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachVolume {
+    pub node: String,
+    pub instance: String,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Take the read-write attachment from its current holder, fencing it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/volumes/{id}/detach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetachVolume {
+    pub node: String,
+    pub instance: String,
+    /// Detach even if a guest is still connected (its I/O then fails).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Volume lifecycle states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Copies are being made on the storage servers.
+    Creating,
+    /// Ready, not attached.
+    Available,
+    /// At least one attachment.
+    Attached,
+    /// Copies are being removed.
+    Deleting,
+}
+
+/// One copy of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyInfo {
+    pub server: String,
+    pub address: String,
+    /// `primary` or `mirror`.
+    pub role: String,
+    /// `ok` when the server last reported this copy at the volume's size and epoch,
+    /// `pending` while the controller still has to push a change, `server_down` when its
+    /// server stopped heartbeating.
+    pub state: String,
+}
+
+/// One attachment of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    pub node: String,
+    pub instance: String,
+    /// `read_write` or `read_only`.
+    pub mode: String,
+    /// The vhost-user socket to give QEMU (`-chardev socket,path=...`).
+    pub socket: String,
+    /// The epoch this attachment's I/O carries.
+    pub epoch: u64,
+    /// Whether the node last reported a guest connected.
+    pub connected: bool,
+    pub attached_at_unix: u64,
+}
+
+/// A volume as `describe` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// 16-hex-digit id; also the disk's serial number in the guest.
+    pub id: String,
+    pub name: Option<String>,
+    pub size: u64,
+    pub replicas: u32,
+    pub state: VolumeState,
+    /// Fencing number: I/O carrying an older epoch is refused by the storage servers.
+    pub epoch: u64,
+    pub copies: Vec<CopyInfo>,
+    pub attachments: Vec<AttachmentInfo>,
+    pub created_at_unix: u64,
+}
+
+/// What a node must serve: its attachments, with everything needed to start each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAttachment {
+    pub volume: String,
+    pub instance: String,
+    pub socket: String,
+    pub read_only: bool,
+    pub epoch: u64,
+    pub size: u64,
+    /// The primary copy's data-path address.
+    pub server: String,
+}
+
+/// `GET /v1/nodes/{id}/attachments?after=V&wait_ms=T`: a node's attachments once their
+/// version exceeds `after` (long poll).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAttachments {
+    pub version: u64,
+    pub attachments: Vec<NodeAttachment>,
+}
+
+/// Every error the API returns has this body, with an HTTP status that matches `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code: `not_found`, `bad_request`, `conflict`, `unauthorized`,
+    /// `forbidden`, `insufficient_capacity`, `unavailable`, `internal`.
+    pub code: String,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+/// `DELETE /v1/volumes/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteResult {
+    pub id: String,
+    /// Every copy is gone; `false` while a storage server is unreachable (the controller
+    /// keeps retrying and removes the volume when done).
+    pub complete: bool,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthInfo {
+    pub status: String,
+    /// The metadata store's revision.
+    pub revision: u64,
+}

@@ -1,0 +1,402 @@
+//! keelctl: Keel's command-line tool. Starts a local cluster (`up`), drives the controller's
+//! API (volumes, servers, nodes), manages the PKI, and runs Keel's daemons (`daemon ...`) so a
+//! single executable is enough for a whole cluster.
+//!
+//! Exit codes: 0 success, 1 unexpected failure, 2 usage error, 3 not found, 4 conflict,
+//! 5 invalid request or not enough capacity, 6 not authorised, 7 controller unreachable or
+//! unavailable.
+
+mod output;
+mod up;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use keel_api::{
+    ApiClient, AttachVolume, ClientError, CreateVolume, DeleteResult, DetachVolume, NodeInfo,
+    ResizeVolume, ServerInfo, SizeInput, VolumeInfo,
+};
+use keel_proto::tls::TlsPaths;
+use keel_proto::{pki, Role};
+
+#[derive(Parser)]
+#[command(version, about = "Keel command-line tool", propagate_version = true)]
+struct Cli {
+    /// Cluster directory made by `keelctl up` (its pki/ and cluster.json are used).
+    #[arg(long, global = true, env = "KEEL_DIR")]
+    dir: Option<PathBuf>,
+    /// Controller URL (https://IP:PORT); default: the one recorded in the cluster directory.
+    #[arg(long, global = true, env = "KEEL_CONTROLLER")]
+    controller: Option<String>,
+    /// Bearer token instead of the admin certificate.
+    #[arg(long, global = true, env = "KEEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a complete local cluster in the foreground (PKI, controller, storage servers,
+    /// node manager); Ctrl-C stops it. Restarting with the same --dir brings everything back.
+    Up(up::UpArgs),
+    /// Volumes: create, list, describe, delete, resize, attach, detach.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Storage servers.
+    Server {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
+    /// Node managers (hosts that run guests).
+    Node {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
+    /// Cluster certificates.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+    /// Run one of Keel's daemons (used by `up`; each also exists as its own binary).
+    #[command(hide = true)]
+    Daemon {
+        #[command(subcommand)]
+        which: DaemonCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    /// List them.
+    List,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume, e.g. `keelctl volume create 10GiB --name db`.
+    Create {
+        /// Size: bytes or e.g. 512MiB, 10GiB (a multiple of 512).
+        size: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Copies to keep.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+    },
+    /// List volumes.
+    List,
+    /// Show a volume: size, state, epoch, copies, attachments.
+    Describe { volume: String },
+    /// Delete a detached volume and its copies.
+    Delete { volume: String },
+    /// Grow a volume (online: an attached guest sees the new capacity).
+    Resize { volume: String, size: String },
+    /// Attach a volume to an instance on a node; prints the vhost-user socket for QEMU.
+    Attach {
+        volume: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        read_only: bool,
+        /// Take the read-write attachment from its holder, fencing the old writer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Detach a volume from an instance.
+    Detach {
+        volume: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        instance: String,
+        /// Detach although a guest is connected (its I/O then fails).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long = "pki-dir")]
+        pki_dir: PathBuf,
+    },
+    /// Issue a certificate for a daemon: writes <role>-<id>.pem and .key in DIR.
+    Issue {
+        #[arg(long = "pki-dir")]
+        pki_dir: PathBuf,
+        /// storage, node, controller or admin.
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        id: String,
+        /// Extra DNS names or IP addresses the holder is reached at.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DaemonCmd {
+    Controller(keel_controller::daemon::Args),
+    Storage(keel_storage::daemon::Args),
+    Vhost(keel_vhost::daemon::Args),
+    Node(keel_vhost::node::NodeArgs),
+}
+
+/// Where the admin credentials and the controller URL of a cluster directory are.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".keel")
+}
+
+fn client(cli: &Cli) -> anyhow::Result<ApiClient> {
+    let dir = cli.dir.clone().unwrap_or_else(default_dir);
+    let url = match &cli.controller {
+        Some(u) => u.clone(),
+        None => up::ClusterFile::load(&dir)
+            .with_context(|| {
+                format!(
+                    "no cluster in {} (start one with `keelctl up --dir {}`, or pass --controller and --dir)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?
+            .controller,
+    };
+    let pki = dir.join("pki");
+    let ca = pki.join("ca.pem");
+    let tls = if cli.token.is_some() {
+        keel_api::client_tls(&ca, None)
+    } else {
+        keel_api::client_tls(&ca, Some(&TlsPaths::in_dir(&pki, "admin-keelctl")))
+    }
+    .with_context(|| format!("loading credentials from {}", pki.display()))?;
+    Ok(ApiClient::new(&url, tls, cli.token.clone())?)
+}
+
+fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Api { body, .. }) => match body.code.as_str() {
+            "not_found" => 3,
+            "conflict" => 4,
+            "bad_request" | "insufficient_capacity" => 5,
+            "unauthorized" | "forbidden" => 6,
+            "unavailable" => 7,
+            _ => 1,
+        },
+        Some(ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Tls { .. }) => 7,
+        Some(ClientError::BadUrl(_)) => 2,
+        _ => 1,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Daemon { which } = cli.cmd {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+        let r = match which {
+            DaemonCmd::Controller(a) => keel_controller::daemon::run(a),
+            DaemonCmd::Storage(a) => keel_storage::daemon::run(a),
+            DaemonCmd::Vhost(a) => keel_vhost::daemon::run(a),
+            DaemonCmd::Node(a) => {
+                let exe: OsString = std::env::current_exe()
+                    .map(PathBuf::into_os_string)
+                    .unwrap_or_else(|_| "keelctl".into());
+                keel_vhost::node::run(a, vec![exe, "daemon".into(), "vhost".into()])
+            }
+        };
+        if let Err(e) = r {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(exit_code(&e));
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let fmt = cli.output;
+    match &cli.cmd {
+        Cmd::Up(a) => up::run(a.clone(), cli.dir.clone().unwrap_or_else(default_dir)).await,
+        Cmd::Pki { cmd } => pki_cmd(cmd),
+        Cmd::Daemon { .. } => Ok(()),
+        Cmd::Server { cmd: ListCmd::List } => {
+            let list: Vec<ServerInfo> = client(&cli)?.get("/v1/servers").await?;
+            output::servers(fmt, &list)
+        }
+        Cmd::Node { cmd: ListCmd::List } => {
+            let list: Vec<NodeInfo> = client(&cli)?.get("/v1/nodes").await?;
+            output::nodes(fmt, &list)
+        }
+        Cmd::Volume { cmd } => volume(&cli, fmt, cmd).await,
+    }
+}
+
+fn enc(s: &str) -> String {
+    // Volume ids and names are [A-Za-z0-9._-]; anything else is sent escaped and refused by
+    // the controller with a clear message.
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn size_arg(s: &str) -> anyhow::Result<SizeInput> {
+    keel_proto::parse_size(s).map_err(anyhow::Error::msg)?;
+    Ok(SizeInput::Human(s.to_string()))
+}
+
+async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        VolumeCmd::Create {
+            size,
+            name,
+            replicas,
+        } => {
+            let v: VolumeInfo = api
+                .post(
+                    "/v1/volumes",
+                    &CreateVolume {
+                        size: size_arg(size)?,
+                        replicas: Some(*replicas),
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+            output::volume(fmt, &v)
+        }
+        VolumeCmd::List => {
+            let list: Vec<VolumeInfo> = api.get("/v1/volumes").await?;
+            output::volumes(fmt, &list)
+        }
+        VolumeCmd::Describe { volume } => {
+            let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", enc(volume))).await?;
+            output::volume(fmt, &v)
+        }
+        VolumeCmd::Delete { volume } => {
+            let r: DeleteResult = api.delete(&format!("/v1/volumes/{}", enc(volume))).await?;
+            output::deleted(fmt, &r)
+        }
+        VolumeCmd::Resize { volume, size } => {
+            let v: VolumeInfo = api
+                .post(
+                    &format!("/v1/volumes/{}/resize", enc(volume)),
+                    &ResizeVolume {
+                        size: size_arg(size)?,
+                    },
+                )
+                .await?;
+            output::volume(fmt, &v)
+        }
+        VolumeCmd::Attach {
+            volume,
+            node,
+            instance,
+            read_only,
+            force,
+        } => {
+            let v: VolumeInfo = api
+                .post(
+                    &format!("/v1/volumes/{}/attach", enc(volume)),
+                    &AttachVolume {
+                        node: node.clone(),
+                        instance: instance.clone(),
+                        read_only: *read_only,
+                        force: *force,
+                    },
+                )
+                .await?;
+            output::attached(fmt, &v, node, instance)
+        }
+        VolumeCmd::Detach {
+            volume,
+            node,
+            instance,
+            force,
+        } => {
+            let v: VolumeInfo = api
+                .post(
+                    &format!("/v1/volumes/{}/detach", enc(volume)),
+                    &DetachVolume {
+                        node: node.clone(),
+                        instance: instance.clone(),
+                        force: *force,
+                    },
+                )
+                .await?;
+            output::volume(fmt, &v)
+        }
+    }
+}
+
+fn pki_cmd(cmd: &PkiCmd) -> anyhow::Result<()> {
+    match cmd {
+        PkiCmd::Init { pki_dir } => {
+            pki::init_ca(pki_dir)
+                .with_context(|| format!("creating a CA in {}", pki_dir.display()))?;
+            println!("created CA in {}", pki_dir.display());
+        }
+        PkiCmd::Issue {
+            pki_dir,
+            role,
+            id,
+            hosts,
+        } => {
+            let p = issue(pki_dir, *role, id, hosts)?;
+            println!("{}", p.cert.display());
+        }
+    }
+    Ok(())
+}
+
+fn issue(dir: &Path, role: Role, id: &str, hosts: &[String]) -> anyhow::Result<TlsPaths> {
+    pki::issue(dir, role, id, hosts).with_context(|| {
+        format!(
+            "issuing a {role} certificate (run `keelctl pki init --pki-dir {}` first)",
+            dir.display()
+        )
+    })
+}

@@ -1,0 +1,260 @@
+//! Printing API answers as aligned tables (for people) or JSON (stable, for scripts).
+
+use keel_api::{DeleteResult, NodeInfo, ServerInfo, VolumeInfo};
+use serde::Serialize;
+
+use crate::Format;
+
+/// `1073741824` -> `1 GiB`, `1536` -> `1.5 KiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else if (v - v.round()).abs() < 0.005 {
+        format!("{} {}", v.round() as u64, UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(head: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(head.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn ago(ms: u64) -> String {
+    if ms == u64::MAX {
+        "never".into()
+    } else {
+        format!("{:.1}s ago", ms as f64 / 1000.0)
+    }
+}
+
+fn health(h: keel_api::Health) -> String {
+    serde_json::to_value(h)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+pub fn servers(f: Format, list: &[ServerInfo]) -> anyhow::Result<()> {
+    if f == Format::Json {
+        return json(&list);
+    }
+    table(
+        &["ID", "ADDRESS", "ZONE", "HEALTH", "CAPACITY", "ALLOCATED", "COPIES", "LAST SEEN"],
+        list.iter()
+            .map(|s| {
+                vec![
+                    s.id.clone(),
+                    s.address.clone(),
+                    s.zone.clone(),
+                    health(s.health),
+                    human(s.capacity_bytes),
+                    human(s.allocated_bytes),
+                    s.copies.to_string(),
+                    ago(s.last_seen_ms_ago),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn nodes(f: Format, list: &[NodeInfo]) -> anyhow::Result<()> {
+    if f == Format::Json {
+        return json(&list);
+    }
+    table(
+        &["ID", "HEALTH", "ATTACHMENTS", "SOCKET DIR", "LAST SEEN"],
+        list.iter()
+            .map(|n| {
+                vec![
+                    n.id.clone(),
+                    health(n.health),
+                    n.attachments.to_string(),
+                    n.socket_dir.clone(),
+                    ago(n.last_seen_ms_ago),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+fn state(v: &VolumeInfo) -> String {
+    serde_json::to_value(v.state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+pub fn volumes(f: Format, list: &[VolumeInfo]) -> anyhow::Result<()> {
+    if f == Format::Json {
+        return json(&list);
+    }
+    table(
+        &["ID", "NAME", "SIZE", "STATE", "EPOCH", "COPIES", "ATTACHED TO"],
+        list.iter()
+            .map(|v| {
+                vec![
+                    v.id.clone(),
+                    v.name.clone().unwrap_or_else(|| "-".into()),
+                    human(v.size),
+                    state(v),
+                    v.epoch.to_string(),
+                    v.copies.len().to_string(),
+                    v.attachments
+                        .iter()
+                        .map(|a| format!("{}/{}", a.node, a.instance))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn volume(f: Format, v: &VolumeInfo) -> anyhow::Result<()> {
+    if f == Format::Json {
+        return json(v);
+    }
+    println!("id:        {}", v.id);
+    println!("name:      {}", v.name.as_deref().unwrap_or("-"));
+    println!("size:      {} ({} bytes)", human(v.size), v.size);
+    println!("state:     {}", state(v));
+    println!("epoch:     {}", v.epoch);
+    println!("replicas:  {}", v.replicas);
+    println!("copies:");
+    table(
+        &["  SERVER", "ADDRESS", "ROLE", "STATE"],
+        v.copies
+            .iter()
+            .map(|c| {
+                vec![
+                    format!("  {}", c.server),
+                    c.address.clone(),
+                    c.role.clone(),
+                    c.state.clone(),
+                ]
+            })
+            .collect(),
+    );
+    if v.attachments.is_empty() {
+        println!("attachments: none");
+    } else {
+        println!("attachments:");
+        table(
+            &["  NODE", "INSTANCE", "MODE", "CONNECTED", "SOCKET"],
+            v.attachments
+                .iter()
+                .map(|a| {
+                    vec![
+                        format!("  {}", a.node),
+                        a.instance.clone(),
+                        a.mode.clone(),
+                        a.connected.to_string(),
+                        a.socket.clone(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    Ok(())
+}
+
+/// After an attach: JSON is the volume (whose attachment holds the socket); the table form
+/// prints the socket to give QEMU.
+pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow::Result<()> {
+    let a = v
+        .attachments
+        .iter()
+        .find(|a| a.node == node && a.instance == instance);
+    if f == Format::Json {
+        #[derive(Serialize)]
+        struct Attached<'a> {
+            volume: &'a str,
+            node: &'a str,
+            instance: &'a str,
+            socket: Option<&'a str>,
+            mode: Option<&'a str>,
+            epoch: u64,
+        }
+        return json(&Attached {
+            volume: &v.id,
+            node,
+            instance,
+            socket: a.map(|a| a.socket.as_str()),
+            mode: a.map(|a| a.mode.as_str()),
+            epoch: v.epoch,
+        });
+    }
+    match a {
+        Some(a) => {
+            println!("attached {} to {node}/{instance} ({}, epoch {})", v.id, a.mode, v.epoch);
+            println!("socket: {}", a.socket);
+            println!(
+                "qemu:   -chardev socket,id=keel0,path={} -device vhost-user-blk-pci,chardev=keel0",
+                a.socket
+            );
+        }
+        None => println!("attached {}", v.id),
+    }
+    Ok(())
+}
+
+pub fn deleted(f: Format, r: &DeleteResult) -> anyhow::Result<()> {
+    if f == Format::Json {
+        return json(r);
+    }
+    if r.complete {
+        println!("deleted {}", r.id);
+    } else {
+        println!(
+            "deleting {}: a storage server is unreachable; the controller finishes when it is back",
+            r.id
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::human;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1 << 30), "1 GiB");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10 << 30), "10 GiB");
+    }
+}

@@ -1,0 +1,95 @@
+//! The keel-controller daemon: metadata store, reconciler and HTTPS API in one process.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_proto::tls::TlsPaths;
+
+use crate::http::{router, serve, server_tls, AppState};
+use crate::push::Pusher;
+use crate::service::{Config, Controller};
+use crate::store::RedbStore;
+
+/// Keel controller: owns volumes, placement and attachments; serves the HTTPS API.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(version)]
+pub struct Args {
+    /// Address for the HTTPS API (port 0 picks a free port; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Directory for the metadata store (meta.redb).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// PKI directory (ca.pem, controller-<id>.pem/.key), made by `keelctl pki`.
+    #[arg(long)]
+    pub pki_dir: PathBuf,
+    /// This controller's id (its certificate is controller-<id>.pem).
+    #[arg(long, default_value = "main")]
+    pub id: String,
+    /// File of bearer tokens (one per line) that authenticate operators.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Milliseconds without a heartbeat after which a server or node is down.
+    #[arg(long, default_value_t = 5000)]
+    pub failure_timeout_ms: u64,
+    /// Milliseconds a push to a storage server may take.
+    #[arg(long, default_value_t = 5000)]
+    pub push_timeout_ms: u64,
+    /// Write the process id to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let paths = TlsPaths::in_dir(&args.pki_dir, &format!("controller-{}", args.id));
+    let api_tls = server_tls(&paths).context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let push_tls = keel_proto::tls::client_config(&paths).context("loading TLS certificates")?;
+    let tokens: HashSet<String> = match &args.token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect(),
+        None => HashSet::new(),
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let db = args.data_dir.join("meta.redb");
+    let store = RedbStore::open(&db).with_context(|| format!("opening the metadata store {}", db.display()))?;
+    if let Some(p) = &args.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let controller = Controller::new(
+            Arc::new(store),
+            Pusher::new(push_tls, Duration::from_millis(args.push_timeout_ms)),
+            Config {
+                failure_timeout: Duration::from_millis(args.failure_timeout_ms),
+                ..Config::default()
+            },
+        );
+        tokio::spawn(controller.clone().reconcile_forever());
+        let app = router(Arc::new(AppState { controller, tokens }));
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("keel-controller: listening on https://{addr}");
+        tracing::info!(%addr, "keel-controller ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = serve(listener, api_tls, app) => r.context("accept loop")?,
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("keel-controller stopping");
+        Ok(())
+    })
+}

@@ -1,0 +1,309 @@
+//! The HTTPS JSON API: routes, authentication, and the TLS accept loop.
+//!
+//! Authentication: a client certificate from the cluster CA (`keel://<role>/<id>`: `admin`
+//! may do everything, `storage` and `node` only what concerns themselves), or
+//! `Authorization: Bearer <token>` with a token from the controller's token file (an
+//! operator). Unauthenticated calls get 401, authenticated calls outside their role 403.
+//! A certificate from another CA fails the TLS handshake.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use keel_api::HealthInfo;
+use keel_proto::tls::{identity_from_cert, Identity};
+use keel_proto::Role;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::error::ApiError;
+use crate::service::{Caller, Controller};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 << 10;
+/// Longest long poll.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Shared state of the handlers.
+pub struct AppState {
+    pub controller: Arc<Controller>,
+    /// Bearer tokens that authenticate operators.
+    pub tokens: HashSet<String>,
+}
+
+/// The client certificate's identity of the connection a request came on.
+#[derive(Clone)]
+struct ConnPeer(Option<Identity>);
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+        if let Some(h) = parts.headers.get(http::header::AUTHORIZATION) {
+            let token = h
+                .to_str()
+                .ok()
+                .and_then(|s| s.strip_prefix("Bearer "))
+                .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
+            if state.tokens.iter().any(|t| ct_eq(t.as_bytes(), token.as_bytes())) {
+                return Ok(Caller::Admin("token".into()));
+            }
+            return Err(ApiError::unauthorized("bearer token not recognised"));
+        }
+        let peer = parts.extensions.get::<ConnPeer>().and_then(|p| p.0.clone());
+        match peer {
+            Some(Identity { role: Role::Admin, id }) => Ok(Caller::Admin(id)),
+            Some(Identity { role: Role::Storage, id }) => Ok(Caller::Storage(id)),
+            Some(Identity { role: Role::Node, id }) => Ok(Caller::Node(id)),
+            Some(other) => Err(ApiError::forbidden(format!(
+                "certificate {other} has no access to the API"
+            ))),
+            None => Err(ApiError::unauthorized(
+                "no credentials: present a client certificate made by `keelctl pki issue` or a bearer token",
+            )),
+        }
+    }
+}
+
+fn admin(c: &Caller) -> Result<(), ApiError> {
+    match c {
+        Caller::Admin(_) => Ok(()),
+        Caller::Storage(id) => Err(ApiError::forbidden(format!(
+            "storage server {id} may only register and heartbeat; this call needs an admin certificate or token"
+        ))),
+        Caller::Node(id) => Err(ApiError::forbidden(format!(
+            "node {id} may only register, heartbeat and watch; this call needs an admin certificate or token"
+        ))),
+    }
+}
+
+fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+type Answer<T> = Result<Json<T>, ApiError>;
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/health", get(health))
+        .route("/v1/servers", get(list_servers).post(register_server))
+        .route("/v1/servers/{id}/heartbeat", post(server_heartbeat))
+        .route("/v1/nodes", get(list_nodes).post(register_node))
+        .route("/v1/nodes/{id}/heartbeat", post(node_heartbeat))
+        .route("/v1/nodes/{id}/attachments", get(node_attachments))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{id}", get(describe_volume).delete(delete_volume))
+        .route("/v1/volumes/{id}/resize", post(resize_volume))
+        .route("/v1/volumes/{id}/attach", post(attach_volume))
+        .route("/v1/volumes/{id}/detach", post(detach_volume))
+        .fallback(|| async { ApiError::not_found("no such API path; see /openapi.json") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
+    )
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Json<HealthInfo> {
+    Json(HealthInfo {
+        status: "ok".into(),
+        revision: s.controller.store().revision(),
+    })
+}
+
+async fn list_servers(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::ServerInfo>> {
+    admin(&c)?;
+    Ok(Json(s.controller.list_servers()?))
+}
+
+async fn register_server(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::ServerInfo> {
+    Ok(Json(s.controller.register_server(&c, json(&body)?)?))
+}
+
+async fn server_heartbeat(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.controller.server_heartbeat(&c, &id, json(&body)?)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn list_nodes(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::NodeInfo>> {
+    admin(&c)?;
+    Ok(Json(s.controller.list_nodes()?))
+}
+
+async fn register_node(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::NodeInfo> {
+    Ok(Json(s.controller.register_node(&c, json(&body)?)?))
+}
+
+async fn node_heartbeat(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.controller.node_heartbeat(&c, &id, json(&body)?)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+/// `after` and `wait_ms` from the query string.
+fn watch_params(q: Option<&str>) -> Result<(u64, Duration), ApiError> {
+    let mut after = 0;
+    let mut wait = Duration::ZERO;
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let n: u64 = v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("query parameter {k}={v:?} is not a number")))?;
+        match k {
+            "after" => after = n,
+            "wait_ms" => wait = Duration::from_millis(n).min(MAX_WAIT),
+            _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}; use after and wait_ms"))),
+        }
+    }
+    Ok((after, wait))
+}
+
+async fn node_attachments(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Answer<keel_api::NodeAttachments> {
+    let (after, wait) = watch_params(q.as_deref())?;
+    Ok(Json(s.controller.node_attachments(&c, &id, after, wait).await?))
+}
+
+async fn list_volumes(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::VolumeInfo>> {
+    admin(&c)?;
+    Ok(Json(s.controller.list_volumes()?))
+}
+
+async fn create_volume(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::VolumeInfo> {
+    admin(&c)?;
+    Ok(Json(s.controller.create_volume(json(&body)?).await?))
+}
+
+async fn describe_volume(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> Answer<keel_api::VolumeInfo> {
+    admin(&c)?;
+    Ok(Json(s.controller.describe(&id)?))
+}
+
+async fn delete_volume(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> Answer<keel_api::DeleteResult> {
+    admin(&c)?;
+    Ok(Json(s.controller.delete_volume(&id).await?))
+}
+
+async fn resize_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::VolumeInfo> {
+    admin(&c)?;
+    Ok(Json(s.controller.resize_volume(&id, json(&body)?).await?))
+}
+
+async fn attach_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::VolumeInfo> {
+    admin(&c)?;
+    Ok(Json(s.controller.attach(&id, json(&body)?).await?))
+}
+
+async fn detach_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::VolumeInfo> {
+    admin(&c)?;
+    Ok(Json(s.controller.detach(&id, json(&body)?).await?))
+}
+
+/// TLS for the API: the controller's certificate; client certificates from the cluster CA
+/// are verified when presented and optional (bearer tokens are the alternative).
+pub fn server_tls(paths: &keel_proto::tls::TlsPaths) -> Result<Arc<rustls::ServerConfig>, keel_proto::tls::TlsError> {
+    use keel_proto::tls::{load_certs, load_key, TlsError};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&paths.ca)? {
+        roots.add(c)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts HTTPS connections forever.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, addr) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "API TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%addr, "API TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| identity_from_cert(c.as_ref()).ok());
+            let peer = ConnPeer(peer);
+            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                app.clone().oneshot(req)
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%addr, error = %e, "API connection ended");
+            }
+        });
+    }
+}

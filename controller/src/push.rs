@@ -1,0 +1,76 @@
+//! Pushes the controller's decisions to the storage servers with the copy administration ops
+//! of the data-path protocol (see docs/protocol.md, "Copy administration").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::admin::{admin_call_with_timeout, AdminError, AdminRequest};
+use keel_proto::{Epoch, MemberRole, VolumeId};
+
+use crate::model::CopyRole;
+
+/// Storage server administration, as this controller (its `controller-<id>` certificate).
+#[derive(Clone)]
+pub struct Pusher {
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+}
+
+/// Why a push did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("volume id {0:?} is not hex")]
+    BadId(String),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+fn vid(id: &str) -> Result<VolumeId, PushError> {
+    id.parse().map_err(|_| PushError::BadId(id.to_string()))
+}
+
+fn role(r: CopyRole) -> MemberRole {
+    match r {
+        CopyRole::Primary => MemberRole::Primary,
+        CopyRole::Mirror => MemberRole::Mirror,
+    }
+}
+
+impl Pusher {
+    pub fn new(tls: Arc<rustls::ClientConfig>, timeout: Duration) -> Pusher {
+        Pusher { tls, timeout }
+    }
+
+    async fn call(&self, addr: SocketAddr, req: AdminRequest) -> Result<(), PushError> {
+        admin_call_with_timeout(addr, self.tls.clone(), req, self.timeout).await?;
+        Ok(())
+    }
+
+    pub async fn create_copy(&self, addr: SocketAddr, volume: &str, size: u64, r: CopyRole, epoch: u64) -> Result<(), PushError> {
+        let req = AdminRequest::CreateCopy {
+            volume: vid(volume)?,
+            size,
+            role: role(r),
+            epoch: Epoch(epoch),
+        };
+        self.call(addr, req).await
+    }
+
+    pub async fn delete_copy(&self, addr: SocketAddr, volume: &str) -> Result<(), PushError> {
+        self.call(addr, AdminRequest::DeleteCopy { volume: vid(volume)? }).await
+    }
+
+    pub async fn set_membership(&self, addr: SocketAddr, volume: &str, r: CopyRole, epoch: u64) -> Result<(), PushError> {
+        let req = AdminRequest::SetMembership {
+            volume: vid(volume)?,
+            role: role(r),
+            epoch: Epoch(epoch),
+        };
+        self.call(addr, req).await
+    }
+
+    pub async fn resize(&self, addr: SocketAddr, volume: &str, size: u64) -> Result<(), PushError> {
+        self.call(addr, AdminRequest::Resize { volume: vid(volume)?, size }).await
+    }
+}

@@ -1,0 +1,1044 @@
+//! The controller's logic: registration and liveness, volume lifecycle, attachments with
+//! epoch fencing, and the reconciler that pushes the recorded state to the storage servers.
+//!
+//! Ordering rules (see docs/controller.md):
+//! 1. A change is first committed to the metadata store (one compare-and-swap of one
+//!    record), then pushed to the storage servers. A push that fails is retried by the
+//!    reconciler until the server reports the recorded state.
+//! 2. A read-write attach (and a forced detach) bumps the volume's epoch. The API answers only
+//!    after the push of the new epoch to the copies was tried; once a copy has it, it refuses
+//!    every request carrying an older epoch — the old writer is fenced even if its node never
+//!    hears about the change.
+//! 3. Nodes learn their attachments by long-polling; they act on the recorded state only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_api::{
+    AttachVolume, AttachmentInfo, CopyInfo, CreateVolume, DeleteResult, DetachVolume, Health,
+    NodeAttachment, NodeAttachments, NodeHeartbeat, NodeInfo, NodeRegistration, ResizeVolume,
+    ServerHeartbeat, ServerInfo, ServerRegistration, VolumeInfo, VolumeState,
+};
+use keel_proto::VolumeId;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::model::*;
+use crate::placement::{place, Candidate};
+use crate::push::Pusher;
+use crate::store::{MetaStore, StoreError};
+
+/// Largest volume the API accepts (64 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+/// Most copies a volume may ask for.
+pub const MAX_REPLICAS: u32 = 3;
+
+/// Who is calling, from its client certificate or bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// An operator (`admin` certificate or bearer token): may do everything.
+    Admin(String),
+    /// A storage server: may register and heartbeat as itself.
+    Storage(String),
+    /// A node manager: may register, heartbeat and watch as itself.
+    Node(String),
+}
+
+/// Timing knobs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A server or node without a heartbeat for this long is `down`.
+    pub failure_timeout: Duration,
+    /// How often the reconciler runs.
+    pub reconcile_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            failure_timeout: Duration::from_secs(5),
+            reconcile_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct ServerLive {
+    last_seen: Instant,
+    hb: ServerHeartbeat,
+}
+
+struct NodeLive {
+    last_seen: Instant,
+    hb: NodeHeartbeat,
+}
+
+#[derive(Default)]
+struct Live {
+    servers: HashMap<String, ServerLive>,
+    nodes: HashMap<String, NodeLive>,
+}
+
+/// The system manager.
+pub struct Controller {
+    store: Arc<dyn MetaStore>,
+    push: Pusher,
+    live: Mutex<Live>,
+    cfg: Config,
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Parses a size given in an API body.
+pub fn check_size(size: &keel_api::SizeInput) -> Result<u64, ApiError> {
+    let bytes = size.bytes().map_err(ApiError::bad_request)?;
+    if bytes == 0 {
+        return Err(ApiError::bad_request("size must be greater than 0"));
+    }
+    if bytes % 512 != 0 {
+        return Err(ApiError::bad_request(format!(
+            "size {bytes} is not a multiple of 512 bytes; round it, e.g. to {}",
+            bytes.div_ceil(512) * 512
+        )));
+    }
+    if bytes > MAX_VOLUME_SIZE {
+        return Err(ApiError::bad_request(format!(
+            "size {bytes} exceeds the largest volume, {MAX_VOLUME_SIZE} bytes (64 TiB)"
+        )));
+    }
+    Ok(bytes)
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} {s:?} is invalid: use 1 to 64 letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+fn new_volume_id() -> String {
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    let mut v = u64::from_le_bytes(b);
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        v ^= t.rotate_left(17) ^ u64::from(std::process::id());
+    }
+    // The top bit set: always 16 hex digits, which is also the guest's disk serial.
+    format!("{:016x}", v | (1 << 63))
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn MetaStore>, push: Pusher, cfg: Config) -> Arc<Controller> {
+        Arc::new(Controller {
+            store,
+            push,
+            live: Mutex::new(Live::default()),
+            cfg,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, ApiError> {
+        let Some(v) = blocking(|| self.store.get(key))? else {
+            return Ok(None);
+        };
+        let t = serde_json::from_slice(&v.value)
+            .map_err(|e| ApiError::internal(format!("record {key} is corrupt: {e}")))?;
+        Ok(Some((t, v.version)))
+    }
+
+    fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(T, u64)>, ApiError> {
+        let rows = blocking(|| self.store.list(prefix))?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice(&v.value)
+                    .map(|t| (t, v.version))
+                    .map_err(|e| ApiError::internal(format!("record {k} is corrupt: {e}")))
+            })
+            .collect()
+    }
+
+    fn cas<T: Serialize>(&self, key: &str, expected: u64, value: Option<&T>) -> Result<u64, StoreError> {
+        let bytes = value
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        blocking(|| self.store.cas(key, expected, bytes.as_deref()))
+    }
+
+    /// Applies `f` to a volume record and commits it with compare-and-swap, retrying on
+    /// concurrent changes. `f` returning `Ok(None)` means "nothing to change".
+    fn update_volume(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&mut VolumeRecord) -> Result<bool, ApiError>,
+    ) -> Result<VolumeRecord, ApiError> {
+        for _ in 0..64 {
+            let (mut vol, version) = self
+                .load::<VolumeRecord>(&volume_key(id))?
+                .ok_or_else(|| ApiError::not_found(format!("volume {id} not found")))?;
+            if !f(&mut vol)? {
+                return Ok(vol);
+            }
+            match self.cas(&volume_key(id), version, Some(&vol)) {
+                Ok(_) => return Ok(vol),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "volume {id} keeps changing concurrently; retry"
+        )))
+    }
+
+    // ----- servers -----
+
+    pub fn register_server(&self, caller: &Caller, reg: ServerRegistration) -> Result<ServerInfo, ApiError> {
+        match caller {
+            Caller::Storage(id) if *id == reg.id => {}
+            Caller::Admin(_) => {}
+            Caller::Storage(id) => {
+                return Err(ApiError::forbidden(format!(
+                    "certificate is for storage server {id}, not {}",
+                    reg.id
+                )))
+            }
+            Caller::Node(_) => return Err(ApiError::forbidden("nodes cannot register storage servers")),
+        }
+        check_name("server id", &reg.id)?;
+        let address: SocketAddr = reg.address.parse().map_err(|_| {
+            ApiError::bad_request(format!("address {:?} is not IP:PORT", reg.address))
+        })?;
+        if address.port() == 0 || address.ip().is_unspecified() {
+            return Err(ApiError::bad_request(format!(
+                "address {address} is not reachable: give the IP and port clients connect to"
+            )));
+        }
+        if reg.capacity_bytes == 0 {
+            return Err(ApiError::bad_request("capacity_bytes must be greater than 0"));
+        }
+        if !reg.zone.is_empty() {
+            check_name("zone", &reg.zone)?;
+        }
+        let key = server_key(&reg.id);
+        loop {
+            let existing = self.load::<ServerRecord>(&key)?;
+            let rec = ServerRecord {
+                id: reg.id.clone(),
+                address: address.to_string(),
+                zone: reg.zone.clone(),
+                capacity_bytes: reg.capacity_bytes,
+                registered_at_unix: existing
+                    .as_ref()
+                    .map(|(r, _)| r.registered_at_unix)
+                    .unwrap_or_else(now_unix),
+            };
+            if existing.as_ref().is_some_and(|(r, _)| *r == rec) {
+                break;
+            }
+            match self.cas(&key, existing.map(|(_, v)| v).unwrap_or(0), Some(&rec)) {
+                Ok(_) => break,
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(server = %reg.id, address = %reg.address, zone = %reg.zone, "storage server registered");
+        self.live().servers.insert(
+            reg.id.clone(),
+            ServerLive {
+                last_seen: Instant::now(),
+                hb: ServerHeartbeat::default(),
+            },
+        );
+        self.server_info(&reg.id)
+    }
+
+    pub fn server_heartbeat(&self, caller: &Caller, id: &str, hb: ServerHeartbeat) -> Result<(), ApiError> {
+        if !matches!(caller, Caller::Storage(c) if c == id) {
+            return Err(ApiError::forbidden(format!(
+                "only storage server {id} may heartbeat as itself"
+            )));
+        }
+        if self.load::<ServerRecord>(&server_key(id))?.is_none() {
+            return Err(ApiError::not_found(format!(
+                "storage server {id} is not registered; register first"
+            )));
+        }
+        self.live().servers.insert(
+            id.to_string(),
+            ServerLive {
+                last_seen: Instant::now(),
+                hb,
+            },
+        );
+        Ok(())
+    }
+
+    fn server_up(&self, id: &str) -> bool {
+        self.live()
+            .servers
+            .get(id)
+            .is_some_and(|s| s.last_seen.elapsed() < self.cfg.failure_timeout)
+    }
+
+    /// Records a push the server acknowledged, so `describe` need not wait for its next
+    /// heartbeat to show the copy current.
+    fn note_copy(&self, server: &str, volume: &str, size: u64, epoch: u64, role: CopyRole) {
+        let mut live = self.live();
+        let Some(l) = live.servers.get_mut(server) else {
+            return;
+        };
+        let report = keel_api::CopyReport {
+            volume: volume.to_string(),
+            size,
+            epoch,
+            role: role.as_str().into(),
+        };
+        match l.hb.copies.iter_mut().find(|c| c.volume == volume) {
+            Some(c) => *c = report,
+            None => l.hb.copies.push(report),
+        }
+    }
+
+    fn allocations(&self) -> Result<HashMap<String, (u64, u64)>, ApiError> {
+        let mut out: HashMap<String, (u64, u64)> = HashMap::new();
+        for (v, _) in self.list::<VolumeRecord>(VOLUME_PREFIX)? {
+            for c in &v.copies {
+                let e = out.entry(c.server.clone()).or_default();
+                e.0 += v.size;
+                e.1 += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    fn server_info_from(&self, r: &ServerRecord, alloc: &HashMap<String, (u64, u64)>) -> ServerInfo {
+        let live = self.live();
+        let l = live.servers.get(&r.id);
+        let (allocated, copies) = alloc.get(&r.id).copied().unwrap_or((0, 0));
+        let ago = l.map(|l| l.last_seen.elapsed());
+        ServerInfo {
+            id: r.id.clone(),
+            address: r.address.clone(),
+            zone: r.zone.clone(),
+            capacity_bytes: r.capacity_bytes,
+            allocated_bytes: allocated,
+            used_bytes: l.map(|l| l.hb.used_bytes).unwrap_or(0),
+            copies,
+            health: if ago.is_some_and(|a| a < self.cfg.failure_timeout) {
+                Health::Up
+            } else {
+                Health::Down
+            },
+            last_seen_ms_ago: ago.map(|a| a.as_millis() as u64).unwrap_or(u64::MAX),
+            counters: l.map(|l| l.hb.counters.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn server_info(&self, id: &str) -> Result<ServerInfo, ApiError> {
+        let (r, _) = self
+            .load::<ServerRecord>(&server_key(id))?
+            .ok_or_else(|| ApiError::not_found(format!("storage server {id} not found")))?;
+        Ok(self.server_info_from(&r, &self.allocations()?))
+    }
+
+    pub fn list_servers(&self) -> Result<Vec<ServerInfo>, ApiError> {
+        let alloc = self.allocations()?;
+        Ok(self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .iter()
+            .map(|(r, _)| self.server_info_from(r, &alloc))
+            .collect())
+    }
+
+    // ----- nodes -----
+
+    pub fn register_node(&self, caller: &Caller, reg: NodeRegistration) -> Result<NodeInfo, ApiError> {
+        match caller {
+            Caller::Node(id) if *id == reg.id => {}
+            Caller::Admin(_) => {}
+            Caller::Node(id) => {
+                return Err(ApiError::forbidden(format!(
+                    "certificate is for node {id}, not {}",
+                    reg.id
+                )))
+            }
+            Caller::Storage(_) => return Err(ApiError::forbidden("storage servers cannot register nodes")),
+        }
+        check_name("node id", &reg.id)?;
+        if !reg.socket_dir.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "socket_dir {:?} must be an absolute path",
+                reg.socket_dir
+            )));
+        }
+        let key = node_key(&reg.id);
+        loop {
+            let existing = self.load::<NodeRecord>(&key)?;
+            let rec = NodeRecord {
+                id: reg.id.clone(),
+                socket_dir: reg.socket_dir.clone(),
+                registered_at_unix: existing
+                    .as_ref()
+                    .map(|(r, _)| r.registered_at_unix)
+                    .unwrap_or_else(now_unix),
+            };
+            if existing.as_ref().is_some_and(|(r, _)| *r == rec) {
+                break;
+            }
+            match self.cas(&key, existing.map(|(_, v)| v).unwrap_or(0), Some(&rec)) {
+                Ok(_) => break,
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(node = %reg.id, socket_dir = %reg.socket_dir, "node registered");
+        self.live().nodes.insert(
+            reg.id.clone(),
+            NodeLive {
+                last_seen: Instant::now(),
+                hb: NodeHeartbeat::default(),
+            },
+        );
+        self.list_nodes()?
+            .into_iter()
+            .find(|n| n.id == reg.id)
+            .ok_or_else(|| ApiError::internal("node vanished after registering"))
+    }
+
+    pub fn node_heartbeat(&self, caller: &Caller, id: &str, hb: NodeHeartbeat) -> Result<(), ApiError> {
+        if !matches!(caller, Caller::Node(c) if c == id) {
+            return Err(ApiError::forbidden(format!("only node {id} may heartbeat as itself")));
+        }
+        if self.load::<NodeRecord>(&node_key(id))?.is_none() {
+            return Err(ApiError::not_found(format!("node {id} is not registered; register first")));
+        }
+        self.live().nodes.insert(
+            id.to_string(),
+            NodeLive {
+                last_seen: Instant::now(),
+                hb,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn list_nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
+        let vols = self.list::<VolumeRecord>(VOLUME_PREFIX)?;
+        let nodes = self.list::<NodeRecord>(NODE_PREFIX)?;
+        let live = self.live();
+        Ok(nodes
+            .into_iter()
+            .map(|(n, _)| {
+                let ago = live.nodes.get(&n.id).map(|l| l.last_seen.elapsed());
+                NodeInfo {
+                    attachments: vols
+                        .iter()
+                        .flat_map(|(v, _)| &v.attachments)
+                        .filter(|a| a.node == n.id)
+                        .count() as u64,
+                    id: n.id,
+                    socket_dir: n.socket_dir,
+                    health: if ago.is_some_and(|a| a < self.cfg.failure_timeout) {
+                        Health::Up
+                    } else {
+                        Health::Down
+                    },
+                    last_seen_ms_ago: ago.map(|a| a.as_millis() as u64).unwrap_or(u64::MAX),
+                }
+            })
+            .collect())
+    }
+
+    fn guest_connected(&self, node: &str, volume: &str, instance: &str) -> bool {
+        self.live().nodes.get(node).is_some_and(|n| {
+            n.hb
+                .attachments
+                .iter()
+                .any(|a| a.volume == volume && a.instance == instance && a.connected)
+        })
+    }
+
+    /// A node's attachments, waiting up to `wait` for the store to move past `after`.
+    pub async fn node_attachments(
+        &self,
+        caller: &Caller,
+        node: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<NodeAttachments, ApiError> {
+        match caller {
+            Caller::Node(c) if c == node => {}
+            Caller::Admin(_) => {}
+            _ => return Err(ApiError::forbidden(format!("only node {node} may watch its attachments"))),
+        }
+        if self.load::<NodeRecord>(&node_key(node))?.is_none() {
+            return Err(ApiError::not_found(format!("node {node} is not registered; register first")));
+        }
+        let mut rx = self.store.watch();
+        if *rx.borrow_and_update() <= after {
+            let _ = tokio::time::timeout(wait.min(Duration::from_secs(60)), rx.changed()).await;
+        }
+        let version = self.store.revision();
+        let servers: HashMap<String, ServerRecord> = self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .map(|(s, _)| (s.id.clone(), s))
+            .collect();
+        let mut attachments = Vec::new();
+        for (v, _) in self.list::<VolumeRecord>(VOLUME_PREFIX)? {
+            if v.state != VolumeRecordState::Ready {
+                continue;
+            }
+            let server = v
+                .primary()
+                .and_then(|p| servers.get(&p.server))
+                .map(|s| s.address.clone())
+                .unwrap_or_default();
+            for a in v.attachments.iter().filter(|a| a.node == node) {
+                attachments.push(NodeAttachment {
+                    volume: v.id.clone(),
+                    instance: a.instance.clone(),
+                    socket: a.socket.clone(),
+                    read_only: a.mode == Mode::ReadOnly,
+                    epoch: v.epoch,
+                    size: v.size,
+                    server: server.clone(),
+                });
+            }
+        }
+        Ok(NodeAttachments {
+            version,
+            attachments,
+        })
+    }
+
+    // ----- volumes -----
+
+    /// Finds a volume by id or by name.
+    pub fn resolve(&self, id_or_name: &str) -> Result<VolumeRecord, ApiError> {
+        if id_or_name.parse::<VolumeId>().is_ok() {
+            let id = id_or_name.strip_prefix("vol-").unwrap_or(id_or_name).to_ascii_lowercase();
+            if let Some((v, _)) = self.load::<VolumeRecord>(&volume_key(&id))? {
+                return Ok(v);
+            }
+        }
+        if valid_name(id_or_name) {
+            let found: Vec<VolumeRecord> = self
+                .list::<VolumeRecord>(VOLUME_PREFIX)?
+                .into_iter()
+                .map(|(v, _)| v)
+                .filter(|v| v.name.as_deref() == Some(id_or_name))
+                .collect();
+            if let Some(v) = found.into_iter().next() {
+                return Ok(v);
+            }
+            return Err(ApiError::not_found(format!(
+                "volume {id_or_name} not found (no volume has that id or name; `keelctl volume list` shows them)"
+            )));
+        }
+        Err(ApiError::bad_request(format!(
+            "{id_or_name:?} is not a volume id (hex digits) or name"
+        )))
+    }
+
+    fn volume_info(&self, v: &VolumeRecord) -> Result<VolumeInfo, ApiError> {
+        let servers: HashMap<String, ServerRecord> = self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .map(|(s, _)| (s.id.clone(), s))
+            .collect();
+        let live = self.live();
+        let copies = v
+            .copies
+            .iter()
+            .map(|c| {
+                let l = live.servers.get(&c.server);
+                let up = l.is_some_and(|l| l.last_seen.elapsed() < self.cfg.failure_timeout);
+                let reported = l.and_then(|l| l.hb.copies.iter().find(|r| r.volume == v.id));
+                let state = if !up {
+                    "server_down"
+                } else {
+                    match reported {
+                        None if v.state == VolumeRecordState::Creating => "pending",
+                        None => "missing",
+                        Some(r) if r.size < v.size || r.epoch < v.epoch => "pending",
+                        Some(_) if c.role == CopyRole::Mirror => "not_replicated",
+                        Some(_) => "ok",
+                    }
+                };
+                CopyInfo {
+                    server: c.server.clone(),
+                    address: servers.get(&c.server).map(|s| s.address.clone()).unwrap_or_default(),
+                    role: c.role.as_str().into(),
+                    state: state.into(),
+                }
+            })
+            .collect();
+        let attachments = v
+            .attachments
+            .iter()
+            .map(|a| AttachmentInfo {
+                node: a.node.clone(),
+                instance: a.instance.clone(),
+                mode: a.mode.as_str().into(),
+                socket: a.socket.clone(),
+                epoch: v.epoch,
+                connected: live.nodes.get(&a.node).is_some_and(|n| {
+                    n.hb
+                        .attachments
+                        .iter()
+                        .any(|r| r.volume == v.id && r.instance == a.instance && r.connected)
+                }),
+                attached_at_unix: a.attached_at_unix,
+            })
+            .collect();
+        Ok(VolumeInfo {
+            id: v.id.clone(),
+            name: v.name.clone(),
+            size: v.size,
+            replicas: v.replicas,
+            state: match v.state {
+                VolumeRecordState::Creating => VolumeState::Creating,
+                VolumeRecordState::Deleting => VolumeState::Deleting,
+                VolumeRecordState::Ready if v.attachments.is_empty() => VolumeState::Available,
+                VolumeRecordState::Ready => VolumeState::Attached,
+            },
+            epoch: v.epoch,
+            copies,
+            attachments,
+            created_at_unix: v.created_at_unix,
+        })
+    }
+
+    pub fn describe(&self, id_or_name: &str) -> Result<VolumeInfo, ApiError> {
+        let v = self.resolve(id_or_name)?;
+        self.volume_info(&v)
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ApiError> {
+        self.list::<VolumeRecord>(VOLUME_PREFIX)?
+            .iter()
+            .map(|(v, _)| self.volume_info(v))
+            .collect()
+    }
+
+    fn server_addresses(&self) -> Result<HashMap<String, SocketAddr>, ApiError> {
+        Ok(self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .filter_map(|(s, _)| s.address.parse().ok().map(|a| (s.id, a)))
+            .collect())
+    }
+
+    pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeInfo, ApiError> {
+        let size = check_size(&req.size)?;
+        let replicas = req.replicas.unwrap_or(1);
+        if replicas == 0 || replicas > MAX_REPLICAS {
+            return Err(ApiError::bad_request(format!(
+                "replicas must be between 1 and {MAX_REPLICAS}, not {replicas}"
+            )));
+        }
+        if let Some(n) = &req.name {
+            check_name("volume name", n)?;
+            if n.parse::<VolumeId>().is_ok() {
+                return Err(ApiError::bad_request(format!(
+                    "volume name {n:?} looks like a volume id; pick a name with a letter beyond a-f"
+                )));
+            }
+            if self
+                .list::<VolumeRecord>(VOLUME_PREFIX)?
+                .iter()
+                .any(|(v, _)| v.name.as_deref() == Some(n.as_str()))
+            {
+                return Err(ApiError::conflict(format!("a volume named {n} exists already")));
+            }
+        }
+        let alloc = self.allocations()?;
+        let candidates: Vec<Candidate> = self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .map(|(s, _)| Candidate {
+                up: self.server_up(&s.id),
+                allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
+                id: s.id,
+                zone: s.zone,
+                capacity_bytes: s.capacity_bytes,
+            })
+            .collect();
+        let chosen = place(&candidates, size, replicas as usize)
+            .map_err(|e| ApiError::insufficient(e.to_string()))?;
+        let id = new_volume_id();
+        let rec = VolumeRecord {
+            id: id.clone(),
+            name: req.name.clone(),
+            size,
+            replicas,
+            state: VolumeRecordState::Creating,
+            epoch: 1,
+            copies: chosen
+                .iter()
+                .enumerate()
+                .map(|(i, s)| CopyRecord {
+                    server: s.clone(),
+                    role: if i == 0 { CopyRole::Primary } else { CopyRole::Mirror },
+                })
+                .collect(),
+            attachments: vec![],
+            created_at_unix: now_unix(),
+        };
+        self.cas(&volume_key(&id), 0, Some(&rec))?;
+        let addrs = self.server_addresses()?;
+        let mut failed = None;
+        for c in &rec.copies {
+            let Some(addr) = addrs.get(&c.server) else {
+                failed = Some(format!("server {} has no address", c.server));
+                break;
+            };
+            if let Err(e) = self.push.create_copy(*addr, &rec.id, rec.size, c.role, rec.epoch).await {
+                failed = Some(format!("creating the copy on server {}: {e}", c.server));
+                break;
+            }
+            self.note_copy(&c.server, &rec.id, rec.size, rec.epoch, c.role);
+        }
+        if let Some(why) = failed {
+            // Undo: remove what was made, then the record.
+            for c in &rec.copies {
+                if let Some(addr) = addrs.get(&c.server) {
+                    let _ = self.push.delete_copy(*addr, &rec.id).await;
+                }
+            }
+            if let Some((_, ver)) = self.load::<VolumeRecord>(&volume_key(&id))? {
+                let _ = self.cas::<VolumeRecord>(&volume_key(&id), ver, None);
+            }
+            return Err(ApiError::unavailable(format!(
+                "volume not created: {why}; check the storage servers (`keelctl server list`) and retry"
+            )));
+        }
+        let rec = self.update_volume(&id, |v| {
+            v.state = VolumeRecordState::Ready;
+            Ok(true)
+        })?;
+        tracing::info!(volume = %id, size, servers = ?chosen, "volume created");
+        self.volume_info(&rec)
+    }
+
+    pub async fn delete_volume(&self, id_or_name: &str) -> Result<DeleteResult, ApiError> {
+        let v = self.resolve(id_or_name)?;
+        let id = v.id.clone();
+        let v = self.update_volume(&id, |v| {
+            if let Some(a) = v.attachments.first() {
+                return Err(ApiError::conflict(format!(
+                    "volume {} is attached to instance {} on node {}; detach it first",
+                    v.id, a.instance, a.node
+                )));
+            }
+            if v.state == VolumeRecordState::Deleting {
+                return Ok(false);
+            }
+            v.state = VolumeRecordState::Deleting;
+            Ok(true)
+        })?;
+        let complete = self.finish_delete(&v).await?;
+        tracing::info!(volume = %id, complete, "volume deleted");
+        Ok(DeleteResult { id, complete })
+    }
+
+    /// Deletes a `Deleting` volume's copies; removes the record once all are gone.
+    async fn finish_delete(&self, v: &VolumeRecord) -> Result<bool, ApiError> {
+        let addrs = self.server_addresses()?;
+        let mut all = true;
+        for c in &v.copies {
+            let ok = match addrs.get(&c.server) {
+                Some(addr) => self.push.delete_copy(*addr, &v.id).await.is_ok(),
+                None => true,
+            };
+            all &= ok;
+        }
+        if all {
+            if let Some((cur, ver)) = self.load::<VolumeRecord>(&volume_key(&v.id))? {
+                if cur.state == VolumeRecordState::Deleting {
+                    match self.cas::<VolumeRecord>(&volume_key(&v.id), ver, None) {
+                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    fn ready(v: &VolumeRecord) -> Result<(), ApiError> {
+        match v.state {
+            VolumeRecordState::Ready => Ok(()),
+            VolumeRecordState::Creating => Err(ApiError::conflict(format!(
+                "volume {} is still being created; retry shortly",
+                v.id
+            ))),
+            VolumeRecordState::Deleting => Err(ApiError::conflict(format!("volume {} is being deleted", v.id))),
+        }
+    }
+
+    pub async fn resize_volume(&self, id_or_name: &str, req: ResizeVolume) -> Result<VolumeInfo, ApiError> {
+        let size = check_size(&req.size)?;
+        let v = self.resolve(id_or_name)?;
+        Self::ready(&v)?;
+        if size < v.size {
+            return Err(ApiError::bad_request(format!(
+                "volume {} is {} bytes; volumes only grow (asked for {size})",
+                v.id, v.size
+            )));
+        }
+        if size > v.size {
+            let grow = size - v.size;
+            let alloc = self.allocations()?;
+            for c in &v.copies {
+                let (rec, _) = self
+                    .load::<ServerRecord>(&server_key(&c.server))?
+                    .ok_or_else(|| ApiError::internal(format!("server {} vanished", c.server)))?;
+                let free = rec.capacity_bytes.saturating_sub(alloc.get(&c.server).map(|a| a.0).unwrap_or(0));
+                if free < grow {
+                    return Err(ApiError::insufficient(format!(
+                        "growing volume {} by {grow} bytes needs that much free on server {}, which has {free}",
+                        v.id, c.server
+                    )));
+                }
+            }
+        }
+        let id = v.id.clone();
+        let v = self.update_volume(&id, |v| {
+            Self::ready(v)?;
+            if size < v.size {
+                return Err(ApiError::bad_request(format!("volume {} is {} bytes; volumes only grow", v.id, v.size)));
+            }
+            if size == v.size {
+                return Ok(false);
+            }
+            v.size = size;
+            Ok(true)
+        })?;
+        self.push_membership(&v, true).await;
+        tracing::info!(volume = %id, size, "volume resized");
+        self.volume_info(&v)
+    }
+
+    /// Pushes the record's epoch (and size, with `resize`) to every copy; failures are left
+    /// to the reconciler.
+    async fn push_membership(&self, v: &VolumeRecord, resize: bool) {
+        let Ok(addrs) = self.server_addresses() else { return };
+        for c in &v.copies {
+            let Some(addr) = addrs.get(&c.server) else { continue };
+            if resize {
+                if let Err(e) = self.push.resize(*addr, &v.id, v.size).await {
+                    tracing::warn!(volume = %v.id, server = %c.server, error = %e, "resize push failed; the reconciler retries");
+                    continue;
+                }
+            }
+            match self.push.set_membership(*addr, &v.id, c.role, v.epoch).await {
+                Ok(()) => self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role),
+                Err(e) => tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch push failed; the reconciler retries"),
+            }
+        }
+    }
+
+    pub async fn attach(&self, id_or_name: &str, req: AttachVolume) -> Result<VolumeInfo, ApiError> {
+        check_name("node", &req.node)?;
+        check_name("instance", &req.instance)?;
+        let (node, _) = self.load::<NodeRecord>(&node_key(&req.node))?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "node {} not found; `keelctl node list` shows the registered nodes",
+                req.node
+            ))
+        })?;
+        let v = self.resolve(id_or_name)?;
+        let id = v.id.clone();
+        let mode = if req.read_only { Mode::ReadOnly } else { Mode::ReadWrite };
+        let socket = format!("{}/{}-{}.sock", node.socket_dir.trim_end_matches('/'), req.instance, id);
+        let mut bumped = false;
+        let mut fenced: Option<AttachmentRecord> = None;
+        let v = self.update_volume(&id, |v| {
+            bumped = false;
+            fenced = None;
+            Self::ready(v)?;
+            if let Some(a) = v.attachments.iter().find(|a| a.node == req.node && a.instance == req.instance) {
+                if a.mode == mode {
+                    return Ok(false);
+                }
+                return Err(ApiError::conflict(format!(
+                    "volume {} is already attached {} to instance {} on node {}; detach it first",
+                    v.id,
+                    a.mode.as_str().replace('_', "-"),
+                    a.instance,
+                    a.node
+                )));
+            }
+            if mode == Mode::ReadWrite {
+                if let Some(w) = v.writer().cloned() {
+                    if !req.force {
+                        return Err(ApiError::conflict(format!(
+                            "volume {} is attached read-write to instance {} on node {}; detach it there, or force the takeover (--force) to fence that writer",
+                            v.id, w.instance, w.node
+                        )));
+                    }
+                    v.attachments.retain(|a| a != &w);
+                    fenced = Some(w);
+                }
+                v.epoch += 1;
+                bumped = true;
+            }
+            v.attachments.push(AttachmentRecord {
+                node: req.node.clone(),
+                instance: req.instance.clone(),
+                mode,
+                socket: socket.clone(),
+                attached_at_unix: now_unix(),
+            });
+            Ok(true)
+        })?;
+        if bumped {
+            self.push_membership(&v, false).await;
+        }
+        if let Some(w) = fenced {
+            tracing::warn!(volume = %id, old_node = %w.node, old_instance = %w.instance, epoch = v.epoch, "forced takeover: old writer fenced");
+        }
+        tracing::info!(volume = %id, node = %req.node, instance = %req.instance, mode = mode.as_str(), epoch = v.epoch, "attached");
+        self.volume_info(&v)
+    }
+
+    pub async fn detach(&self, id_or_name: &str, req: DetachVolume) -> Result<VolumeInfo, ApiError> {
+        let v = self.resolve(id_or_name)?;
+        let id = v.id.clone();
+        let connected = self.guest_connected(&req.node, &id, &req.instance);
+        let mut bumped = false;
+        let v = self.update_volume(&id, |v| {
+            bumped = false;
+            let Some(a) = v
+                .attachments
+                .iter()
+                .find(|a| a.node == req.node && a.instance == req.instance)
+                .cloned()
+            else {
+                return Err(ApiError::not_found(format!(
+                    "volume {} is not attached to instance {} on node {}",
+                    v.id, req.instance, req.node
+                )));
+            };
+            if connected && !req.force {
+                return Err(ApiError::conflict(format!(
+                    "a guest is still connected to volume {} on node {} (instance {}); shut the VM down or detach with --force (its I/O then fails)",
+                    v.id, req.node, req.instance
+                )));
+            }
+            v.attachments.retain(|x| x != &a);
+            if req.force && a.mode == Mode::ReadWrite {
+                v.epoch += 1;
+                bumped = true;
+            }
+            Ok(true)
+        })?;
+        if bumped {
+            self.push_membership(&v, false).await;
+        }
+        tracing::info!(volume = %id, node = %req.node, instance = %req.instance, force = req.force, "detached");
+        self.volume_info(&v)
+    }
+
+    // ----- reconciler -----
+
+    /// Pushes recorded state the servers do not report yet; finishes interrupted creates and
+    /// deletes. Runs forever.
+    pub async fn reconcile_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.cfg.reconcile_interval).await;
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!(error = %e, "reconcile pass failed");
+            }
+        }
+    }
+
+    pub async fn reconcile_once(&self) -> Result<(), ApiError> {
+        let addrs = self.server_addresses()?;
+        for (v, _) in self.list::<VolumeRecord>(VOLUME_PREFIX)? {
+            match v.state {
+                VolumeRecordState::Deleting => {
+                    self.finish_delete(&v).await?;
+                }
+                VolumeRecordState::Creating => {
+                    // A create the controller did not finish (it crashed mid-way): the copies
+                    // are empty, so finishing it is safe and idempotent.
+                    if now_unix().saturating_sub(v.created_at_unix) < 30 {
+                        continue;
+                    }
+                    let mut ok = true;
+                    for c in &v.copies {
+                        match addrs.get(&c.server) {
+                            Some(a) => ok &= self.push.create_copy(*a, &v.id, v.size, c.role, v.epoch).await.is_ok(),
+                            None => ok = false,
+                        }
+                    }
+                    if ok {
+                        self.update_volume(&v.id, |r| {
+                            if r.state != VolumeRecordState::Creating {
+                                return Ok(false);
+                            }
+                            r.state = VolumeRecordState::Ready;
+                            Ok(true)
+                        })?;
+                    }
+                }
+                VolumeRecordState::Ready => {
+                    for c in &v.copies {
+                        let behind = {
+                            let live = self.live();
+                            live.servers.get(&c.server).and_then(|l| {
+                                if l.last_seen.elapsed() >= self.cfg.failure_timeout {
+                                    return None;
+                                }
+                                let r = l.hb.copies.iter().find(|r| r.volume == v.id)?;
+                                Some((r.size < v.size, r.epoch < v.epoch || r.role != c.role.as_str()))
+                            })
+                        };
+                        let Some((small, stale)) = behind else { continue };
+                        let Some(addr) = addrs.get(&c.server) else { continue };
+                        if small {
+                            if let Err(e) = self.push.resize(*addr, &v.id, v.size).await {
+                                tracing::warn!(volume = %v.id, server = %c.server, error = %e, "resize retry failed");
+                            }
+                        }
+                        if stale {
+                            if let Err(e) = self.push.set_membership(*addr, &v.id, c.role, v.epoch).await {
+                                tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch retry failed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

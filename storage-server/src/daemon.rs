@@ -1,0 +1,210 @@
+//! The keel-storage daemon: command-line arguments and the process's main loop, as a library
+//! entry point so that other code (the controller registration, tests) can start it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use keel_proto::tls::TlsPaths;
+use keel_proto::{parse_size, Epoch, VolumeId};
+
+use crate::copy::CopyRole;
+use crate::server::Stats;
+use crate::store::Store;
+
+/// Keel storage server: holds volume copies and serves them over mutual TLS.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "keel-storage", version)]
+pub struct Args {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    pub listen: SocketAddr,
+    /// Directory holding the copies.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// PKI directory (ca.pem, storage-<id>.pem, storage-<id>.key), made by `keelctl pki`.
+    #[arg(long)]
+    pub pki_dir: PathBuf,
+    /// This server's id (its certificate is storage-<id>.pem).
+    #[arg(long)]
+    pub id: String,
+    /// Create a primary copy at startup unless it exists: VOLUME:SIZE[:EPOCH], e.g. 1:1GiB.
+    #[arg(long = "create", value_name = "VOLUME:SIZE[:EPOCH]")]
+    pub create: Vec<String>,
+    /// Write the process id to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// The controller to register with and heartbeat to (https://IP:PORT); without it the
+    /// server runs standalone.
+    #[arg(long)]
+    pub controller: Option<String>,
+    /// Failure-domain label (zone or rack) reported to the controller.
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// Bytes offered for copies, e.g. 100GiB (default: the data directory's free space).
+    #[arg(long, value_parser = parse_size)]
+    pub capacity: Option<u64>,
+    /// Address clients should use, if not the listening address (e.g. behind NAT).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+}
+
+/// Free bytes of the filesystem holding `dir`.
+fn free_space(dir: &std::path::Path) -> anyhow::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs writes only into the zeroed struct we pass; `c` is a valid C string.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(std::io::Error::last_os_error()).context("statvfs of the data directory");
+        }
+        st
+    };
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn parse_create(s: &str) -> anyhow::Result<(VolumeId, u64, Epoch)> {
+    let mut parts = s.split(':');
+    let vol = parts
+        .next()
+        .context("missing volume id")?
+        .parse::<VolumeId>()?;
+    let size = parse_size(
+        parts
+            .next()
+            .context("--create needs VOLUME:SIZE, e.g. 1:1GiB")?,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let epoch = match parts.next() {
+        Some(e) => Epoch(e.parse().context("epoch must be a number")?),
+        None => Epoch(1),
+    };
+    Ok((vol, size, epoch))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM: opens the data directory, creates the `--create`
+/// copies, listens, prints `keel-storage: listening on ADDR` on stdout once ready, serves, and
+/// syncs every copy before returning. Builds its own tokio runtime; tracing is the caller's.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let tls = keel_proto::tls::server_config(&TlsPaths::in_dir(
+        &args.pki_dir,
+        &format!("storage-{}", args.id),
+    ))
+    .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let store = Arc::new(
+        Store::open(&args.data_dir)
+            .with_context(|| format!("opening data directory {}", args.data_dir.display()))?,
+    );
+    for c in &args.create {
+        let (vol, size, epoch) = parse_create(c).with_context(|| format!("--create {c}"))?;
+        let copy = store
+            .create(vol, size, CopyRole::Primary, epoch)
+            .with_context(|| format!("creating volume {vol}"))?;
+        tracing::info!(volume = %vol, size, epoch = %copy.epoch(), "copy ready");
+    }
+    if let Some(p) = &args.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let stats = Arc::new(Stats::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("keel-storage: listening on {addr}");
+        tracing::info!(%addr, id = %args.id, "keel-storage ready");
+        if let Some(url) = &args.controller {
+            let paths = TlsPaths::in_dir(&args.pki_dir, &format!("storage-{}", args.id));
+            let api_tls = keel_api::client_tls(&paths.ca, Some(&paths))
+                .context("loading TLS certificates for the controller")?;
+            let capacity = match args.capacity {
+                Some(c) => c,
+                None => free_space(&args.data_dir)?,
+            };
+            let reg = crate::register::Registration {
+                api: keel_api::ApiClient::new(url, api_tls, None)?
+                    .with_timeout(std::time::Duration::from_secs(10)),
+                id: args.id.clone(),
+                address: args.advertise.unwrap_or(addr),
+                zone: args.zone.clone(),
+                capacity_bytes: capacity,
+                interval: std::time::Duration::from_millis(args.heartbeat_ms),
+            };
+            tokio::spawn(crate::register::run(reg, store.clone(), stats.clone()));
+        }
+        let server = crate::server::serve(listener, store.clone(), tls, stats.clone());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = server => r.context("accept loop")?,
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        let st = stats.snapshot();
+        tracing::info!(
+            reads = st.reads,
+            writes = st.writes,
+            bytes_read = st.bytes_read,
+            bytes_written = st.bytes_written,
+            errors = st.errors,
+            refused = st.refused,
+            used_bytes = store.used_bytes(),
+            "shutting down: syncing copies"
+        );
+        for c in store.list() {
+            if let Err(e) = c.flush() {
+                tracing::error!(volume = %c.volume(), error = %e, "final sync failed");
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn create_specs_parse() {
+        let (v, s, e) = parse_create("51:64MiB").expect("parse");
+        assert_eq!((v, s, e), (VolumeId(0x51), 64 << 20, Epoch(1)));
+        let (_, _, e) = parse_create("1:1GiB:7").expect("parse");
+        assert_eq!(e, Epoch(7));
+        assert!(parse_create("1").is_err());
+        assert!(parse_create("1:1GiB:x").is_err());
+    }
+
+    #[test]
+    fn flags_are_unchanged() {
+        let a = Args::try_parse_from([
+            "keel-storage",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "d",
+            "--pki-dir",
+            "p",
+            "--id",
+            "s1",
+            "--create",
+            "1:1GiB",
+            "--create",
+            "2:2GiB:3",
+            "--pid-file",
+            "pid",
+        ])
+        .expect("parse");
+        assert_eq!(a.create.len(), 2);
+        assert_eq!(a.id, "s1");
+        assert!(Args::try_parse_from(["keel-storage", "--id", "s1"]).is_err());
+    }
+}
