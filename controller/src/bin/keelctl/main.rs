@@ -195,6 +195,9 @@ fn client(cli: &Cli) -> anyhow::Result<ApiClient> {
 }
 
 fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<InvalidInput>().is_some() {
+        return 5;
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { body, .. }) => match body.code.as_str() {
             "not_found" => 3,
@@ -283,8 +286,13 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// Input keelctl itself rejects (exit code 5, like the controller's `bad_request`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct InvalidInput(String);
+
 fn size_arg(s: &str) -> anyhow::Result<SizeInput> {
-    keel_proto::parse_size(s).map_err(anyhow::Error::msg)?;
+    keel_proto::parse_size(s).map_err(InvalidInput)?;
     Ok(SizeInput::Human(s.to_string()))
 }
 

@@ -1,0 +1,596 @@
+//! A whole cluster started by `keelctl up` in a temporary directory, driven with `keelctl`,
+//! with the Rust test VMM as the guest: epoch fencing of a forced takeover and of a forced
+//! detach, and daemons killed with SIGKILL under a connected guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use keel_tests::cluster::bin;
+use keel_tests::keel_up::{alive, Cluster};
+use keel_tests::vmm::*;
+use serde_json::Value;
+
+const CAPACITY: &str = "4GiB";
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid of a daemon of the test's own cluster; only sends a signal.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`.
+fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vmm_opts(io_timeout: Duration) -> VmmOptions {
+    VmmOptions {
+        io_timeout,
+        ..VmmOptions::default()
+    }
+}
+
+/// Waits for `socket` to appear and connects a test VMM to it (retrying while keel-vhost
+/// is between bind and listen).
+fn connect(socket: &Path, io_timeout: Duration) -> Result<TestVmm> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = if socket.exists() {
+            match TestVmm::connect(socket, vmm_opts(io_timeout)) {
+                Ok(v) => return Ok(v),
+                Err(e) => format!("{e:#}"),
+            }
+        } else {
+            "socket does not exist".to_string()
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "cannot connect a VMM to {} within 30 s: {err}",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn describe(c: &Cluster, vol: &str) -> Result<Value> {
+    c.json(&["volume", "describe", vol])
+}
+
+fn epoch(v: &Value) -> u64 {
+    v["epoch"].as_u64().expect("describe shows an epoch")
+}
+
+/// `(node, instance)` of each attachment.
+fn attachments(v: &Value) -> Vec<(String, String)> {
+    v["attachments"]
+        .as_array()
+        .expect("describe shows attachments")
+        .iter()
+        .map(|a| {
+            (
+                a["node"].as_str().unwrap_or_default().to_string(),
+                a["instance"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Attaches read-write; returns the socket the controller chose.
+fn attach(c: &Cluster, vol: &str, node: &str, instance: &str) -> Result<PathBuf> {
+    let a = c.json(&["volume", "attach", vol, "--node", node, "--instance", instance])?;
+    let s = a["socket"]
+        .as_str()
+        .with_context(|| format!("attach printed no socket: {a}"))?;
+    Ok(PathBuf::from(s))
+}
+
+/// The pid of the keel-vhost serving `socket`, from the node manager's records in `state_dir`.
+fn vhost_pid(state_dir: &Path, socket: &Path) -> Result<i32> {
+    for e in std::fs::read_dir(state_dir)?.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&std::fs::read(&p)?) else {
+            continue;
+        };
+        if v["spec"]["socket"].as_str() == socket.to_str() {
+            return v["pid"]
+                .as_i64()
+                .map(|p| p as i32)
+                .with_context(|| format!("{} has no pid", p.display()));
+        }
+    }
+    bail!(
+        "no attachment record for {} in {}",
+        socket.display(),
+        state_dir.display()
+    )
+}
+
+/// Writes `len` bytes of `pattern(seed, ...)` at `sector` and requires OK.
+fn write_ok(vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
+    let st = vmm.write(0, sector, &pattern(seed, sector, len))?;
+    ensure!(
+        st == VIRTIO_BLK_S_OK,
+        "write of {len} bytes at sector {sector} returned status {st}, expected OK"
+    );
+    Ok(())
+}
+
+/// Reads `len` bytes at `sector` and requires OK and `pattern(seed, ...)`.
+fn verify(vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
+    let (st, d) = vmm.read(0, sector, len)?;
+    ensure!(
+        st == VIRTIO_BLK_S_OK,
+        "read of {len} bytes at sector {sector} returned status {st}, expected OK"
+    );
+    let want = pattern(seed, sector, len);
+    if d != want {
+        let bad = d
+            .chunks(512)
+            .zip(want.chunks(512))
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        bail!(
+            "data mismatch reading {len} bytes at sector {sector} (seed {seed}): first bad sector {}",
+            sector + bad as u64
+        );
+    }
+    Ok(())
+}
+
+fn flush_ok(vmm: &mut TestVmm) -> Result<()> {
+    let st = vmm.flush(0)?;
+    ensure!(st == VIRTIO_BLK_S_OK, "flush returned status {st}");
+    Ok(())
+}
+
+/// A second node manager, run by hand next to the cluster's own; SIGTERM on drop.
+struct NodeManager {
+    child: Child,
+    log: PathBuf,
+}
+
+impl NodeManager {
+    fn start(c: &Cluster, id: &str, dir: &Path) -> Result<NodeManager> {
+        let pki = c.dir.join("pki");
+        let out = Command::new(bin("keelctl")?)
+            .args(["pki", "issue", "--role", "node", "--id", id, "--pki-dir"])
+            .arg(&pki)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "keelctl pki issue for {id} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir_all(dir)?;
+        let log = dir.join("node.log");
+        let f = std::fs::File::create(&log)?;
+        let child = Command::new(bin("keelctl")?)
+            .args(["daemon", "node", "--controller", &c.url, "--id", id])
+            .arg("--pki-dir")
+            .arg(&pki)
+            .arg("--socket-dir")
+            .arg(dir.join("sockets"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .context("starting a second node manager")?;
+        Ok(NodeManager { child, log })
+    }
+
+    fn log_grep(&self, needle: &str) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGTERM and wait (20 s); returns whether it exited with success.
+    fn stop(&mut self) -> Result<bool> {
+        kill(self.child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        bail!("the second node manager did not stop within 20 s of SIGTERM")
+    }
+}
+
+impl Drop for NodeManager {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Sends SIGCONT to a process on drop, so a failing test never leaves a daemon stopped.
+struct ContOnDrop(i32);
+
+impl Drop for ContOnDrop {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn forced_takeover_fences_the_old_writer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dir2 = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
+    let sock1 = attach(&cluster, "t", "node1", "vm1")?;
+    let mut old = connect(&sock1, Duration::from_secs(10))?;
+    // Pattern A at sector 0 and elsewhere.
+    const A: u64 = 0xA;
+    let spots = [(0u64, 4096usize), (2048, 65536), (100_000, 8192)];
+    for (s, l) in spots {
+        write_ok(&mut old, s, l, A)?;
+    }
+    flush_ok(&mut old)?;
+    let before = describe(&cluster, "t")?;
+    let e0 = epoch(&before);
+    assert_eq!(attachments(&before), [("node1".into(), "vm1".into())]);
+
+    // A second node manager, node2.
+    let mut node2 = NodeManager::start(&cluster, "node2", dir2.path())?;
+    cluster.wait_for(Duration::from_secs(30), "node2 to be up", || {
+        let nodes = cluster.json(&["node", "list"]).ok()?;
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["id"] == "node2" && n["health"] == "up")
+            .then_some(())
+    })?;
+
+    // node1's manager stops hearing anything; its keel-vhost keeps serving the old VMM.
+    let node1_pid = cluster.pid("node")?;
+    let old_vhost = vhost_pid(&cluster.dir.join("node"), &sock1)?;
+    kill(node1_pid, libc::SIGSTOP);
+    let cont = ContOnDrop(node1_pid);
+
+    let o = cluster.ctl(&["volume", "attach", "t", "--node", "node2", "--instance", "vm2"])?;
+    assert_eq!(
+        o.code, 4,
+        "attach over a writer without --force must be a conflict (exit 4); stdout {:?} stderr {:?}",
+        o.stdout, o.stderr
+    );
+    assert!(
+        o.stderr.contains("node1") && o.stderr.contains("vm1"),
+        "the conflict must name the holder node1/vm1: {:?}",
+        o.stderr
+    );
+    assert_eq!(epoch(&describe(&cluster, "t")?), e0, "a refused attach bumped the epoch");
+
+    let o = cluster.ctl(&[
+        "volume", "attach", "t", "--node", "node2", "--instance", "vm2", "--force", "-o", "json",
+    ])?;
+    assert_eq!(o.code, 0, "forced attach failed: {}", o.stderr);
+    let a: Value = serde_json::from_str(&o.stdout)?;
+    let sock2 = PathBuf::from(a["socket"].as_str().context("forced attach printed no socket")?);
+    assert!(
+        sock2.starts_with(std::fs::canonicalize(dir2.path())?),
+        "vm2's socket {} is not in node2's socket directory",
+        sock2.display()
+    );
+    let after = describe(&cluster, "t")?;
+    assert!(
+        epoch(&after) > e0,
+        "forced takeover must bump the epoch: {e0} -> {}",
+        epoch(&after)
+    );
+    assert_eq!(a["epoch"].as_u64(), Some(epoch(&after)));
+    assert_eq!(attachments(&after), [("node2".into(), "vm2".into())]);
+    assert_eq!(
+        after["copies"][0]["state"], "ok",
+        "the new epoch must have reached the copy before the API answered: {after}"
+    );
+
+    // The old writer is fenced by the storage server: its write fails and never lands.
+    const B: u64 = 0xB;
+    let st = old.write(0, 0, &pattern(B, 0, 4096))?;
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "the fenced writer's write must fail with IOERR"
+    );
+    let (st, _) = old.read(0, 2048, 4096)?;
+    assert_eq!(st, VIRTIO_BLK_S_IOERR, "the fenced writer's read must fail with IOERR");
+    assert!(alive(old_vhost), "node1's keel-vhost should still run (its manager is stopped)");
+
+    // The new writer sees A (B never landed), and writes.
+    let mut new = connect(&sock2, Duration::from_secs(10))?;
+    for (s, l) in spots {
+        verify(&mut new, s, l, A).context("the new writer reading pattern A")?;
+    }
+    const C: u64 = 0xC;
+    write_ok(&mut new, 0, 4096, C)?;
+    flush_ok(&mut new)?;
+    verify(&mut new, 0, 4096, C)?;
+
+    // node1's manager wakes up, learns that vm1 is gone, and stops its keel-vhost.
+    drop(cont);
+    wait_until(Duration::from_secs(20), "node1 to stop vm1's keel-vhost", || {
+        (!alive(old_vhost) && !sock1.exists()).then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "vhost pid {old_vhost} alive: {}, socket exists: {}; node1 log:\n{}",
+            alive(old_vhost),
+            sock1.exists(),
+            cluster.log_grep("node1", "attachment", 10)
+        )
+    })?;
+    assert!(
+        vhost_pid(&cluster.dir.join("node"), &sock1).is_err(),
+        "node1 still records vm1's attachment"
+    );
+    // Still the new writer's data.
+    verify(&mut new, 0, 4096, C)?;
+    verify(&mut new, 2048, 65536, A)?;
+    drop(old);
+    drop(new);
+
+    let vhost2 = vhost_pid(&dir2.path().join("state"), &sock2)?;
+    assert!(
+        node2.stop()?,
+        "node2's manager did not exit cleanly:\n{}",
+        node2.log_grep("")
+    );
+    assert!(!alive(vhost2), "node2's manager left vm2's keel-vhost running");
+    assert!(!sock2.exists(), "node2's manager left vm2's socket behind");
+    Ok(())
+}
+
+#[test]
+fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "d"])?;
+    let sock = attach(&cluster, "d", "node1", "vm1")?;
+    let vhost = vhost_pid(&cluster.dir.join("node"), &sock)?;
+    let mut vmm = connect(&sock, Duration::from_secs(10))?;
+    write_ok(&mut vmm, 8, 4096, 1)?;
+    flush_ok(&mut vmm)?;
+
+    // keel-vhost's status file -> the node's heartbeat -> the controller.
+    let t = Instant::now();
+    cluster.wait_for(Duration::from_secs(10), "the controller to see the guest connected", || {
+        let v = describe(&cluster, "d").ok()?;
+        (v["attachments"][0]["connected"] == true).then_some(())
+    })?;
+    eprintln!("controller saw the guest connected after {:?}", t.elapsed());
+    let e0 = epoch(&describe(&cluster, "d")?);
+
+    let o = cluster.ctl(&["volume", "detach", "d", "--node", "node1", "--instance", "vm1"])?;
+    assert_eq!(
+        o.code, 4,
+        "detaching a connected guest must be a conflict (exit 4); stdout {:?} stderr {:?}",
+        o.stdout, o.stderr
+    );
+    assert!(
+        o.stderr.contains("connected"),
+        "the refusal must say a guest is connected: {:?}",
+        o.stderr
+    );
+    let v = describe(&cluster, "d")?;
+    assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
+    assert_eq!(epoch(&v), e0);
+    // The guest still works.
+    verify(&mut vmm, 8, 4096, 1)?;
+
+    let o = cluster.ctl(&[
+        "volume", "detach", "d", "--node", "node1", "--instance", "vm1", "--force",
+    ])?;
+    assert_eq!(o.code, 0, "forced detach failed: {}", o.stderr);
+    let v = describe(&cluster, "d")?;
+    assert!(
+        epoch(&v) > e0,
+        "a forced detach of a writer must bump the epoch: {e0} -> {}",
+        epoch(&v)
+    );
+    assert!(attachments(&v).is_empty(), "still attached: {v}");
+    assert_eq!(v["state"], "available");
+
+    // The guest's next write fails: fenced (IOERR), or its disk is gone (connection closed).
+    match vmm.write(0, 8, &pattern(2, 8, 4096)) {
+        Ok(st) => assert_eq!(
+            st, VIRTIO_BLK_S_IOERR,
+            "a write after a forced detach must fail"
+        ),
+        Err(e) => eprintln!("write after the forced detach failed as expected: {e:#}"),
+    }
+    wait_until(Duration::from_secs(20), "the socket to disappear", || {
+        (!sock.exists() && !alive(vhost)).then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "socket exists: {}, keel-vhost alive: {}; node log:\n{}",
+            sock.exists(),
+            alive(vhost),
+            cluster.log_grep("node1", "attachment", 10)
+        )
+    })?;
+    drop(vmm);
+
+    // The data written before the detach is there for the next attachment.
+    let sock = attach(&cluster, "d", "node1", "vm2")?;
+    let mut vmm = connect(&sock, Duration::from_secs(10))?;
+    verify(&mut vmm, 8, 4096, 1)?;
+    Ok(())
+}
+
+/// What the test wrote: `(sector, len, seed)`, later entries overwrite earlier ones (the
+/// test never overlaps them).
+struct Written(Vec<(u64, usize, u64)>);
+
+impl Written {
+    fn write(&mut self, vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
+        write_ok(vmm, sector, len, seed)?;
+        self.0.push((sector, len, seed));
+        Ok(())
+    }
+
+    fn verify_all(&self, vmm: &mut TestVmm) -> Result<()> {
+        for &(s, l, seed) in &self.0 {
+            verify(vmm, s, l, seed)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("keel");
+    let mut cluster = Cluster::up(&dir, 2, CAPACITY)?;
+    let created = cluster.json(&["volume", "create", "256MiB", "--name", "k"])?;
+    let id = created["id"].as_str().context("create printed no id")?.to_string();
+    let sock = attach(&cluster, "k", "node1", "vm1")?;
+    // Requests stall (not fail) while a storage server restarts: a long completion timeout.
+    let mut vmm = connect(&sock, Duration::from_secs(90))?;
+    let mut data = Written(Vec::new());
+    // 4 MiB in 256 KiB writes, each sector's content a function of (seed, sector).
+    for i in 0..16u64 {
+        data.write(&mut vmm, i * 512, 256 << 10, 100)?;
+    }
+    flush_ok(&mut vmm)?;
+    data.verify_all(&mut vmm)?;
+    let v0 = describe(&cluster, "k")?;
+    let e0 = epoch(&v0);
+
+    // 1. kill -9 the node manager: its keel-vhost keeps running and is adopted.
+    let state = dir.join("node");
+    let vhost = vhost_pid(&state, &sock)?;
+    let new_node = cluster.kill9_and_wait_restart("node")?;
+    cluster
+        .wait_log("adopted a running keel-vhost", Duration::from_secs(30))
+        .context("the restarted node manager did not adopt keel-vhost")?;
+    assert!(alive(vhost), "keel-vhost died with its node manager");
+    assert_eq!(
+        vhost_pid(&state, &sock)?,
+        vhost,
+        "the restarted node manager (pid {new_node}) replaced keel-vhost instead of adopting it"
+    );
+    data.write(&mut vmm, 20_000, 64 << 10, 101)?;
+    flush_ok(&mut vmm)?;
+    data.verify_all(&mut vmm)?;
+    // Still the same process a heartbeat or two later (the manager did not restart it).
+    cluster.wait_for(Duration::from_secs(10), "node1 to be up", || {
+        let nodes = cluster.json(&["node", "list"]).ok()?;
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["id"] == "node1" && n["health"] == "up")
+            .then_some(())
+    })?;
+    assert_eq!(vhost_pid(&state, &sock)?, vhost);
+    assert!(alive(vhost));
+
+    // 2. kill -9 the primary's storage server: I/O issued meanwhile stalls, then completes.
+    let server = v0["copies"][0]["server"]
+        .as_str()
+        .context("describe shows no copy")?
+        .to_string();
+    let name = format!("storage-{server}");
+    let old = cluster.kill9(&name)?;
+    let t = Instant::now();
+    data.write(&mut vmm, 30_000, 128 << 10, 102)
+        .context("a write issued while the storage server was down")?;
+    let stalled = t.elapsed();
+    let new = cluster.wait_restart(&name, old)?;
+    eprintln!("write during the storage restart completed after {stalled:?}; {name} is pid {new}");
+    flush_ok(&mut vmm)?;
+    data.write(&mut vmm, 40_000, 64 << 10, 103)?;
+    data.verify_all(&mut vmm)?;
+
+    // 3. kill -9 the controller: restarted, with the volume as it was.
+    cluster.kill9_and_wait_restart("controller")?;
+    let v = cluster.wait_for(Duration::from_secs(30), "the restarted controller", || {
+        describe(&cluster, "k").ok()
+    })?;
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(epoch(&v), e0, "the epoch changed across a controller restart");
+    assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
+    assert_eq!(vhost_pid(&state, &sock)?, vhost);
+    data.write(&mut vmm, 50_000, 64 << 10, 104)?;
+    flush_ok(&mut vmm)?;
+    data.verify_all(&mut vmm)?;
+
+    // 4. The guest leaves; detach (once the controller hears it left); stop the cluster.
+    drop(vmm);
+    cluster.wait_for(Duration::from_secs(15), "the controller to see the guest gone", || {
+        let v = describe(&cluster, "k").ok()?;
+        (v["attachments"][0]["connected"] == false).then_some(())
+    })?;
+    cluster.wait_for(Duration::from_secs(15), "a detach to succeed", || {
+        let o = cluster
+            .ctl(&["volume", "detach", "k", "--node", "node1", "--instance", "vm1"])
+            .ok()?;
+        match o.code {
+            0 => Some(Ok(())),
+            4 if o.stderr.contains("connected") => None,
+            _ => Some(Err(anyhow::anyhow!(
+                "detach exited {}: {}",
+                o.code,
+                o.stderr
+            ))),
+        }
+    })??;
+    wait_until(Duration::from_secs(20), "vm1's keel-vhost to stop", || {
+        (!alive(vhost) && !sock.exists()).then_some(())
+    })?;
+    assert_eq!(epoch(&describe(&cluster, "k")?), e0, "a clean detach bumped the epoch");
+
+    assert!(cluster.stop()?, "keelctl up did not exit successfully");
+    for e in std::fs::read_dir(dir.join("run"))?.flatten() {
+        let pid: i32 = std::fs::read_to_string(e.path())?.trim().parse()?;
+        assert!(
+            !alive(pid),
+            "{} (pid {pid}) still runs after the cluster stopped",
+            e.path().display()
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.join("sockets"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "sockets left behind: {left:?}");
+    drop(cluster);
+
+    // 5. The same directory again: the volume and its data are there.
+    let cluster = Cluster::up(&dir, 2, CAPACITY)?;
+    let list = cluster.json(&["volume", "list"])?;
+    let vols = list.as_array().context("volume list is not a list")?;
+    assert_eq!(vols.len(), 1, "{list}");
+    assert_eq!(vols[0]["id"], id.as_str());
+    assert_eq!(vols[0]["name"], "k");
+    let sock = attach(&cluster, "k", "node1", "vm9")?;
+    let mut vmm = connect(&sock, Duration::from_secs(30))?;
+    data.verify_all(&mut vmm)?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! End to end through the control plane, as a user runs it: `keelctl up` starts a cluster
+//! (controller, two storage servers, node manager), `keelctl volume create/attach` gives a
+//! vhost-user socket, a QEMU (TCG) guest writes through it with fio's crc32c verification;
+//! after the guest exits the volume is detached, attached again to another instance, and a
+//! second guest reads every block back (fio `--verify_only` plus an md5 of the region).
+//!
+//! The test prints a transcript of every `keelctl` command and its output, and fio's summary.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use keel_tests::guest::{self, Disk, GuestConfig, GuestOutput};
+use keel_tests::keel_up::{Cluster, Out};
+use serde_json::Value;
+
+const NODE: &str = "node1";
+/// Not `e2e`: the controller refuses names that parse as a (hex) volume id.
+const VOLUME: &str = "e2e-vol";
+/// The region fio writes and the guests checksum.
+const REGION_MIB: u32 = 128;
+
+/// Runs `keelctl` commands and prints each with its output.
+struct Transcript<'a> {
+    cluster: &'a Cluster,
+}
+
+impl Transcript<'_> {
+    /// Prints a command and its output; JSON output on one line, to keep the transcript short.
+    fn show(args: &[&str], out: &Out) {
+        println!("$ keelctl {}", args.join(" "));
+        let compact = args
+            .ends_with(&["-o", "json"])
+            .then(|| serde_json::from_str::<Value>(&out.stdout).ok())
+            .flatten();
+        match compact {
+            Some(v) => println!("  {v}"),
+            None => out.stdout.lines().for_each(|l| println!("  {l}")),
+        }
+        for l in out.stderr.lines() {
+            println!("  {l}");
+        }
+        if out.code != 0 {
+            println!("  [exit {}]", out.code);
+        }
+    }
+
+    /// Runs a command, prints it, requires exit 0.
+    fn ok(&self, args: &[&str]) -> Result<Out> {
+        let out = self.cluster.ctl(args)?;
+        Self::show(args, &out);
+        ensure!(
+            out.code == 0,
+            "keelctl {args:?} exited {}: {}",
+            out.code,
+            out.stderr
+        );
+        Ok(out)
+    }
+
+    /// Runs a command with `-o json`, prints it, requires exit 0, parses the output.
+    fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.ok(&a)?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("keelctl {a:?} printed no JSON: {}", out.stdout))
+    }
+
+    /// Detaches, retrying while the controller refuses (exit 4) because the node still
+    /// reports the guest connected; prints the first refusal and the final answer.
+    fn detach(&self, instance: &str) -> Result<Value> {
+        let args = [
+            "volume",
+            "detach",
+            VOLUME,
+            "--node",
+            NODE,
+            "--instance",
+            instance,
+            "-o",
+            "json",
+        ];
+        let start = Instant::now();
+        let mut refusals = 0;
+        loop {
+            let out = self.cluster.ctl(&args)?;
+            if out.code == 0 {
+                if refusals > 0 {
+                    println!(
+                        "  ({refusals} refusal(s) while the node still reported the guest; detached after {:.1} s)",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                Self::show(&args, &out);
+                return serde_json::from_str(&out.stdout)
+                    .with_context(|| format!("detach printed no JSON: {}", out.stdout));
+            }
+            let connected = out.code == 4 && out.stderr.contains("still connected");
+            if refusals == 0 || !connected {
+                Self::show(&args, &out);
+            }
+            ensure!(
+                connected,
+                "detach failed for another reason than a connected guest (exit {}): {}",
+                out.code,
+                out.stderr
+            );
+            refusals += 1;
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "detach still refused after 30 s ({refusals} tries): {}",
+                    out.stderr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn wait_path(p: &Path, exists: bool, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while p.exists() != exists {
+        ensure!(
+            Instant::now() < deadline,
+            "{} still {} after {timeout:?}",
+            p.display(),
+            if exists { "missing" } else { "present" }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// fio over the first `REGION_MIB` of /dev/vda: random writes of 4k–64k at QD16, each block
+/// with a crc32c header, fixed seed (so `--verify_only` replays the same blocks); then the
+/// region's md5 and the disk's serial.
+fn guest_script(marker: &str, extra: &str) -> String {
+    format!(
+        "echo {marker}\n\
+         fio --name=keel --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 \
+         --rw=randwrite --bsrange=4k-64k --size={REGION_MIB}M --randseed=20240917 \
+         --verify=crc32c --do_verify=1 --verify_fatal=1 --end_fsync=1 --group_reporting \
+         {extra} > /tmp/fio.out 2>&1\n\
+         rc=$?\ncat /tmp/fio.out\necho FIO-RC=$rc\n\
+         [ $rc = 0 ] || exit $rc\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         echo MD5=$(dd if=/dev/vda bs=1M count={REGION_MIB} 2>/dev/null | md5sum | cut -d' ' -f1)\n\
+         echo SERIAL=$(cat /sys/block/vda/serial 2>/dev/null)\n"
+    )
+}
+
+fn run_guest(socket: &Path, script: String) -> Result<GuestOutput> {
+    guest::run(&GuestConfig {
+        disks: vec![Disk {
+            socket: socket.to_path_buf(),
+            num_queues: 1,
+            reconnect: false,
+        }],
+        script,
+        timeout: Duration::from_secs(600),
+        ..GuestConfig::default()
+    })
+}
+
+/// The value after `key=` on the console (last occurrence).
+fn console_value(out: &GuestOutput, key: &str) -> Option<String> {
+    out.console
+        .lines()
+        .rev()
+        .find_map(|l| l.find(key).map(|i| l[i + key.len()..].trim().to_string()))
+}
+
+/// Requires fio's success (exit 0, `err= 0`, no verify failure), prints its summary lines,
+/// returns the md5 of the region.
+fn check_guest(out: &GuestOutput, what: &str) -> Result<String> {
+    let summary: Vec<&str> = out
+        .console
+        .lines()
+        .filter(|l| {
+            ["IOPS=", "err=", "verify", "FIO-RC=", "MD5=", "SERIAL="]
+                .iter()
+                .any(|k| l.contains(k))
+        })
+        .collect();
+    println!("--- guest {what}: fio summary ---");
+    for l in &summary {
+        println!("  {}", l.trim());
+    }
+    ensure!(
+        out.exit_status == Some(0),
+        "guest {what} failed (exit {:?}):\n{}",
+        out.exit_status,
+        summary.join("\n")
+    );
+    ensure!(
+        out.console.contains("err= 0"),
+        "guest {what}: fio's success line is missing:\n{}",
+        summary.join("\n")
+    );
+    ensure!(
+        !out.console.contains("verify: bad") && !out.console.contains("crc32c: verify failed"),
+        "guest {what}: fio reported bad data:\n{}",
+        summary.join("\n")
+    );
+    let md5 = console_value(out, "MD5=").unwrap_or_default();
+    ensure!(
+        md5.len() == 32 && md5.bytes().all(|b| b.is_ascii_hexdigit()),
+        "guest {what}: no md5 of the region: {md5:?}"
+    );
+    Ok(md5)
+}
+
+fn attach(t: &Transcript, instance: &str) -> Result<(PathBuf, u64)> {
+    let a = t.json(&[
+        "volume",
+        "attach",
+        VOLUME,
+        "--node",
+        NODE,
+        "--instance",
+        instance,
+    ])?;
+    ensure!(
+        a["node"] == NODE && a["instance"] == instance && a["mode"] == "read_write",
+        "attach answer: {a}"
+    );
+    let socket = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
+    let epoch = a["epoch"].as_u64().context("attach printed no epoch")?;
+    wait_path(&socket, true, Duration::from_secs(30))
+        .context("the node manager did not create the attachment's socket")?;
+    println!("  (socket {} is up)", socket.display());
+    Ok((socket, epoch))
+}
+
+/// After a guest has exited: the attachment is still recorded; detach (once the node reports
+/// the guest gone); the volume is available again and the socket removed.
+fn detach_and_check(t: &Transcript, instance: &str, socket: &Path) -> Result<()> {
+    let d = t.json(&["volume", "describe", VOLUME])?;
+    let atts = d["attachments"].as_array().context("no attachments")?;
+    ensure!(
+        atts.len() == 1 && atts[0]["node"] == NODE && atts[0]["instance"] == instance,
+        "after the guest exited, describe should still show {NODE}/{instance}: {d}"
+    );
+    t.detach(instance)?;
+    let d = t.json(&["volume", "describe", VOLUME])?;
+    ensure!(
+        d["state"] == "available" && d["attachments"].as_array().is_some_and(|a| a.is_empty()),
+        "after detach: {d}"
+    );
+    wait_path(socket, false, Duration::from_secs(15))
+        .context("the node manager did not remove the detached socket")?;
+    println!("  (socket {} is gone)", socket.display());
+    Ok(())
+}
+
+/// create → attach vm1 → guest writes + verifies → detach → attach vm2 → guest verifies the
+/// same data (fio `--verify_only`, md5) → detach.
+#[test]
+fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
+    // Fails (not skips) without QEMU, a kernel, busybox or fio.
+    guest::require_tools()?;
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::up(dir.path(), 2, "4GiB")?;
+    println!(
+        "=== keelctl --dir DIR up --servers 2 --capacity 4GiB: ready, controller {} ({:.1} s)",
+        cluster.url,
+        started.elapsed().as_secs_f64()
+    );
+    let t = Transcript { cluster: &cluster };
+
+    t.ok(&["server", "list"])?;
+    t.ok(&["node", "list"])?;
+
+    let v = t.json(&["volume", "create", "256MiB", "--name", VOLUME])?;
+    ensure!(v["size"] == 268_435_456u64, "size: {v}");
+    ensure!(v["state"] == "available", "state: {v}");
+    let copies = v["copies"].as_array().context("no copies")?;
+    ensure!(
+        copies.len() == 1 && copies[0]["role"] == "primary",
+        "copies: {v}"
+    );
+    let id = v["id"].as_str().context("no id")?.to_string();
+
+    // First guest: write and verify.
+    let (sock1, epoch1) = attach(&t, "vm1")?;
+    let d = t.json(&["volume", "describe", VOLUME])?;
+    ensure!(d["state"] == "attached", "after attach: {d}");
+    t.ok(&["volume", "describe", VOLUME])?;
+    let g = Instant::now();
+    let out1 = run_guest(&sock1, guest_script("PASS1-WRITE", ""))?;
+    let md5_1 = check_guest(&out1, "1 (vm1: randwrite + verify)")?;
+    println!("  (guest 1 ran {:.1} s)", g.elapsed().as_secs_f64());
+    let serial = console_value(&out1, "SERIAL=").unwrap_or_default();
+    ensure!(
+        !serial.is_empty() && serial.trim_start_matches('0') == id.trim_start_matches('0'),
+        "the guest's disk serial {serial:?} is not the volume id {id}"
+    );
+    detach_and_check(&t, "vm1", &sock1)?;
+
+    // Second guest, another instance: read everything back.
+    let (sock2, epoch2) = attach(&t, "vm2")?;
+    ensure!(
+        sock2 != sock1,
+        "the new attachment reuses socket {}",
+        sock1.display()
+    );
+    ensure!(
+        epoch2 > epoch1,
+        "a read-write attach must bump the epoch: {epoch1} -> {epoch2}"
+    );
+    t.ok(&["volume", "describe", VOLUME])?;
+    let g = Instant::now();
+    let out2 = run_guest(&sock2, guest_script("PASS2-VERIFY", "--verify_only"))?;
+    let md5_2 = check_guest(&out2, "2 (vm2: verify_only)")?;
+    println!("  (guest 2 ran {:.1} s)", g.elapsed().as_secs_f64());
+    ensure!(
+        md5_1 == md5_2,
+        "the region's md5 changed across detach/attach: {md5_1} vs {md5_2}"
+    );
+    println!("=== md5 of the first {REGION_MIB} MiB: {md5_1} in both guests");
+    detach_and_check(&t, "vm2", &sock2)?;
+    t.ok(&["volume", "list"])?;
+
+    let clean = cluster.stop()?;
+    println!(
+        "=== cluster stopped ({}), total {:.1} s",
+        if clean { "clean exit" } else { "non-zero exit" },
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
+    Ok(())
+}
