@@ -104,15 +104,15 @@ pub fn check_size(size: &keel_api::SizeInput) -> Result<u64, ApiError> {
     if bytes == 0 {
         return Err(ApiError::bad_request("size must be greater than 0"));
     }
+    if bytes > MAX_VOLUME_SIZE {
+        return Err(ApiError::bad_request(format!(
+            "size {bytes} exceeds the largest volume, {MAX_VOLUME_SIZE} bytes (64 TiB)"
+        )));
+    }
     if bytes % 512 != 0 {
         return Err(ApiError::bad_request(format!(
             "size {bytes} is not a multiple of 512 bytes; round it, e.g. to {}",
             bytes.div_ceil(512) * 512
-        )));
-    }
-    if bytes > MAX_VOLUME_SIZE {
-        return Err(ApiError::bad_request(format!(
-            "size {bytes} exceeds the largest volume, {MAX_VOLUME_SIZE} bytes (64 TiB)"
         )));
     }
     Ok(bytes)
@@ -666,9 +666,9 @@ impl Controller {
         }
         if let Some(n) = &req.name {
             check_name("volume name", n)?;
-            if n.parse::<VolumeId>().is_ok() {
+            if n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ApiError::bad_request(format!(
-                    "volume name {n:?} looks like a volume id; pick a name with a letter beyond a-f"
+                    "volume name {n:?} has the form of a volume id (16 hex digits); pick another name"
                 )));
             }
             if self

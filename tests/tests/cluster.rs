@@ -97,6 +97,19 @@ fn attach(c: &Cluster, vol: &str, node: &str, instance: &str) -> Result<PathBuf>
     Ok(PathBuf::from(s))
 }
 
+/// The pid of the keel-vhost serving `socket`, from the node manager's records in
+/// `state_dir`, waiting up to 10 s for the record.
+fn wait_vhost_pid(state_dir: &Path, socket: &Path) -> Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match vhost_pid(state_dir, socket) {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// The pid of the keel-vhost serving `socket`, from the node manager's records in `state_dir`.
 fn vhost_pid(state_dir: &Path, socket: &Path) -> Result<i32> {
     for e in std::fs::read_dir(state_dir)?.flatten() {
@@ -270,7 +283,7 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
 
     // node1's manager stops hearing anything; its keel-vhost keeps serving the old VMM.
     let node1_pid = cluster.pid("node")?;
-    let old_vhost = vhost_pid(&cluster.dir.join("node"), &sock1)?;
+    let old_vhost = wait_vhost_pid(&cluster.dir.join("node"), &sock1)?;
     kill(node1_pid, libc::SIGSTOP);
     let cont = ContOnDrop(node1_pid);
 
@@ -355,7 +368,7 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     drop(old);
     drop(new);
 
-    let vhost2 = vhost_pid(&dir2.path().join("state"), &sock2)?;
+    let vhost2 = wait_vhost_pid(&dir2.path().join("state"), &sock2)?;
     assert!(
         node2.stop()?,
         "node2's manager did not exit cleanly:\n{}",
@@ -370,9 +383,9 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
 fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
-    cluster.json(&["volume", "create", "64MiB", "--name", "d"])?;
-    let sock = attach(&cluster, "d", "node1", "vm1")?;
-    let vhost = vhost_pid(&cluster.dir.join("node"), &sock)?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "det"])?;
+    let sock = attach(&cluster, "det", "node1", "vm1")?;
+    let vhost = wait_vhost_pid(&cluster.dir.join("node"), &sock)?;
     let mut vmm = connect(&sock, Duration::from_secs(10))?;
     write_ok(&mut vmm, 8, 4096, 1)?;
     flush_ok(&mut vmm)?;
@@ -380,13 +393,13 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     // keel-vhost's status file -> the node's heartbeat -> the controller.
     let t = Instant::now();
     cluster.wait_for(Duration::from_secs(10), "the controller to see the guest connected", || {
-        let v = describe(&cluster, "d").ok()?;
+        let v = describe(&cluster, "det").ok()?;
         (v["attachments"][0]["connected"] == true).then_some(())
     })?;
     eprintln!("controller saw the guest connected after {:?}", t.elapsed());
-    let e0 = epoch(&describe(&cluster, "d")?);
+    let e0 = epoch(&describe(&cluster, "det")?);
 
-    let o = cluster.ctl(&["volume", "detach", "d", "--node", "node1", "--instance", "vm1"])?;
+    let o = cluster.ctl(&["volume", "detach", "det", "--node", "node1", "--instance", "vm1"])?;
     assert_eq!(
         o.code, 4,
         "detaching a connected guest must be a conflict (exit 4); stdout {:?} stderr {:?}",
@@ -397,17 +410,17 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
         "the refusal must say a guest is connected: {:?}",
         o.stderr
     );
-    let v = describe(&cluster, "d")?;
+    let v = describe(&cluster, "det")?;
     assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
     assert_eq!(epoch(&v), e0);
     // The guest still works.
     verify(&mut vmm, 8, 4096, 1)?;
 
     let o = cluster.ctl(&[
-        "volume", "detach", "d", "--node", "node1", "--instance", "vm1", "--force",
+        "volume", "detach", "det", "--node", "node1", "--instance", "vm1", "--force",
     ])?;
     assert_eq!(o.code, 0, "forced detach failed: {}", o.stderr);
-    let v = describe(&cluster, "d")?;
+    let v = describe(&cluster, "det")?;
     assert!(
         epoch(&v) > e0,
         "a forced detach of a writer must bump the epoch: {e0} -> {}",
@@ -438,7 +451,7 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     drop(vmm);
 
     // The data written before the detach is there for the next attachment.
-    let sock = attach(&cluster, "d", "node1", "vm2")?;
+    let sock = attach(&cluster, "det", "node1", "vm2")?;
     let mut vmm = connect(&sock, Duration::from_secs(10))?;
     verify(&mut vmm, 8, 4096, 1)?;
     Ok(())
@@ -485,7 +498,7 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
 
     // 1. kill -9 the node manager: its keel-vhost keeps running and is adopted.
     let state = dir.join("node");
-    let vhost = vhost_pid(&state, &sock)?;
+    let vhost = wait_vhost_pid(&state, &sock)?;
     let new_node = cluster.kill9_and_wait_restart("node")?;
     cluster
         .wait_log("adopted a running keel-vhost", Duration::from_secs(30))

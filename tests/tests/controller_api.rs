@@ -55,6 +55,9 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     // Three copies do not fit on two servers.
     let o = c.ctl(&["volume", "create", "64MiB", "--replicas", "3"])?;
     assert_eq!(o.code, 5, "{o:?}");
+    // A name may not have the form of an id.
+    let o = c.ctl(&["volume", "create", "64MiB", "--name", "0123456789abcdef"])?;
+    assert_eq!(o.code, 5, "{o:?}");
     // A name is unique.
     let o = c.ctl(&["volume", "create", "64MiB", "--name", "data"])?;
     assert_eq!(o.code, 4, "{o:?}");
