@@ -22,7 +22,9 @@ use crate::types::ErrorBody;
 pub enum ClientError {
     #[error("controller URL {0:?} is not https://IP:PORT")]
     BadUrl(String),
-    #[error("cannot reach the controller at {addr}: {source} (is it running? `keelctl up` starts one)")]
+    #[error(
+        "cannot reach the controller at {addr}: {source} (is it running? `keelctl up` starts one)"
+    )]
     Connect {
         addr: SocketAddr,
         source: std::io::Error,
@@ -167,7 +169,10 @@ impl ApiClient {
                 code: "http".into(),
                 message: format!(
                     "HTTP {status}: {}",
-                    String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
+                    String::from_utf8_lossy(&bytes)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
                 ),
             });
             Err(ClientError::Api {

@@ -14,7 +14,10 @@ pub use types::*;
 /// TLS settings for talking to the controller: its certificate is checked against the
 /// cluster CA in `ca`; `identity` (a certificate and key made by `keelctl pki`) is presented
 /// when given, otherwise the caller must authenticate with a bearer token.
-pub fn client_tls(ca: &Path, identity: Option<&TlsPaths>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_tls(
+    ca: &Path,
+    identity: Option<&TlsPaths>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
         roots.add(c)?;

@@ -47,7 +47,8 @@ pub struct Args {
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let paths = TlsPaths::in_dir(&args.pki_dir, &format!("controller-{}", args.id));
-    let api_tls = server_tls(&paths).context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let api_tls =
+        server_tls(&paths).context("loading TLS certificates (make them with `keelctl pki`)")?;
     let push_tls = keel_proto::tls::client_config(&paths).context("loading TLS certificates")?;
     let tokens: HashSet<String> = match &args.token_file {
         Some(p) => std::fs::read_to_string(p)
@@ -59,13 +60,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect(),
         None => HashSet::new(),
     };
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let db = args.data_dir.join("meta.redb");
-    let store = RedbStore::open(&db).with_context(|| format!("opening the metadata store {}", db.display()))?;
+    let store = RedbStore::open(&db)
+        .with_context(|| format!("opening the metadata store {}", db.display()))?;
     if let Some(p) = &args.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let controller = Controller::new(
             Arc::new(store),

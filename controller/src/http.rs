@@ -51,14 +51,23 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Caller, ApiError> {
         if let Some(h) = parts.headers.get(http::header::AUTHORIZATION) {
             let token = h
                 .to_str()
                 .ok()
                 .and_then(|s| s.strip_prefix("Bearer "))
-                .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
-            if state.tokens.iter().any(|t| ct_eq(t.as_bytes(), token.as_bytes())) {
+                .ok_or_else(|| {
+                    ApiError::unauthorized("Authorization header must be `Bearer <token>`")
+                })?;
+            if state
+                .tokens
+                .iter()
+                .any(|t| ct_eq(t.as_bytes(), token.as_bytes()))
+            {
                 return Ok(Caller::Admin("token".into()));
             }
             return Err(ApiError::unauthorized("bearer token not recognised"));
@@ -91,7 +100,8 @@ fn admin(c: &Caller) -> Result<(), ApiError> {
 }
 
 fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 type Answer<T> = Result<Json<T>, ApiError>;
@@ -107,7 +117,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/nodes/{id}/heartbeat", post(node_heartbeat))
         .route("/v1/nodes/{id}/attachments", get(node_attachments))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/v1/volumes/{id}", get(describe_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{id}",
+            get(describe_volume).delete(delete_volume),
+        )
         .route("/v1/volumes/{id}/resize", post(resize_volume))
         .route("/v1/volumes/{id}/attach", post(attach_volume))
         .route("/v1/volumes/{id}/detach", post(detach_volume))
@@ -130,12 +143,19 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<HealthInfo> {
     })
 }
 
-async fn list_servers(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::ServerInfo>> {
+async fn list_servers(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+) -> Answer<Vec<keel_api::ServerInfo>> {
     admin(&c)?;
     Ok(Json(s.controller.list_servers()?))
 }
 
-async fn register_server(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::ServerInfo> {
+async fn register_server(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    body: Bytes,
+) -> Answer<keel_api::ServerInfo> {
     Ok(Json(s.controller.register_server(&c, json(&body)?)?))
 }
 
@@ -154,7 +174,11 @@ async fn list_nodes(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<kee
     Ok(Json(s.controller.list_nodes()?))
 }
 
-async fn register_node(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::NodeInfo> {
+async fn register_node(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    body: Bytes,
+) -> Answer<keel_api::NodeInfo> {
     Ok(Json(s.controller.register_node(&c, json(&body)?)?))
 }
 
@@ -174,13 +198,17 @@ fn watch_params(q: Option<&str>) -> Result<(u64, Duration), ApiError> {
     let mut wait = Duration::ZERO;
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let n: u64 = v
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("query parameter {k}={v:?} is not a number")))?;
+        let n: u64 = v.parse().map_err(|_| {
+            ApiError::bad_request(format!("query parameter {k}={v:?} is not a number"))
+        })?;
         match k {
             "after" => after = n,
             "wait_ms" => wait = Duration::from_millis(n).min(MAX_WAIT),
-            _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}; use after and wait_ms"))),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {k:?}; use after and wait_ms"
+                )))
+            }
         }
     }
     Ok((after, wait))
@@ -193,25 +221,42 @@ async fn node_attachments(
     RawQuery(q): RawQuery,
 ) -> Answer<keel_api::NodeAttachments> {
     let (after, wait) = watch_params(q.as_deref())?;
-    Ok(Json(s.controller.node_attachments(&c, &id, after, wait).await?))
+    Ok(Json(
+        s.controller.node_attachments(&c, &id, after, wait).await?,
+    ))
 }
 
-async fn list_volumes(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::VolumeInfo>> {
+async fn list_volumes(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+) -> Answer<Vec<keel_api::VolumeInfo>> {
     admin(&c)?;
     Ok(Json(s.controller.list_volumes()?))
 }
 
-async fn create_volume(State(s): State<Arc<AppState>>, c: Caller, body: Bytes) -> Answer<keel_api::VolumeInfo> {
+async fn create_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    body: Bytes,
+) -> Answer<keel_api::VolumeInfo> {
     admin(&c)?;
     Ok(Json(s.controller.create_volume(json(&body)?).await?))
 }
 
-async fn describe_volume(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> Answer<keel_api::VolumeInfo> {
+async fn describe_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Answer<keel_api::VolumeInfo> {
     admin(&c)?;
     Ok(Json(s.controller.describe(&id)?))
 }
 
-async fn delete_volume(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> Answer<keel_api::DeleteResult> {
+async fn delete_volume(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+) -> Answer<keel_api::DeleteResult> {
     admin(&c)?;
     Ok(Json(s.controller.delete_volume(&id).await?))
 }
@@ -248,17 +293,22 @@ async fn detach_volume(
 
 /// TLS for the API: the controller's certificate; client certificates from the cluster CA
 /// are verified when presented and optional (bearer tokens are the alternative).
-pub fn server_tls(paths: &keel_proto::tls::TlsPaths) -> Result<Arc<rustls::ServerConfig>, keel_proto::tls::TlsError> {
+pub fn server_tls(
+    paths: &keel_proto::tls::TlsPaths,
+) -> Result<Arc<rustls::ServerConfig>, keel_proto::tls::TlsError> {
     use keel_proto::tls::{load_certs, load_key, TlsError};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(&paths.ca)? {
         roots.add(c)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -268,7 +318,11 @@ pub fn server_tls(paths: &keel_proto::tls::TlsPaths) -> Result<Arc<rustls::Serve
 }
 
 /// Accepts HTTPS connections forever.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, addr) = listener.accept().await?;
@@ -276,17 +330,18 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
         let app = app.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!(%addr, error = %e, "API TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%addr, "API TLS handshake timed out");
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%addr, error = %e, "API TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%addr, "API TLS handshake timed out");
+                        return;
+                    }
+                };
             let peer = stream
                 .get_ref()
                 .1
@@ -294,10 +349,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 .and_then(|c| c.first())
                 .and_then(|c| identity_from_cert(c.as_ref()).ok());
             let peer = ConnPeer(peer);
-            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                app.clone().oneshot(req)
-            });
+            let svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    app.clone().oneshot(req)
+                });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await

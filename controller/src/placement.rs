@@ -30,8 +30,15 @@ pub enum PlacementError {
 }
 
 /// Picks `copies` distinct servers for a volume of `size` bytes.
-pub fn place(candidates: &[Candidate], size: u64, copies: usize) -> Result<Vec<String>, PlacementError> {
-    let mut fit: Vec<&Candidate> = candidates.iter().filter(|c| c.up && c.free() >= size).collect();
+pub fn place(
+    candidates: &[Candidate],
+    size: u64,
+    copies: usize,
+) -> Result<Vec<String>, PlacementError> {
+    let mut fit: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.up && c.free() >= size)
+        .collect();
     if fit.len() < copies {
         let detail = if candidates.is_empty() {
             "no storage server is registered".to_string()

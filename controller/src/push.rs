@@ -47,7 +47,14 @@ impl Pusher {
         Ok(())
     }
 
-    pub async fn create_copy(&self, addr: SocketAddr, volume: &str, size: u64, r: CopyRole, epoch: u64) -> Result<(), PushError> {
+    pub async fn create_copy(
+        &self,
+        addr: SocketAddr,
+        volume: &str,
+        size: u64,
+        r: CopyRole,
+        epoch: u64,
+    ) -> Result<(), PushError> {
         let req = AdminRequest::CreateCopy {
             volume: vid(volume)?,
             size,
@@ -58,10 +65,22 @@ impl Pusher {
     }
 
     pub async fn delete_copy(&self, addr: SocketAddr, volume: &str) -> Result<(), PushError> {
-        self.call(addr, AdminRequest::DeleteCopy { volume: vid(volume)? }).await
+        self.call(
+            addr,
+            AdminRequest::DeleteCopy {
+                volume: vid(volume)?,
+            },
+        )
+        .await
     }
 
-    pub async fn set_membership(&self, addr: SocketAddr, volume: &str, r: CopyRole, epoch: u64) -> Result<(), PushError> {
+    pub async fn set_membership(
+        &self,
+        addr: SocketAddr,
+        volume: &str,
+        r: CopyRole,
+        epoch: u64,
+    ) -> Result<(), PushError> {
         let req = AdminRequest::SetMembership {
             volume: vid(volume)?,
             role: role(r),
@@ -71,6 +90,13 @@ impl Pusher {
     }
 
     pub async fn resize(&self, addr: SocketAddr, volume: &str, size: u64) -> Result<(), PushError> {
-        self.call(addr, AdminRequest::Resize { volume: vid(volume)?, size }).await
+        self.call(
+            addr,
+            AdminRequest::Resize {
+                volume: vid(volume)?,
+                size,
+            },
+        )
+        .await
     }
 }

@@ -183,7 +183,12 @@ impl Controller {
             .collect()
     }
 
-    fn cas<T: Serialize>(&self, key: &str, expected: u64, value: Option<&T>) -> Result<u64, StoreError> {
+    fn cas<T: Serialize>(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Option<&T>,
+    ) -> Result<u64, StoreError> {
         let bytes = value
             .map(serde_json::to_vec)
             .transpose()
@@ -218,7 +223,11 @@ impl Controller {
 
     // ----- servers -----
 
-    pub fn register_server(&self, caller: &Caller, reg: ServerRegistration) -> Result<ServerInfo, ApiError> {
+    pub fn register_server(
+        &self,
+        caller: &Caller,
+        reg: ServerRegistration,
+    ) -> Result<ServerInfo, ApiError> {
         match caller {
             Caller::Storage(id) if *id == reg.id => {}
             Caller::Admin(_) => {}
@@ -228,7 +237,9 @@ impl Controller {
                     reg.id
                 )))
             }
-            Caller::Node(_) => return Err(ApiError::forbidden("nodes cannot register storage servers")),
+            Caller::Node(_) => {
+                return Err(ApiError::forbidden("nodes cannot register storage servers"))
+            }
         }
         check_name("server id", &reg.id)?;
         let address: SocketAddr = reg.address.parse().map_err(|_| {
@@ -240,7 +251,9 @@ impl Controller {
             )));
         }
         if reg.capacity_bytes == 0 {
-            return Err(ApiError::bad_request("capacity_bytes must be greater than 0"));
+            return Err(ApiError::bad_request(
+                "capacity_bytes must be greater than 0",
+            ));
         }
         if !reg.zone.is_empty() {
             check_name("zone", &reg.zone)?;
@@ -278,7 +291,12 @@ impl Controller {
         self.server_info(&reg.id)
     }
 
-    pub fn server_heartbeat(&self, caller: &Caller, id: &str, hb: ServerHeartbeat) -> Result<(), ApiError> {
+    pub fn server_heartbeat(
+        &self,
+        caller: &Caller,
+        id: &str,
+        hb: ServerHeartbeat,
+    ) -> Result<(), ApiError> {
         if !matches!(caller, Caller::Storage(c) if c == id) {
             return Err(ApiError::forbidden(format!(
                 "only storage server {id} may heartbeat as itself"
@@ -337,7 +355,11 @@ impl Controller {
         Ok(out)
     }
 
-    fn server_info_from(&self, r: &ServerRecord, alloc: &HashMap<String, (u64, u64)>) -> ServerInfo {
+    fn server_info_from(
+        &self,
+        r: &ServerRecord,
+        alloc: &HashMap<String, (u64, u64)>,
+    ) -> ServerInfo {
         let live = self.live();
         let l = live.servers.get(&r.id);
         let (allocated, copies) = alloc.get(&r.id).copied().unwrap_or((0, 0));
@@ -378,7 +400,11 @@ impl Controller {
 
     // ----- nodes -----
 
-    pub fn register_node(&self, caller: &Caller, reg: NodeRegistration) -> Result<NodeInfo, ApiError> {
+    pub fn register_node(
+        &self,
+        caller: &Caller,
+        reg: NodeRegistration,
+    ) -> Result<NodeInfo, ApiError> {
         match caller {
             Caller::Node(id) if *id == reg.id => {}
             Caller::Admin(_) => {}
@@ -388,7 +414,9 @@ impl Controller {
                     reg.id
                 )))
             }
-            Caller::Storage(_) => return Err(ApiError::forbidden("storage servers cannot register nodes")),
+            Caller::Storage(_) => {
+                return Err(ApiError::forbidden("storage servers cannot register nodes"))
+            }
         }
         check_name("node id", &reg.id)?;
         if !reg.socket_dir.starts_with('/') {
@@ -431,12 +459,21 @@ impl Controller {
             .ok_or_else(|| ApiError::internal("node vanished after registering"))
     }
 
-    pub fn node_heartbeat(&self, caller: &Caller, id: &str, hb: NodeHeartbeat) -> Result<(), ApiError> {
+    pub fn node_heartbeat(
+        &self,
+        caller: &Caller,
+        id: &str,
+        hb: NodeHeartbeat,
+    ) -> Result<(), ApiError> {
         if !matches!(caller, Caller::Node(c) if c == id) {
-            return Err(ApiError::forbidden(format!("only node {id} may heartbeat as itself")));
+            return Err(ApiError::forbidden(format!(
+                "only node {id} may heartbeat as itself"
+            )));
         }
         if self.load::<NodeRecord>(&node_key(id))?.is_none() {
-            return Err(ApiError::not_found(format!("node {id} is not registered; register first")));
+            return Err(ApiError::not_found(format!(
+                "node {id} is not registered; register first"
+            )));
         }
         self.live().nodes.insert(
             id.to_string(),
@@ -477,8 +514,7 @@ impl Controller {
 
     fn guest_connected(&self, node: &str, volume: &str, instance: &str) -> bool {
         self.live().nodes.get(node).is_some_and(|n| {
-            n.hb
-                .attachments
+            n.hb.attachments
                 .iter()
                 .any(|a| a.volume == volume && a.instance == instance && a.connected)
         })
@@ -495,10 +531,16 @@ impl Controller {
         match caller {
             Caller::Node(c) if c == node => {}
             Caller::Admin(_) => {}
-            _ => return Err(ApiError::forbidden(format!("only node {node} may watch its attachments"))),
+            _ => {
+                return Err(ApiError::forbidden(format!(
+                    "only node {node} may watch its attachments"
+                )))
+            }
         }
         if self.load::<NodeRecord>(&node_key(node))?.is_none() {
-            return Err(ApiError::not_found(format!("node {node} is not registered; register first")));
+            return Err(ApiError::not_found(format!(
+                "node {node} is not registered; register first"
+            )));
         }
         let mut rx = self.store.watch();
         if *rx.borrow_and_update() <= after {
@@ -543,7 +585,10 @@ impl Controller {
     /// Finds a volume by id or by name.
     pub fn resolve(&self, id_or_name: &str) -> Result<VolumeRecord, ApiError> {
         if id_or_name.parse::<VolumeId>().is_ok() {
-            let id = id_or_name.strip_prefix("vol-").unwrap_or(id_or_name).to_ascii_lowercase();
+            let id = id_or_name
+                .strip_prefix("vol-")
+                .unwrap_or(id_or_name)
+                .to_ascii_lowercase();
             if let Some((v, _)) = self.load::<VolumeRecord>(&volume_key(&id))? {
                 return Ok(v);
             }
@@ -594,7 +639,10 @@ impl Controller {
                 };
                 CopyInfo {
                     server: c.server.clone(),
-                    address: servers.get(&c.server).map(|s| s.address.clone()).unwrap_or_default(),
+                    address: servers
+                        .get(&c.server)
+                        .map(|s| s.address.clone())
+                        .unwrap_or_default(),
                     role: c.role.as_str().into(),
                     state: state.into(),
                 }
@@ -610,8 +658,7 @@ impl Controller {
                 socket: a.socket.clone(),
                 epoch: v.epoch,
                 connected: live.nodes.get(&a.node).is_some_and(|n| {
-                    n.hb
-                        .attachments
+                    n.hb.attachments
                         .iter()
                         .any(|r| r.volume == v.id && r.instance == a.instance && r.connected)
                 }),
@@ -676,7 +723,9 @@ impl Controller {
                 .iter()
                 .any(|(v, _)| v.name.as_deref() == Some(n.as_str()))
             {
-                return Err(ApiError::conflict(format!("a volume named {n} exists already")));
+                return Err(ApiError::conflict(format!(
+                    "a volume named {n} exists already"
+                )));
             }
         }
         let alloc = self.allocations()?;
@@ -706,7 +755,11 @@ impl Controller {
                 .enumerate()
                 .map(|(i, s)| CopyRecord {
                     server: s.clone(),
-                    role: if i == 0 { CopyRole::Primary } else { CopyRole::Mirror },
+                    role: if i == 0 {
+                        CopyRole::Primary
+                    } else {
+                        CopyRole::Mirror
+                    },
                 })
                 .collect(),
             attachments: vec![],
@@ -720,7 +773,11 @@ impl Controller {
                 failed = Some(format!("server {} has no address", c.server));
                 break;
             };
-            if let Err(e) = self.push.create_copy(*addr, &rec.id, rec.size, c.role, rec.epoch).await {
+            if let Err(e) = self
+                .push
+                .create_copy(*addr, &rec.id, rec.size, c.role, rec.epoch)
+                .await
+            {
                 failed = Some(format!("creating the copy on server {}: {e}", c.server));
                 break;
             }
@@ -800,11 +857,18 @@ impl Controller {
                 "volume {} is still being created; retry shortly",
                 v.id
             ))),
-            VolumeRecordState::Deleting => Err(ApiError::conflict(format!("volume {} is being deleted", v.id))),
+            VolumeRecordState::Deleting => Err(ApiError::conflict(format!(
+                "volume {} is being deleted",
+                v.id
+            ))),
         }
     }
 
-    pub async fn resize_volume(&self, id_or_name: &str, req: ResizeVolume) -> Result<VolumeInfo, ApiError> {
+    pub async fn resize_volume(
+        &self,
+        id_or_name: &str,
+        req: ResizeVolume,
+    ) -> Result<VolumeInfo, ApiError> {
         let size = check_size(&req.size)?;
         let v = self.resolve(id_or_name)?;
         Self::ready(&v)?;
@@ -821,7 +885,9 @@ impl Controller {
                 let (rec, _) = self
                     .load::<ServerRecord>(&server_key(&c.server))?
                     .ok_or_else(|| ApiError::internal(format!("server {} vanished", c.server)))?;
-                let free = rec.capacity_bytes.saturating_sub(alloc.get(&c.server).map(|a| a.0).unwrap_or(0));
+                let free = rec
+                    .capacity_bytes
+                    .saturating_sub(alloc.get(&c.server).map(|a| a.0).unwrap_or(0));
                 if free < grow {
                     return Err(ApiError::insufficient(format!(
                         "growing volume {} by {grow} bytes needs that much free on server {}, which has {free}",
@@ -834,7 +900,10 @@ impl Controller {
         let v = self.update_volume(&id, |v| {
             Self::ready(v)?;
             if size < v.size {
-                return Err(ApiError::bad_request(format!("volume {} is {} bytes; volumes only grow", v.id, v.size)));
+                return Err(ApiError::bad_request(format!(
+                    "volume {} is {} bytes; volumes only grow",
+                    v.id, v.size
+                )));
             }
             if size == v.size {
                 return Ok(false);
@@ -850,35 +919,60 @@ impl Controller {
     /// Pushes the record's epoch (and size, with `resize`) to every copy; failures are left
     /// to the reconciler.
     async fn push_membership(&self, v: &VolumeRecord, resize: bool) {
-        let Ok(addrs) = self.server_addresses() else { return };
+        let Ok(addrs) = self.server_addresses() else {
+            return;
+        };
         for c in &v.copies {
-            let Some(addr) = addrs.get(&c.server) else { continue };
+            let Some(addr) = addrs.get(&c.server) else {
+                continue;
+            };
             if resize {
                 if let Err(e) = self.push.resize(*addr, &v.id, v.size).await {
                     tracing::warn!(volume = %v.id, server = %c.server, error = %e, "resize push failed; the reconciler retries");
                     continue;
                 }
             }
-            match self.push.set_membership(*addr, &v.id, c.role, v.epoch).await {
+            match self
+                .push
+                .set_membership(*addr, &v.id, c.role, v.epoch)
+                .await
+            {
                 Ok(()) => self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role),
-                Err(e) => tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch push failed; the reconciler retries"),
+                Err(e) => {
+                    tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch push failed; the reconciler retries")
+                }
             }
         }
     }
 
-    pub async fn attach(&self, id_or_name: &str, req: AttachVolume) -> Result<VolumeInfo, ApiError> {
+    pub async fn attach(
+        &self,
+        id_or_name: &str,
+        req: AttachVolume,
+    ) -> Result<VolumeInfo, ApiError> {
         check_name("node", &req.node)?;
         check_name("instance", &req.instance)?;
-        let (node, _) = self.load::<NodeRecord>(&node_key(&req.node))?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "node {} not found; `keelctl node list` shows the registered nodes",
-                req.node
-            ))
-        })?;
+        let (node, _) = self
+            .load::<NodeRecord>(&node_key(&req.node))?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "node {} not found; `keelctl node list` shows the registered nodes",
+                    req.node
+                ))
+            })?;
         let v = self.resolve(id_or_name)?;
         let id = v.id.clone();
-        let mode = if req.read_only { Mode::ReadOnly } else { Mode::ReadWrite };
-        let socket = format!("{}/{}-{}.sock", node.socket_dir.trim_end_matches('/'), req.instance, id);
+        let mode = if req.read_only {
+            Mode::ReadOnly
+        } else {
+            Mode::ReadWrite
+        };
+        let socket = format!(
+            "{}/{}-{}.sock",
+            node.socket_dir.trim_end_matches('/'),
+            req.instance,
+            id
+        );
         let mut bumped = false;
         let mut fenced: Option<AttachmentRecord> = None;
         let v = self.update_volume(&id, |v| {
@@ -930,7 +1024,11 @@ impl Controller {
         self.volume_info(&v)
     }
 
-    pub async fn detach(&self, id_or_name: &str, req: DetachVolume) -> Result<VolumeInfo, ApiError> {
+    pub async fn detach(
+        &self,
+        id_or_name: &str,
+        req: DetachVolume,
+    ) -> Result<VolumeInfo, ApiError> {
         let v = self.resolve(id_or_name)?;
         let id = v.id.clone();
         let connected = self.guest_connected(&req.node, &id, &req.instance);
@@ -997,7 +1095,13 @@ impl Controller {
                     let mut ok = true;
                     for c in &v.copies {
                         match addrs.get(&c.server) {
-                            Some(a) => ok &= self.push.create_copy(*a, &v.id, v.size, c.role, v.epoch).await.is_ok(),
+                            Some(a) => {
+                                ok &= self
+                                    .push
+                                    .create_copy(*a, &v.id, v.size, c.role, v.epoch)
+                                    .await
+                                    .is_ok()
+                            }
                             None => ok = false,
                         }
                     }
@@ -1020,18 +1124,29 @@ impl Controller {
                                     return None;
                                 }
                                 let r = l.hb.copies.iter().find(|r| r.volume == v.id)?;
-                                Some((r.size < v.size, r.epoch < v.epoch || r.role != c.role.as_str()))
+                                Some((
+                                    r.size < v.size,
+                                    r.epoch < v.epoch || r.role != c.role.as_str(),
+                                ))
                             })
                         };
-                        let Some((small, stale)) = behind else { continue };
-                        let Some(addr) = addrs.get(&c.server) else { continue };
+                        let Some((small, stale)) = behind else {
+                            continue;
+                        };
+                        let Some(addr) = addrs.get(&c.server) else {
+                            continue;
+                        };
                         if small {
                             if let Err(e) = self.push.resize(*addr, &v.id, v.size).await {
                                 tracing::warn!(volume = %v.id, server = %c.server, error = %e, "resize retry failed");
                             }
                         }
                         if stale {
-                            if let Err(e) = self.push.set_membership(*addr, &v.id, c.role, v.epoch).await {
+                            if let Err(e) = self
+                                .push
+                                .set_membership(*addr, &v.id, c.role, v.epoch)
+                                .await
+                            {
                                 tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch retry failed");
                             }
                         }

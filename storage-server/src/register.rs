@@ -32,7 +32,11 @@ async fn register(r: &Registration) {
     };
     let mut delay = Duration::from_millis(100);
     loop {
-        match r.api.post::<_, keel_api::ServerInfo>("/v1/servers", &reg).await {
+        match r
+            .api
+            .post::<_, keel_api::ServerInfo>("/v1/servers", &reg)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(controller = %r.api.url(), "registered with the controller");
                 return;

@@ -42,7 +42,15 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     }
 
     // Two copies land on distinct servers (distinct zones), primary first.
-    let v = c.json(&["volume", "create", "64MiB", "--name", "data", "--replicas", "2"])?;
+    let v = c.json(&[
+        "volume",
+        "create",
+        "64MiB",
+        "--name",
+        "data",
+        "--replicas",
+        "2",
+    ])?;
     let id = v["id"].as_str().expect("id").to_string();
     assert_eq!(id.len(), 16, "ids are 16 hex digits: {id}");
     assert_eq!(v["size"], 64u64 << 20);
@@ -88,25 +96,84 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     })?;
 
     // Attach conflicts and detach.
-    let a = c.json(&["volume", "attach", "data", "--node", "node1", "--instance", "vm1"])?;
-    assert!(a["socket"].as_str().expect("socket").ends_with(&format!("vm1-{id}.sock")));
+    let a = c.json(&[
+        "volume",
+        "attach",
+        "data",
+        "--node",
+        "node1",
+        "--instance",
+        "vm1",
+    ])?;
+    assert!(a["socket"]
+        .as_str()
+        .expect("socket")
+        .ends_with(&format!("vm1-{id}.sock")));
     let epoch1 = a["epoch"].as_u64().expect("epoch");
-    let o = c.ctl(&["volume", "attach", "data", "--node", "node1", "--instance", "vm2"])?;
+    let o = c.ctl(&[
+        "volume",
+        "attach",
+        "data",
+        "--node",
+        "node1",
+        "--instance",
+        "vm2",
+    ])?;
     assert_eq!(o.code, 4, "{o:?}");
-    assert!(o.stderr.contains("vm1") && o.stderr.contains("node1"), "{}", o.stderr);
-    let ro = c.json(&["volume", "attach", "data", "--node", "node1", "--instance", "ro1", "--read-only"])?;
+    assert!(
+        o.stderr.contains("vm1") && o.stderr.contains("node1"),
+        "{}",
+        o.stderr
+    );
+    let ro = c.json(&[
+        "volume",
+        "attach",
+        "data",
+        "--node",
+        "node1",
+        "--instance",
+        "ro1",
+        "--read-only",
+    ])?;
     assert_eq!(ro["mode"], "read_only");
-    assert_eq!(ro["epoch"], epoch1, "a read-only attach does not fence the writer");
-    let o = c.ctl(&["volume", "attach", "data", "--node", "nodeX", "--instance", "vm1"])?;
+    assert_eq!(
+        ro["epoch"], epoch1,
+        "a read-only attach does not fence the writer"
+    );
+    let o = c.ctl(&[
+        "volume",
+        "attach",
+        "data",
+        "--node",
+        "nodeX",
+        "--instance",
+        "vm1",
+    ])?;
     assert_eq!(o.code, 3, "{o:?}");
     let o = c.ctl(&["volume", "delete", "data"])?;
     assert_eq!(o.code, 4, "{o:?}");
     assert!(o.stderr.contains("detach"), "{}", o.stderr);
     for inst in ["vm1", "ro1"] {
-        let o = c.ctl(&["volume", "detach", "data", "--node", "node1", "--instance", inst])?;
+        let o = c.ctl(&[
+            "volume",
+            "detach",
+            "data",
+            "--node",
+            "node1",
+            "--instance",
+            inst,
+        ])?;
         assert_eq!(o.code, 0, "{o:?}");
     }
-    let o = c.ctl(&["volume", "detach", "data", "--node", "node1", "--instance", "vm1"])?;
+    let o = c.ctl(&[
+        "volume",
+        "detach",
+        "data",
+        "--node",
+        "node1",
+        "--instance",
+        "vm1",
+    ])?;
     assert_eq!(o.code, 3, "{o:?}");
 
     // Delete removes every copy's file.
@@ -118,10 +185,18 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
         let dir = t.path().join("storage").join(s);
         for e in std::fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            assert!(!name.contains(&id), "copy file {name} left in {}", dir.display());
+            assert!(
+                !name.contains(&id),
+                "copy file {name} left in {}",
+                dir.display()
+            );
         }
     }
-    assert!(c.json(&["volume", "list"])?.as_array().expect("array").is_empty());
+    assert!(c
+        .json(&["volume", "list"])?
+        .as_array()
+        .expect("array")
+        .is_empty());
     Ok(())
 }
 
@@ -145,19 +220,26 @@ fn api_authentication_roles_and_errors() -> Result<()> {
     let c = Cluster::up(t.path(), 1, "1GiB")?;
     let pki_dir = c.dir.join("pki");
     pki::issue(&pki_dir, Role::Node, "intruder", &[])?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let anon = client(&c, None, None)?;
         // The OpenAPI document and health need no credentials; everything else does.
         assert_eq!(status(&anon, Method::GET, "/openapi.json", None).await, 200);
         assert_eq!(status(&anon, Method::GET, "/v1/health", None).await, 200);
         assert_eq!(status(&anon, Method::GET, "/v1/volumes", None).await, 401);
-        let e = anon.get::<serde_json::Value>("/v1/volumes").await.expect_err("401");
+        let e = anon
+            .get::<serde_json::Value>("/v1/volumes")
+            .await
+            .expect_err("401");
         assert_eq!(e.code(), Some("unauthorized"));
 
         let bad = client(&c, None, Some("not-the-token".into()))?;
         assert_eq!(status(&bad, Method::GET, "/v1/volumes", None).await, 401);
-        let token = std::fs::read_to_string(pki_dir.join("admin.token"))?.trim().to_string();
+        let token = std::fs::read_to_string(pki_dir.join("admin.token"))?
+            .trim()
+            .to_string();
         let op = client(&c, None, Some(token))?;
         assert_eq!(status(&op, Method::GET, "/v1/volumes", None).await, 200);
 
@@ -165,7 +247,13 @@ fn api_authentication_roles_and_errors() -> Result<()> {
         let node = client(&c, Some("node-intruder"), None)?;
         assert_eq!(status(&node, Method::GET, "/v1/volumes", None).await, 403);
         assert_eq!(
-            status(&node, Method::POST, "/v1/nodes/node1/heartbeat", Some(r#"{"attachments":[]}"#)).await,
+            status(
+                &node,
+                Method::POST,
+                "/v1/nodes/node1/heartbeat",
+                Some(r#"{"attachments":[]}"#)
+            )
+            .await,
             403
         );
         assert_eq!(
@@ -178,7 +266,10 @@ fn api_authentication_roles_and_errors() -> Result<()> {
             .await,
             403
         );
-        assert_eq!(status(&node, Method::GET, "/v1/nodes/node1/attachments", None).await, 403);
+        assert_eq!(
+            status(&node, Method::GET, "/v1/nodes/node1/attachments", None).await,
+            403
+        );
         // A storage server may not register under another id.
         let s1 = client(&c, Some("storage-s1"), None)?;
         assert_eq!(
@@ -194,7 +285,9 @@ fn api_authentication_roles_and_errors() -> Result<()> {
 
         // Errors are JSON with a code; malformed bodies are 400.
         let admin = client(&c, Some("admin-keelctl"), None)?;
-        let (s, body) = admin.raw(Method::POST, "/v1/volumes", Some(b"{not json".to_vec())).await?;
+        let (s, body) = admin
+            .raw(Method::POST, "/v1/volumes", Some(b"{not json".to_vec()))
+            .await?;
         assert_eq!(s, 400);
         let body: keel_api::ErrorBody = serde_json::from_slice(&body)?;
         assert_eq!(body.code, "bad_request");
@@ -202,15 +295,27 @@ fn api_authentication_roles_and_errors() -> Result<()> {
         assert_eq!(s, 404);
         assert!(serde_json::from_slice::<keel_api::ErrorBody>(&body).is_ok());
         let (s, _) = admin
-            .raw(Method::POST, "/v1/volumes", Some(br#"{"size":"1GiB","replicas":0}"#.to_vec()))
+            .raw(
+                Method::POST,
+                "/v1/volumes",
+                Some(br#"{"size":"1GiB","replicas":0}"#.to_vec()),
+            )
             .await?;
         assert_eq!(s, 400);
         let (s, _) = admin
-            .raw(Method::POST, "/v1/volumes", Some(br#"{"size":-5}"#.to_vec()))
+            .raw(
+                Method::POST,
+                "/v1/volumes",
+                Some(br#"{"size":-5}"#.to_vec()),
+            )
             .await?;
         assert_eq!(s, 400);
         let (s, _) = admin
-            .raw(Method::POST, "/v1/volumes/abc/attach", Some(br#"{"node":"node1","instance":"a b"}"#.to_vec()))
+            .raw(
+                Method::POST,
+                "/v1/volumes/abc/attach",
+                Some(br#"{"node":"node1","instance":"a b"}"#.to_vec()),
+            )
             .await?;
         assert_eq!(s, 400);
         let big = vec![b' '; 1 << 20];

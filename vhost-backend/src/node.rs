@@ -206,7 +206,9 @@ impl Manager {
         if spec.read_only {
             cmd.arg("--read-only");
         }
-        let child = cmd.spawn().with_context(|| format!("starting keel-vhost for {k}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting keel-vhost for {k}"))?;
         let run = Running {
             spec: spec.clone(),
             pid: child.id(),
@@ -318,7 +320,9 @@ impl Manager {
                         signal(pid, libc::SIGHUP);
                         tracing::info!(attachment = %k, epoch = spec.epoch, size = spec.size, "attachment updated");
                     }
-                    Err(e) => tracing::error!(attachment = %k, error = %e, "cannot update attachment"),
+                    Err(e) => {
+                        tracing::error!(attachment = %k, error = %e, "cannot update attachment")
+                    }
                 }
             }
         }
@@ -353,10 +357,7 @@ async fn register(api: &ApiClient, args: &NodeArgs) {
     };
     let mut delay = Duration::from_millis(100);
     loop {
-        match api
-            .post::<_, keel_api::NodeInfo>("/v1/nodes", &reg)
-            .await
-        {
+        match api.post::<_, keel_api::NodeInfo>("/v1/nodes", &reg).await {
             Ok(_) => {
                 tracing::info!(controller = %api.url(), "registered with the controller");
                 return;
@@ -404,7 +405,11 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
         .build()?;
     let result = rt.block_on(async {
         register(&api, &args).await;
-        println!("keel-node: serving node {} in {}", args.id, args.socket_dir.display());
+        println!(
+            "keel-node: serving node {} in {}",
+            args.id,
+            args.socket_dir.display()
+        );
         let hb = {
             let api = api.clone();
             let mgr = mgr.clone();

@@ -72,7 +72,12 @@ impl RedbStore {
             let Some(change) = f(current)? else {
                 return Ok(current);
             };
-            let rev = meta.get("revision").map_err(backend)?.map(|g| g.value()).unwrap_or(0) + 1;
+            let rev = meta
+                .get("revision")
+                .map_err(backend)?
+                .map(|g| g.value())
+                .unwrap_or(0)
+                + 1;
             match change {
                 Some(value) => {
                     let mut raw = Vec::with_capacity(8 + value.len());
@@ -177,8 +182,12 @@ mod unit_tests {
         assert_eq!(vols[0].1.value, b"two");
         let mut w = s.watch();
         let before = *w.borrow_and_update();
-        s.cas("vol/b", s.get("vol/b").expect("get").expect("some").version, None)
-            .expect("delete");
+        s.cas(
+            "vol/b",
+            s.get("vol/b").expect("get").expect("some").version,
+            None,
+        )
+        .expect("delete");
         assert!(w.has_changed().expect("watch"));
         assert!(*w.borrow() > before);
         assert!(s.get("vol/b").expect("get").is_none());

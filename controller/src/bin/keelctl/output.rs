@@ -69,7 +69,16 @@ pub fn servers(f: Format, list: &[ServerInfo]) -> anyhow::Result<()> {
         return json(&list);
     }
     table(
-        &["ID", "ADDRESS", "ZONE", "HEALTH", "CAPACITY", "ALLOCATED", "COPIES", "LAST SEEN"],
+        &[
+            "ID",
+            "ADDRESS",
+            "ZONE",
+            "HEALTH",
+            "CAPACITY",
+            "ALLOCATED",
+            "COPIES",
+            "LAST SEEN",
+        ],
         list.iter()
             .map(|s| {
                 vec![
@@ -121,7 +130,15 @@ pub fn volumes(f: Format, list: &[VolumeInfo]) -> anyhow::Result<()> {
         return json(&list);
     }
     table(
-        &["ID", "NAME", "SIZE", "STATE", "EPOCH", "COPIES", "ATTACHED TO"],
+        &[
+            "ID",
+            "NAME",
+            "SIZE",
+            "STATE",
+            "EPOCH",
+            "COPIES",
+            "ATTACHED TO",
+        ],
         list.iter()
             .map(|v| {
                 vec![
@@ -219,7 +236,10 @@ pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow
     }
     match a {
         Some(a) => {
-            println!("attached {} to {node}/{instance} ({}, epoch {})", v.id, a.mode, v.epoch);
+            println!(
+                "attached {} to {node}/{instance} ({}, epoch {})",
+                v.id, a.mode, v.epoch
+            );
             println!("socket: {}", a.socket);
             println!(
                 "qemu:   -chardev socket,id=keel0,path={} -device vhost-user-blk-pci,chardev=keel0",

@@ -115,8 +115,14 @@ impl Daemon {
             .with_context(|| format!("starting {}", self.name))?;
         let log_path = dir.join("logs").join(format!("{}.log", self.name));
         for pipe in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -173,7 +179,12 @@ fn ensure_pki(pki_dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
         (Role::Admin, "keelctl".to_string()),
         (Role::Node, cluster.node.clone()),
     ];
-    want.extend(cluster.servers.iter().map(|s| (Role::Storage, s.id.clone())));
+    want.extend(
+        cluster
+            .servers
+            .iter()
+            .map(|s| (Role::Storage, s.id.clone())),
+    );
     for (role, id) in want {
         if !pki_dir.join(format!("{role}-{id}.pem")).exists() {
             pki::issue(pki_dir, role, &id, &[]).with_context(|| format!("issuing {role}-{id}"))?;
@@ -231,7 +242,12 @@ fn cluster_file(dir: &Path, a: &UpArgs) -> anyhow::Result<ClusterFile> {
     Ok(c)
 }
 
-async fn wait_ready(api: &ApiClient, servers: usize, node: &str, limit: Duration) -> anyhow::Result<()> {
+async fn wait_ready(
+    api: &ApiClient,
+    servers: usize,
+    node: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     let mut last = String::from("controller not answering yet");
     while Instant::now() < deadline {
@@ -248,7 +264,10 @@ async fn wait_ready(api: &ApiClient, servers: usize, node: &str, limit: Duration
                 if up >= servers && node_up {
                     return Ok(());
                 }
-                last = format!("{up}/{servers} storage servers up, node {node} {}", if node_up { "up" } else { "not up" });
+                last = format!(
+                    "{up}/{servers} storage servers up, node {node} {}",
+                    if node_up { "up" } else { "not up" }
+                );
             }
             Err(e) => last = format!("{e:#}"),
         }
@@ -275,12 +294,18 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
                 .and_then(|s| s.trim().parse::<i32>().ok());
             if let Some(pid) = pid {
                 if pid_alive(pid) && e.file_name() == "keelctl.pid" {
-                    bail!("a cluster already runs from {} (keelctl pid {pid}); stop it first", dir.display());
+                    bail!(
+                        "a cluster already runs from {} (keelctl pid {pid}); stop it first",
+                        dir.display()
+                    );
                 }
             }
         }
     }
-    std::fs::write(dir.join("run/keelctl.pid"), format!("{}\n", std::process::id()))?;
+    std::fs::write(
+        dir.join("run/keelctl.pid"),
+        format!("{}\n", std::process::id()),
+    )?;
     let cluster = cluster_file(&dir, &a)?;
     let pki_dir = dir.join("pki");
     ensure_pki(&pki_dir, &cluster)?;
@@ -385,7 +410,10 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
         dir.display(),
         cluster.node
     );
-    println!("keel: logs are in {}/logs; Ctrl-C stops the cluster", dir.display());
+    println!(
+        "keel: logs are in {}/logs; Ctrl-C stops the cluster",
+        dir.display()
+    );
 
     // Supervise: restart a daemon that dies, stop everything on Ctrl-C or SIGTERM.
     let mut tick = tokio::time::interval(Duration::from_millis(500));
