@@ -73,6 +73,9 @@ struct ServerLive {
 struct NodeLive {
     last_seen: Instant,
     hb: NodeHeartbeat,
+    /// `hb` is a heartbeat received since this controller started (not the empty placeholder
+    /// of a registration): only then does it tell whether guests are connected.
+    reported: bool,
 }
 
 #[derive(Default)]
@@ -451,6 +454,7 @@ impl Controller {
             NodeLive {
                 last_seen: Instant::now(),
                 hb: NodeHeartbeat::default(),
+                reported: false,
             },
         );
         self.list_nodes()?
@@ -480,6 +484,7 @@ impl Controller {
             NodeLive {
                 last_seen: Instant::now(),
                 hb,
+                reported: true,
             },
         );
         Ok(())
@@ -512,12 +517,19 @@ impl Controller {
             .collect())
     }
 
-    fn guest_connected(&self, node: &str, volume: &str, instance: &str) -> bool {
-        self.live().nodes.get(node).is_some_and(|n| {
-            n.hb.attachments
-                .iter()
-                .any(|a| a.volume == volume && a.instance == instance && a.connected)
-        })
+    /// Whether the node last reported a guest connected to this attachment; `None` when the
+    /// node has not reported since this controller started (a restarted controller knows
+    /// nothing yet).
+    fn guest_connected(&self, node: &str, volume: &str, instance: &str) -> Option<bool> {
+        self.live()
+            .nodes
+            .get(node)
+            .filter(|n| n.reported)
+            .map(|n| {
+                n.hb.attachments
+                    .iter()
+                    .any(|a| a.volume == volume && a.instance == instance && a.connected)
+            })
     }
 
     /// A node's attachments, waiting up to `wait` for the store to move past `after`.
@@ -1046,11 +1058,21 @@ impl Controller {
                     v.id, req.instance, req.node
                 )));
             };
-            if connected && !req.force {
-                return Err(ApiError::conflict(format!(
-                    "a guest is still connected to volume {} on node {} (instance {}); shut the VM down or detach with --force (its I/O then fails)",
-                    v.id, req.node, req.instance
-                )));
+            match connected {
+                _ if req.force => {}
+                Some(true) => {
+                    return Err(ApiError::conflict(format!(
+                        "a guest is still connected to volume {} on node {} (instance {}); shut the VM down or detach with --force (its I/O then fails)",
+                        v.id, req.node, req.instance
+                    )))
+                }
+                Some(false) => {}
+                None => {
+                    return Err(ApiError::unavailable(format!(
+                        "node {} has not reported whether a guest is connected to volume {} (instance {}) since the controller started; retry in a few seconds, or detach with --force (a connected guest's I/O then fails)",
+                        req.node, v.id, req.instance
+                    )))
+                }
             }
             v.attachments.retain(|x| x != &a);
             if req.force && a.mode == Mode::ReadWrite {

@@ -90,7 +90,15 @@ fn attachments(v: &Value) -> Vec<(String, String)> {
 
 /// Attaches read-write; returns the socket the controller chose.
 fn attach(c: &Cluster, vol: &str, node: &str, instance: &str) -> Result<PathBuf> {
-    let a = c.json(&["volume", "attach", vol, "--node", node, "--instance", instance])?;
+    let a = c.json(&[
+        "volume",
+        "attach",
+        vol,
+        "--node",
+        node,
+        "--instance",
+        instance,
+    ])?;
     let s = a["socket"]
         .as_str()
         .with_context(|| format!("attach printed no socket: {a}"))?;
@@ -287,7 +295,15 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     kill(node1_pid, libc::SIGSTOP);
     let cont = ContOnDrop(node1_pid);
 
-    let o = cluster.ctl(&["volume", "attach", "t", "--node", "node2", "--instance", "vm2"])?;
+    let o = cluster.ctl(&[
+        "volume",
+        "attach",
+        "t",
+        "--node",
+        "node2",
+        "--instance",
+        "vm2",
+    ])?;
     assert_eq!(
         o.code, 4,
         "attach over a writer without --force must be a conflict (exit 4); stdout {:?} stderr {:?}",
@@ -298,14 +314,31 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
         "the conflict must name the holder node1/vm1: {:?}",
         o.stderr
     );
-    assert_eq!(epoch(&describe(&cluster, "t")?), e0, "a refused attach bumped the epoch");
+    assert_eq!(
+        epoch(&describe(&cluster, "t")?),
+        e0,
+        "a refused attach bumped the epoch"
+    );
 
     let o = cluster.ctl(&[
-        "volume", "attach", "t", "--node", "node2", "--instance", "vm2", "--force", "-o", "json",
+        "volume",
+        "attach",
+        "t",
+        "--node",
+        "node2",
+        "--instance",
+        "vm2",
+        "--force",
+        "-o",
+        "json",
     ])?;
     assert_eq!(o.code, 0, "forced attach failed: {}", o.stderr);
     let a: Value = serde_json::from_str(&o.stdout)?;
-    let sock2 = PathBuf::from(a["socket"].as_str().context("forced attach printed no socket")?);
+    let sock2 = PathBuf::from(
+        a["socket"]
+            .as_str()
+            .context("forced attach printed no socket")?,
+    );
     assert!(
         sock2.starts_with(std::fs::canonicalize(dir2.path())?),
         "vm2's socket {} is not in node2's socket directory",
@@ -332,8 +365,14 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
         "the fenced writer's write must fail with IOERR"
     );
     let (st, _) = old.read(0, 2048, 4096)?;
-    assert_eq!(st, VIRTIO_BLK_S_IOERR, "the fenced writer's read must fail with IOERR");
-    assert!(alive(old_vhost), "node1's keel-vhost should still run (its manager is stopped)");
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "the fenced writer's read must fail with IOERR"
+    );
+    assert!(
+        alive(old_vhost),
+        "node1's keel-vhost should still run (its manager is stopped)"
+    );
 
     // The new writer sees A (B never landed), and writes.
     let mut new = connect(&sock2, Duration::from_secs(10))?;
@@ -347,9 +386,11 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
 
     // node1's manager wakes up, learns that vm1 is gone, and stops its keel-vhost.
     drop(cont);
-    wait_until(Duration::from_secs(20), "node1 to stop vm1's keel-vhost", || {
-        (!alive(old_vhost) && !sock1.exists()).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "node1 to stop vm1's keel-vhost",
+        || (!alive(old_vhost) && !sock1.exists()).then_some(()),
+    )
     .with_context(|| {
         format!(
             "vhost pid {old_vhost} alive: {}, socket exists: {}; node1 log:\n{}",
@@ -374,7 +415,10 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
         "node2's manager did not exit cleanly:\n{}",
         node2.log_grep("")
     );
-    assert!(!alive(vhost2), "node2's manager left vm2's keel-vhost running");
+    assert!(
+        !alive(vhost2),
+        "node2's manager left vm2's keel-vhost running"
+    );
     assert!(!sock2.exists(), "node2's manager left vm2's socket behind");
     Ok(())
 }
@@ -392,14 +436,26 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
 
     // keel-vhost's status file -> the node's heartbeat -> the controller.
     let t = Instant::now();
-    cluster.wait_for(Duration::from_secs(10), "the controller to see the guest connected", || {
-        let v = describe(&cluster, "det").ok()?;
-        (v["attachments"][0]["connected"] == true).then_some(())
-    })?;
+    cluster.wait_for(
+        Duration::from_secs(10),
+        "the controller to see the guest connected",
+        || {
+            let v = describe(&cluster, "det").ok()?;
+            (v["attachments"][0]["connected"] == true).then_some(())
+        },
+    )?;
     eprintln!("controller saw the guest connected after {:?}", t.elapsed());
     let e0 = epoch(&describe(&cluster, "det")?);
 
-    let o = cluster.ctl(&["volume", "detach", "det", "--node", "node1", "--instance", "vm1"])?;
+    let o = cluster.ctl(&[
+        "volume",
+        "detach",
+        "det",
+        "--node",
+        "node1",
+        "--instance",
+        "vm1",
+    ])?;
     assert_eq!(
         o.code, 4,
         "detaching a connected guest must be a conflict (exit 4); stdout {:?} stderr {:?}",
@@ -417,7 +473,14 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     verify(&mut vmm, 8, 4096, 1)?;
 
     let o = cluster.ctl(&[
-        "volume", "detach", "det", "--node", "node1", "--instance", "vm1", "--force",
+        "volume",
+        "detach",
+        "det",
+        "--node",
+        "node1",
+        "--instance",
+        "vm1",
+        "--force",
     ])?;
     assert_eq!(o.code, 0, "forced detach failed: {}", o.stderr);
     let v = describe(&cluster, "det")?;
@@ -482,7 +545,10 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     let dir = tmp.path().join("keel");
     let mut cluster = Cluster::up(&dir, 2, CAPACITY)?;
     let created = cluster.json(&["volume", "create", "256MiB", "--name", "k"])?;
-    let id = created["id"].as_str().context("create printed no id")?.to_string();
+    let id = created["id"]
+        .as_str()
+        .context("create printed no id")?
+        .to_string();
     let sock = attach(&cluster, "k", "node1", "vm1")?;
     // Requests stall (not fail) while a storage server restarts: a long completion timeout.
     let mut vmm = connect(&sock, Duration::from_secs(90))?;
@@ -547,7 +613,11 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
         describe(&cluster, "k").ok()
     })?;
     assert_eq!(v["id"], id.as_str());
-    assert_eq!(epoch(&v), e0, "the epoch changed across a controller restart");
+    assert_eq!(
+        epoch(&v),
+        e0,
+        "the epoch changed across a controller restart"
+    );
     assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
     assert_eq!(vhost_pid(&state, &sock)?, vhost);
     data.write(&mut vmm, 50_000, 64 << 10, 104)?;
@@ -556,13 +626,25 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
 
     // 4. The guest leaves; detach (once the controller hears it left); stop the cluster.
     drop(vmm);
-    cluster.wait_for(Duration::from_secs(15), "the controller to see the guest gone", || {
-        let v = describe(&cluster, "k").ok()?;
-        (v["attachments"][0]["connected"] == false).then_some(())
-    })?;
+    cluster.wait_for(
+        Duration::from_secs(15),
+        "the controller to see the guest gone",
+        || {
+            let v = describe(&cluster, "k").ok()?;
+            (v["attachments"][0]["connected"] == false).then_some(())
+        },
+    )?;
     cluster.wait_for(Duration::from_secs(15), "a detach to succeed", || {
         let o = cluster
-            .ctl(&["volume", "detach", "k", "--node", "node1", "--instance", "vm1"])
+            .ctl(&[
+                "volume",
+                "detach",
+                "k",
+                "--node",
+                "node1",
+                "--instance",
+                "vm1",
+            ])
             .ok()?;
         match o.code {
             0 => Some(Ok(())),
@@ -577,7 +659,11 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     wait_until(Duration::from_secs(20), "vm1's keel-vhost to stop", || {
         (!alive(vhost) && !sock.exists()).then_some(())
     })?;
-    assert_eq!(epoch(&describe(&cluster, "k")?), e0, "a clean detach bumped the epoch");
+    assert_eq!(
+        epoch(&describe(&cluster, "k")?),
+        e0,
+        "a clean detach bumped the epoch"
+    );
 
     assert!(cluster.stop()?, "keelctl up did not exit successfully");
     for e in std::fs::read_dir(dir.join("run"))?.flatten() {
@@ -605,5 +691,30 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     let sock = attach(&cluster, "k", "node1", "vm9")?;
     let mut vmm = connect(&sock, Duration::from_secs(30))?;
     data.verify_all(&mut vmm)?;
+    Ok(())
+}
+
+#[test]
+fn zz_experiment() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("keel");
+    let cluster = Cluster::up(&dir, 1, CAPACITY)?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "x"])?;
+    let sock = attach(&cluster, "x", "node1", "vm1")?;
+    let mut vmm = connect(&sock, Duration::from_secs(30))?;
+    write_ok(&mut vmm, 0, 4096, 1)?;
+    cluster.wait_for(Duration::from_secs(10), "connected", || {
+        let v = describe(&cluster, "x").ok()?;
+        (v["attachments"][0]["connected"] == true).then_some(())
+    })?;
+    cluster.kill9_and_wait_restart("controller")?;
+    let t = Instant::now();
+    let o = cluster.wait_for(Duration::from_secs(30), "detach answer", || {
+        let o = cluster.ctl(&["volume", "detach", "x", "--node", "node1", "--instance", "vm1"]).ok()?;
+        (o.code != 7).then_some(o)
+    })?;
+    eprintln!("EXPERIMENT after {:?}: detach exit {} {}", t.elapsed(), o.code, o.stderr);
+    let st = vmm.write(0, 0, &pattern(2, 0, 4096));
+    eprintln!("EXPERIMENT write after: {st:?}");
     Ok(())
 }

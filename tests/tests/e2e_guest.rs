@@ -259,7 +259,10 @@ const RESIZE_SCRIPT: &str = "\
 /// Boots a guest running [`RESIZE_SCRIPT`], checks it starts at 64 MiB with the status file
 /// saying connected, applies `resize` once the guest waits, and checks the guest's verdict and
 /// that the status file says disconnected (at 128 MiB) once it is gone.
-fn guest_resize(s: &mut ResizeSetup, resize: impl FnOnce(&mut ResizeSetup) -> Result<()>) -> Result<()> {
+fn guest_resize(
+    s: &mut ResizeSetup,
+    resize: impl FnOnce(&mut ResizeSetup) -> Result<()>,
+) -> Result<()> {
     assert!(!VhostStatus::read(&s.status())?.connected);
     let g = guest::spawn(&guest_config(&s.vhost.opts.socket, 1, RESIZE_SCRIPT.into()))?;
     let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;

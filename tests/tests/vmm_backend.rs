@@ -732,22 +732,21 @@ fn read_only_attachment_waits_for_the_new_epoch() -> Result<()> {
             ..opts(1)
         },
     )?;
-    let control = c.control();
-    let pid = c.vhost.pid().context("keel-vhost pid")?;
     let started = std::time::Instant::now();
-    let pusher = std::thread::spawn(move || -> Result<()> {
-        std::thread::sleep(Duration::from_secs(3));
-        write_vhost_control(&control, 64 << 20, 2)?;
-        // SAFETY: kill(2) on keel-vhost's pid, a child of this process that is still running
-        // (the test holds it); no memory is involved.
-        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-        Ok(())
+    let (read, pushed) = std::thread::scope(|sc| {
+        let pusher = sc.spawn(|| -> Result<()> {
+            std::thread::sleep(Duration::from_secs(3));
+            c.push(64 << 20, 2)
+        });
+        let read = vmm.read(0, 0, 4096);
+        let pushed = pusher
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the pusher thread panicked")));
+        (read, pushed)
     });
-    let (status, data) = vmm.read(0, 0, 4096)?;
     let waited = started.elapsed();
-    pusher
-        .join()
-        .map_err(|_| anyhow::anyhow!("pusher panicked"))??;
+    pushed?;
+    let (status, data) = read?;
     assert_eq!(status, VIRTIO_BLK_S_OK);
     assert!(data.iter().all(|&b| b == 0));
     assert!(

@@ -702,7 +702,7 @@ impl VhostUserBackend for KeelBlk {
         // is created and on config-change messages, so a QEMU reconnecting to a restarted
         // keel-vhost would keep the capacity it read from an earlier process: tell it once per
         // session to read it again (it interrupts the guest only if something changed).
-        if false && !self.inner.announced.swap(true, Ordering::AcqRel) {
+        if !self.inner.announced.swap(true, Ordering::AcqRel) {
             match self.notify_config_change() {
                 Ok(sent) => tracing::debug!(sent, "config-change message at device start"),
                 Err(e) => tracing::warn!(error = %e, "cannot send the config-change message"),

@@ -100,8 +100,7 @@ pub struct ControlFile {
 
 impl ControlFile {
     pub fn load(path: &Path) -> anyhow::Result<ControlFile> {
-        let text =
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -125,8 +124,7 @@ pub struct StatusFile {
 
 impl StatusFile {
     pub fn load(path: &Path) -> anyhow::Result<StatusFile> {
-        let text =
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -247,7 +245,7 @@ impl Attachment {
         if ctl.size == st.size {
             return;
         }
-        if ctl.size == 0 || ctl.size % 512 != 0 {
+        if ctl.size == 0 || !ctl.size.is_multiple_of(512) {
             tracing::warn!(
                 size = ctl.size,
                 "the control file's size is not a positive multiple of 512: ignored"
@@ -287,7 +285,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
         anyhow::bail!("--queue-size must be a power of two up to 32768");
     }
-    if args.size == 0 || args.size % 512 != 0 {
+    if args.size == 0 || !args.size.is_multiple_of(512) {
         anyhow::bail!("--size must be a positive multiple of 512 bytes");
     }
     let tls = keel_proto::tls::client_config(&TlsPaths::in_dir(
@@ -441,7 +439,12 @@ mod tests {
         assert_eq!(a.epoch, 1);
         assert!(a.control_file.is_none() && a.status_file.is_none());
         let mut more = base.to_vec();
-        more.extend(["--control-file", "/tmp/c.json", "--status-file", "/tmp/s.json"]);
+        more.extend([
+            "--control-file",
+            "/tmp/c.json",
+            "--status-file",
+            "/tmp/s.json",
+        ]);
         let a = Args::try_parse_from(more).expect("parse");
         assert_eq!(a.control_file.as_deref(), Some(Path::new("/tmp/c.json")));
         assert_eq!(a.status_file.as_deref(), Some(Path::new("/tmp/s.json")));
@@ -460,9 +463,18 @@ mod tests {
                 epoch: 3
             }
         );
-        for bad in [&b"{"[..], b"", br#"{"size": -1, "epoch": 1}"#, br#"{"epoch": 1}"#] {
+        for bad in [
+            &b"{"[..],
+            b"",
+            br#"{"size": -1, "epoch": 1}"#,
+            br#"{"epoch": 1}"#,
+        ] {
             std::fs::write(&c, bad).expect("write");
-            assert!(ControlFile::load(&c).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                ControlFile::load(&c).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let s = dir.path().join("status.json");
         let st = StatusFile {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use keel_api::{
 };
 use keel_proto::tls::TlsPaths;
 use serde::{Deserialize, Serialize};
+
+use crate::daemon::{write_json_atomically, ControlFile, StatusFile};
 
 /// Keel node manager: serves this host's attachments as vhost-user-blk sockets.
 #[derive(clap::Parser, Debug, Clone)]
@@ -57,17 +59,6 @@ pub struct NodeArgs {
 struct Running {
     spec: NodeAttachment,
     pid: u32,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Control {
-    size: u64,
-    epoch: u64,
-}
-
-#[derive(Deserialize)]
-struct Status {
-    connected: bool,
 }
 
 struct Slot {
@@ -106,12 +97,6 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(pid, sig);
     }
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
 }
 
 impl Manager {
@@ -167,13 +152,11 @@ impl Manager {
     fn start(&mut self, spec: &NodeAttachment) -> anyhow::Result<()> {
         let k = key(spec);
         let control = self.control_file(&k);
-        write_atomic(
-            &control,
-            &serde_json::to_vec(&Control {
-                size: spec.size,
-                epoch: spec.epoch,
-            })?,
-        )?;
+        ControlFile {
+            size: spec.size,
+            epoch: spec.epoch,
+        }
+        .store(&control)?;
         let _ = std::fs::remove_file(&spec.socket);
         let (exe, pre) = self
             .vhost_cmd
@@ -213,7 +196,7 @@ impl Manager {
             spec: spec.clone(),
             pid: child.id(),
         };
-        write_atomic(&self.state_file(&k), &serde_json::to_vec(&run)?)?;
+        write_json_atomically(&self.state_file(&k), &run)?;
         tracing::info!(attachment = %k, pid = run.pid, socket = %spec.socket, epoch = spec.epoch, read_only = spec.read_only, "serving attachment");
         self.slots.insert(
             k,
@@ -300,21 +283,15 @@ impl Manager {
                 continue;
             };
             if slot.run.spec.epoch != spec.epoch || slot.run.spec.size != spec.size {
-                let control = Control {
-                    size: spec.size,
-                    epoch: spec.epoch,
-                };
                 let pid = slot.run.pid;
                 slot.run.spec = spec.clone();
                 let run = slot.run.clone();
-                let write = serde_json::to_vec(&control)
-                    .map_err(std::io::Error::other)
-                    .and_then(|b| write_atomic(&self.control_file(&k), &b))
-                    .and_then(|()| {
-                        serde_json::to_vec(&run)
-                            .map_err(std::io::Error::other)
-                            .and_then(|b| write_atomic(&self.state_file(&k), &b))
-                    });
+                let write = ControlFile {
+                    size: spec.size,
+                    epoch: spec.epoch,
+                }
+                .store(&self.control_file(&k))
+                .and_then(|()| write_json_atomically(&self.state_file(&k), &run));
                 match write {
                     Ok(()) => {
                         signal(pid, libc::SIGHUP);
@@ -334,10 +311,7 @@ impl Manager {
             .map(|(k, s)| AttachmentReport {
                 volume: s.run.spec.volume.clone(),
                 instance: s.run.spec.instance.clone(),
-                connected: std::fs::read(self.status_file(k))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Status>(&b).ok())
-                    .is_some_and(|s| s.connected),
+                connected: StatusFile::load(&self.status_file(k)).is_ok_and(|s| s.connected),
             })
             .collect()
     }
