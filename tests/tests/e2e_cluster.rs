@@ -332,3 +332,255 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
     Ok(())
 }
+
+/// The volume [`keelctl_resize_reaches_a_running_guest`] grows.
+const GROW: &str = "grow";
+
+/// Detaches `volume` from `NODE`/`instance`, retrying while the controller refuses (exit 4)
+/// because the node still reports the guest connected (up to 30 s); prints the first refusal
+/// and the final answer.
+fn detach_retrying(t: &Transcript, volume: &str, instance: &str) -> Result<Value> {
+    let args = [
+        "volume",
+        "detach",
+        volume,
+        "--node",
+        NODE,
+        "--instance",
+        instance,
+        "-o",
+        "json",
+    ];
+    let start = Instant::now();
+    let mut refusals = 0;
+    loop {
+        let out = t.cluster.ctl(&args)?;
+        if out.code == 0 {
+            if refusals > 0 {
+                println!(
+                    "  ({refusals} refusal(s) while the node still reported the guest; detached after {:.1} s)",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Transcript::show(&args, &out);
+            return serde_json::from_str(&out.stdout)
+                .with_context(|| format!("detach printed no JSON: {}", out.stdout));
+        }
+        let connected = out.code == 4 && out.stderr.contains("still connected");
+        if refusals == 0 || !connected {
+            Transcript::show(&args, &out);
+        }
+        ensure!(
+            connected,
+            "detach failed for another reason than a connected guest (exit {}): {}",
+            out.code,
+            out.stderr
+        );
+        refusals += 1;
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "detach still refused after 30 s ({refusals} tries): {}",
+                out.stderr
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Guest side of [`keelctl_resize_reaches_a_running_guest`]: prints the size, polls (up to
+/// 120 s; the host allows far less) until /dev/vda is 128 MiB, then writes 4 MiB of random
+/// data at 100 MiB (beyond the old end) with O_DIRECT and reads it back with O_DIRECT.
+const GROW_SCRIPT: &str = "\
+    echo SIZE0=$(cat /sys/block/vda/size)\n\
+    echo WAIT-RESIZE\n\
+    i=0\n\
+    while [ \"$(cat /sys/block/vda/size)\" != 262144 ]; do\n\
+      i=$((i+1)); if [ $i -gt 1200 ]; then echo RESIZE-TIMEOUT size=$(cat /sys/block/vda/size); exit 1; fi; sleep 0.1\n\
+    done\n\
+    echo SIZE1=$(cat /sys/block/vda/size)\n\
+    dmesg | grep -i 'capacity change' | sed 's/^/DMESG: /'\n\
+    dd if=/dev/urandom of=/dev/shm/pat bs=1M count=4 2>/dev/null\n\
+    dd if=/dev/shm/pat of=/dev/vda bs=1M seek=100 count=4 oflag=direct 2>/tmp/dd.err || { echo WRITE-FAILED; sed 's/^/DD: /' /tmp/dd.err; exit 1; }\n\
+    a=$(md5sum < /dev/shm/pat | cut -d' ' -f1)\n\
+    b=$(dd if=/dev/vda bs=1M skip=100 count=4 iflag=direct 2>/tmp/dd.err | md5sum | cut -d' ' -f1)\n\
+    sed 's/^/DD: /' /tmp/dd.err\n\
+    echo MD5 $a $b\n\
+    [ -n \"$a\" ] && [ \"$a\" = \"$b\" ] || { echo MISMATCH; exit 1; }\n\
+    echo SIZE2=$(cat /sys/block/vda/size)\n\
+    echo RESIZE-OK\n";
+
+/// The lines of the grow guest's console worth showing (never the whole log).
+fn grow_lines(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter(|l| {
+            [
+                "SIZE",
+                "DMESG",
+                "DD:",
+                "MD5",
+                "RESIZE",
+                "MISMATCH",
+                "FAILED",
+                "capacity",
+                "KEEL-GUEST-EXIT",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// What the control plane logged about the resize, for a guest that never saw it.
+fn resize_diagnostics(cluster: &Cluster) -> String {
+    let logs = std::fs::read_dir(cluster.dir.join("logs"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    format!(
+        "logs: {logs}\n--- controller ---\n{}\n--- node1 ---\n{}\n{}\n--- s1 ---\n{}",
+        cluster.log_grep("controller", "resize", 5),
+        cluster.log_grep("node1", "attachment updated", 5),
+        cluster.log_grep("node1", "size", 5),
+        cluster.log_grep("s1", "esize", 5),
+    )
+}
+
+/// Online resize through the whole control plane: `keelctl volume resize` grows a volume a
+/// running guest has attached; the controller records it and pushes it to the copy, the node
+/// manager sees the new size in its long-poll, rewrites keel-vhost's control file and sends
+/// SIGHUP, keel-vhost sends QEMU a config-change message, and the guest's kernel picks up the
+/// new capacity. Data written beyond the old end reads back; shrinking is refused.
+#[test]
+fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
+    // Fails (not skips) without QEMU, a kernel, busybox or fio.
+    guest::require_tools()?;
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::up(dir.path(), 1, "4GiB")?;
+    println!(
+        "=== keelctl --dir DIR up --servers 1 --capacity 4GiB: ready, controller {} ({:.1} s)",
+        cluster.url,
+        started.elapsed().as_secs_f64()
+    );
+    let t = Transcript { cluster: &cluster };
+
+    let v = t.json(&["volume", "create", "64MiB", "--name", GROW])?;
+    ensure!(v["size"] == 67_108_864u64, "size: {v}");
+    let a = t.json(&[
+        "volume",
+        "attach",
+        GROW,
+        "--node",
+        NODE,
+        "--instance",
+        "vm1",
+    ])?;
+    let socket = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
+    wait_path(&socket, true, Duration::from_secs(30))
+        .context("the node manager did not create the attachment's socket")?;
+    println!("  (socket {} is up)", socket.display());
+
+    let g = guest::spawn(&GuestConfig {
+        disks: vec![Disk {
+            socket: socket.clone(),
+            num_queues: 1,
+            reconnect: false,
+        }],
+        script: GROW_SCRIPT.into(),
+        timeout: Duration::from_secs(600),
+        ..GuestConfig::default()
+    })?;
+    let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;
+    println!("  guest: {}", size0.trim());
+    ensure!(
+        size0.trim().ends_with("SIZE0=131072"),
+        "before the resize the guest should see 64 MiB (131072 sectors): {size0}"
+    );
+    g.wait_for_line("WAIT-RESIZE", Duration::from_secs(60))?;
+
+    let r = t.json(&["volume", "resize", GROW, "128MiB"])?;
+    ensure!(r["size"] == 134_217_728u64, "resize answer: {r}");
+    let resized = Instant::now();
+    let seen = g
+        .wait_for_line("SIZE1=", Duration::from_secs(20))
+        .with_context(|| {
+            format!(
+                "the guest did not see the new size within 20 s of the resize\n{}",
+                resize_diagnostics(&cluster)
+            )
+        })?;
+    println!(
+        "  guest: {} ({:.1} s after keelctl volume resize answered)",
+        seen.trim(),
+        resized.elapsed().as_secs_f64()
+    );
+    let done = g.wait_for_line("RESIZE-OK", Duration::from_secs(120));
+    let console = g.console();
+    let lines = grow_lines(&console);
+    println!("--- guest: resize and data beyond the old end ---");
+    for l in &lines {
+        println!("  {l}");
+    }
+    done.with_context(|| format!("guest script failed:\n{}", lines.join("\n")))?;
+    ensure!(
+        console.contains("SIZE2=262144"),
+        "the guest's size changed after its I/O:\n{}",
+        lines.join("\n")
+    );
+
+    let d = t.json(&["volume", "describe", GROW])?;
+    ensure!(d["size"] == 134_217_728u64, "describe after resize: {d}");
+    let copies = d["copies"].as_array().context("no copies")?;
+    ensure!(
+        !copies.is_empty() && copies.iter().all(|c| c["state"] == "ok"),
+        "every copy should be ok at the new size: {d}"
+    );
+
+    let args = ["volume", "resize", GROW, "32MiB"];
+    let out = cluster.ctl(&args)?;
+    Transcript::show(&args, &out);
+    ensure!(
+        out.code == 5,
+        "shrinking must be refused with exit 5 (grow only), got {}: {}",
+        out.code,
+        out.stderr
+    );
+    let d = t.json(&["volume", "describe", GROW])?;
+    ensure!(
+        d["size"] == 134_217_728u64,
+        "a refused shrink changed the size: {d}"
+    );
+
+    // The script ends (the guest powers off) after RESIZE-OK.
+    let out = g.wait()?;
+    ensure!(
+        out.exit_status == Some(0),
+        "guest exited {:?}:\n{}",
+        out.exit_status,
+        grow_lines(&out.console).join("\n")
+    );
+
+    detach_retrying(&t, GROW, "vm1")?;
+    let d = t.json(&["volume", "describe", GROW])?;
+    ensure!(
+        d["state"] == "available" && d["attachments"].as_array().is_some_and(|a| a.is_empty()),
+        "after detach: {d}"
+    );
+    wait_path(&socket, false, Duration::from_secs(15))
+        .context("the node manager did not remove the detached socket")?;
+
+    let clean = cluster.stop()?;
+    println!(
+        "=== cluster stopped ({}), total {:.1} s",
+        if clean { "clean exit" } else { "non-zero exit" },
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
+    Ok(())
+}
