@@ -521,15 +521,11 @@ impl Controller {
     /// node has not reported since this controller started (a restarted controller knows
     /// nothing yet).
     fn guest_connected(&self, node: &str, volume: &str, instance: &str) -> Option<bool> {
-        self.live()
-            .nodes
-            .get(node)
-            .filter(|n| n.reported)
-            .map(|n| {
-                n.hb.attachments
-                    .iter()
-                    .any(|a| a.volume == volume && a.instance == instance && a.connected)
-            })
+        self.live().nodes.get(node).filter(|n| n.reported).map(|n| {
+            n.hb.attachments
+                .iter()
+                .any(|a| a.volume == volume && a.instance == instance && a.connected)
+        })
     }
 
     /// A node's attachments, waiting up to `wait` for the store to move past `after`.
