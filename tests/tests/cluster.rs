@@ -384,11 +384,30 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     flush_ok(&mut new)?;
     verify(&mut new, 0, 4096, C)?;
 
-    // node1's manager wakes up, learns that vm1 is gone, and stops its keel-vhost.
+    // node1's manager wakes up and learns that vm1 is gone while its guest is still connected:
+    // it revokes the attachment (keel-vhost keeps running and fails every request, so the
+    // guest sees errors instead of a hang) and stops it once the guest lets go.
     drop(cont);
+    let control = cluster.dir.join("node").join(format!(
+        "vm1-{}.control",
+        after["id"].as_str().unwrap_or_default()
+    ));
+    wait_until(Duration::from_secs(20), "node1 to revoke vm1", || {
+        std::fs::read_to_string(&control)
+            .ok()
+            .filter(|c| c.contains("\"revoked\":true"))
+            .map(|_| ())
+    })?;
+    let st = old.write(0, 0, &pattern(B, 0, 4096))?;
+    assert_eq!(st, VIRTIO_BLK_S_IOERR, "a revoked attachment fails writes");
+    assert!(
+        alive(old_vhost),
+        "keel-vhost must outlive the revocation while its guest is connected"
+    );
+    drop(old);
     wait_until(
         Duration::from_secs(20),
-        "node1 to stop vm1's keel-vhost",
+        "node1 to stop vm1's keel-vhost once its guest left",
         || (!alive(old_vhost) && !sock1.exists()).then_some(()),
     )
     .with_context(|| {
@@ -406,7 +425,6 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     // Still the new writer's data.
     verify(&mut new, 0, 4096, C)?;
     verify(&mut new, 2048, 65536, A)?;
-    drop(old);
     drop(new);
 
     let vhost2 = wait_vhost_pid(&dir2.path().join("state"), &sock2)?;
@@ -492,14 +510,27 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     assert!(attachments(&v).is_empty(), "still attached: {v}");
     assert_eq!(v["state"], "available");
 
-    // The guest's next write fails: fenced (IOERR), or its disk is gone (connection closed).
-    match vmm.write(0, 8, &pattern(2, 8, 4096)) {
-        Ok(st) => assert_eq!(
+    // The guest's next write fails with an I/O error (fenced, then revoked by the node): it
+    // never hangs. keel-vhost stays until the guest lets go.
+    let st = vmm.write(0, 8, &pattern(2, 8, 4096))?;
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "a write after a forced detach must fail"
+    );
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        let (st, _) = vmm.read(0, 8, 4096)?;
+        assert_eq!(
             st, VIRTIO_BLK_S_IOERR,
-            "a write after a forced detach must fail"
-        ),
-        Err(e) => eprintln!("write after the forced detach failed as expected: {e:#}"),
+            "a read after a forced detach must fail"
+        );
+        std::thread::sleep(Duration::from_millis(300));
     }
+    assert!(
+        sock.exists() && alive(vhost),
+        "keel-vhost must serve errors while the guest is connected"
+    );
+    drop(vmm);
     wait_until(Duration::from_secs(20), "the socket to disappear", || {
         (!sock.exists() && !alive(vhost)).then_some(())
     })
@@ -511,7 +542,6 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
             cluster.log_grep("node1", "attachment", 10)
         )
     })?;
-    drop(vmm);
 
     // The data written before the detach is there for the next attachment.
     let sock = attach(&cluster, "det", "node1", "vm2")?;
@@ -737,5 +767,290 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     let sock = attach(&cluster, "k", "node1", "vm9")?;
     let mut vmm = connect(&sock, Duration::from_secs(30))?;
     data.verify_all(&mut vmm)?;
+    Ok(())
+}
+
+/// `(node, instance, mode)` of each attachment, sorted.
+fn attachment_modes(v: &Value) -> Vec<(String, String, String)> {
+    let mut out: Vec<_> = v["attachments"]
+        .as_array()
+        .expect("describe shows attachments")
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+            (s("node"), s("instance"), s("mode"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The `epoch` field of one of keel-vhost's JSON files (control file or status file).
+fn file_epoch(path: &Path) -> Option<u64> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["epoch"].as_u64()
+}
+
+#[test]
+fn read_only_attachments_follow_epoch_changes() -> Result<()> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
+    let created = cluster.json(&["volume", "create", "64MiB", "--name", "ro"])?;
+    let id = created["id"]
+        .as_str()
+        .context("create printed no id")?
+        .to_string();
+    let state = cluster.dir.join("node");
+
+    // The writer vm1 writes pattern A.
+    let sock1 = attach(&cluster, "ro", "node1", "vm1")?;
+    let mut vm1 = connect(&sock1, Duration::from_secs(10))?;
+    const A: u64 = 0xA;
+    const B: u64 = 0xB;
+    let spots = [(0u64, 4096usize), (2048, 65536), (100_000, 8192)];
+    for (s, l) in spots {
+        write_ok(&mut vm1, s, l, A)?;
+    }
+    flush_ok(&mut vm1)?;
+    let e0 = epoch(&describe(&cluster, "ro")?);
+
+    // A read-only attachment on the same node: the epoch does not move.
+    let a = cluster.json(&[
+        "volume",
+        "attach",
+        "ro",
+        "--node",
+        "node1",
+        "--instance",
+        "ro1",
+        "--read-only",
+    ])?;
+    let ro_sock = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
+    assert_eq!(
+        ro_sock.file_name().and_then(|n| n.to_str()),
+        Some(format!("ro1-{id}.sock").as_str()),
+        "unexpected socket name {}",
+        ro_sock.display()
+    );
+    let v = describe(&cluster, "ro")?;
+    assert_eq!(epoch(&v), e0, "a read-only attach bumped the epoch");
+    assert_eq!(a["epoch"].as_u64(), Some(e0));
+    assert_eq!(
+        attachment_modes(&v),
+        [
+            ("node1".into(), "ro1".into(), "read_only".into()),
+            ("node1".into(), "vm1".into(), "read_write".into()),
+        ]
+    );
+    let control = state.join(format!("ro1-{id}.control"));
+    let status = state.join(format!("ro1-{id}.status"));
+    let ro_vhost = wait_vhost_pid(&state, &ro_sock)?;
+    // Reads that wait for a new epoch stall: a completion timeout well above the stall.
+    let mut ro = connect(&ro_sock, Duration::from_secs(30))?;
+    assert!(
+        ro.has_feature(VIRTIO_BLK_F_RO),
+        "a read-only attachment must offer VIRTIO_BLK_F_RO (features {:#x})",
+        ro.features()
+    );
+    for (s, l) in spots {
+        verify(&mut ro, s, l, A).context("ro1 reading pattern A")?;
+    }
+    assert_eq!(file_epoch(&control), Some(e0), "{}", control.display());
+    assert_eq!(file_epoch(&status), Some(e0), "{}", status.display());
+    // keel-vhost refuses writes on a read-only disk itself (the request parser): IOERR.
+    let st = ro.write(0, 0, &pattern(B, 0, 4096))?;
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "a write to a read-only disk must fail with IOERR"
+    );
+
+    // Freeze the node manager, so ro1's keel-vhost cannot learn the new epoch yet (and vm1's
+    // keel-vhost keeps serving the old writer).
+    let node_pid = cluster.pid("node")?;
+    kill(node_pid, libc::SIGSTOP);
+    let cont = ContOnDrop(node_pid);
+
+    // Forced takeover by vm2: the epoch moves on; ro1 stays attached.
+    let a = cluster.json(&[
+        "volume",
+        "attach",
+        "ro",
+        "--node",
+        "node1",
+        "--instance",
+        "vm2",
+        "--force",
+    ])?;
+    let sock2 = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
+    let v = describe(&cluster, "ro")?;
+    let e1 = epoch(&v);
+    assert!(
+        e1 > e0,
+        "a forced takeover must bump the epoch: {e0} -> {e1}"
+    );
+    assert_eq!(a["epoch"].as_u64(), Some(e1));
+    assert_eq!(
+        attachment_modes(&v),
+        [
+            ("node1".into(), "ro1".into(), "read_only".into()),
+            ("node1".into(), "vm2".into(), "read_write".into()),
+        ]
+    );
+
+    // The old writer is fenced by the storage server.
+    let st = vm1.write(0, 0, &pattern(B, 0, 4096))?;
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "the fenced writer's write must fail with IOERR"
+    );
+
+    // ro1's read carries the old epoch: it stalls (not fails) until the node manager, woken
+    // up, rewrites the control file and SIGHUPs ro1's keel-vhost.
+    let waker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let at = Instant::now();
+        drop(cont);
+        at
+    });
+    let t = Instant::now();
+    let r = verify(&mut ro, 2048, 65536, A);
+    let done = Instant::now();
+    let resumed = waker.join().expect("the SIGCONT thread panicked");
+    r.context("ro1 reading pattern A across the epoch change")?;
+    assert!(
+        done > resumed,
+        "ro1's read completed {:?} after it was issued, before the node manager was resumed \
+         ({:?}): it cannot have carried the new epoch",
+        done - t,
+        resumed - t
+    );
+    eprintln!(
+        "ro1's read stalled {:?} (node manager resumed after {:?})",
+        done - t,
+        resumed - t
+    );
+    for (s, l) in spots {
+        verify(&mut ro, s, l, A).context("ro1 reading pattern A after the epoch change")?;
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "ro1's control and status files to show the new epoch",
+        || (file_epoch(&control) == Some(e1) && file_epoch(&status) == Some(e1)).then_some(()),
+    )
+    .with_context(|| {
+        format!(
+            "control {:?}, status {:?}; node log:\n{}",
+            std::fs::read_to_string(&control),
+            std::fs::read_to_string(&status),
+            cluster.log_grep("node1", "attachment", 10)
+        )
+    })?;
+    assert_eq!(
+        vhost_pid(&state, &ro_sock)?,
+        ro_vhost,
+        "ro1's keel-vhost was restarted instead of told the new epoch"
+    );
+    assert!(alive(ro_vhost));
+    let st = ro.write(0, 0, &pattern(B, 0, 4096))?;
+    assert_eq!(
+        st, VIRTIO_BLK_S_IOERR,
+        "a write to a read-only disk must fail with IOERR after the epoch change too"
+    );
+
+    // vm1's guest lets go; the node stops vm1's keel-vhost. vm2 sees A (vm1's fenced write
+    // never landed), writes B, and ro1 reads B.
+    drop(vm1);
+    wait_until(Duration::from_secs(20), "vm1's socket to disappear", || {
+        (!sock1.exists()).then_some(())
+    })?;
+    let mut vm2 = connect(&sock2, Duration::from_secs(10))?;
+    for (s, l) in spots {
+        verify(&mut vm2, s, l, A).context("vm2 reading pattern A")?;
+    }
+    for (s, l) in spots {
+        write_ok(&mut vm2, s, l, B)?;
+    }
+    flush_ok(&mut vm2)?;
+    for (s, l) in spots {
+        verify(&mut ro, s, l, B).context("ro1 reading vm2's pattern B")?;
+    }
+
+    // A forced detach of the writer bumps the epoch too; ro1 follows without any freezing.
+    drop(vm2);
+    let o = cluster.ctl(&[
+        "volume",
+        "detach",
+        "ro",
+        "--node",
+        "node1",
+        "--instance",
+        "vm2",
+        "--force",
+    ])?;
+    assert_eq!(o.code, 0, "forced detach of vm2 failed: {}", o.stderr);
+    let e2 = epoch(&describe(&cluster, "ro")?);
+    assert!(e2 > e1, "a forced detach of the writer must bump the epoch");
+    let t = Instant::now();
+    verify(&mut ro, 0, 4096, B).context("ro1 reading B after the forced detach")?;
+    eprintln!("ro1's read after the forced detach took {:?}", t.elapsed());
+    wait_until(
+        Duration::from_secs(10),
+        "ro1's files to show the epoch of the forced detach",
+        || (file_epoch(&control) == Some(e2) && file_epoch(&status) == Some(e2)).then_some(()),
+    )?;
+    for (s, l) in spots {
+        verify(&mut ro, s, l, B)?;
+    }
+
+    // ro1's guest leaves; detach it (once the controller has heard it left).
+    drop(ro);
+    cluster.wait_for(Duration::from_secs(15), "ro1 to be detached", || {
+        let o = cluster
+            .ctl(&[
+                "volume",
+                "detach",
+                "ro",
+                "--node",
+                "node1",
+                "--instance",
+                "ro1",
+            ])
+            .ok()?;
+        match o.code {
+            0 => Some(Ok(())),
+            // Still reported connected (4): ask again.
+            4 | 7 if o.stderr.contains("connected") => None,
+            _ => Some(Err(anyhow::anyhow!(
+                "detach exited {}: {}",
+                o.code,
+                o.stderr
+            ))),
+        }
+    })??;
+    let v = describe(&cluster, "ro")?;
+    assert!(attachments(&v).is_empty(), "still attached: {v}");
+    assert_eq!(epoch(&v), e2, "detaching a reader bumped the epoch");
+    wait_until(
+        Duration::from_secs(20),
+        "ro1's socket to disappear and its keel-vhost to stop",
+        || (!ro_sock.exists() && !alive(ro_vhost)).then_some(()),
+    )
+    .with_context(|| {
+        format!(
+            "socket exists: {}, keel-vhost alive: {}; node log:\n{}",
+            ro_sock.exists(),
+            alive(ro_vhost),
+            cluster.log_grep("node1", "attachment", 10)
+        )
+    })?;
+    assert!(
+        !control.exists() && !status.exists(),
+        "ro1's control or status file was left behind"
+    );
+    eprintln!(
+        "read_only_attachments_follow_epoch_changes took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -69,6 +69,8 @@ pub struct ClientConfig {
 /// The epoch requests carry, shared by the handles and the connection task.
 struct EpochCell {
     epoch: AtomicU64,
+    /// The attachment was taken away (forced detach or takeover): every request fails.
+    revoked: std::sync::atomic::AtomicBool,
     /// Wakes the task to resend parked requests with the new epoch.
     changed: Notify,
 }
@@ -76,6 +78,10 @@ struct EpochCell {
 impl EpochCell {
     fn get(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 }
 
@@ -92,6 +98,7 @@ impl VolumeClient {
         let (tx, rx) = mpsc::unbounded_channel();
         let epoch = Arc::new(EpochCell {
             epoch: AtomicU64::new(cfg.epoch.0),
+            revoked: std::sync::atomic::AtomicBool::new(false),
             changed: Notify::new(),
         });
         rt.spawn(run(cfg, epoch.clone(), rx));
@@ -112,9 +119,26 @@ impl VolumeClient {
         }
     }
 
-    /// Queues an operation. If the task is gone (shutdown), the operation fails with an I/O
-    /// error at once.
+    /// Fails every request from now on with an I/O error, including read-only requests
+    /// waiting for a newer epoch: the node manager says the attachment was taken away.
+    pub fn revoke(&self) {
+        if !self.epoch.revoked.swap(true, Ordering::AcqRel) {
+            self.epoch.changed.notify_one();
+        }
+    }
+
+    /// Whether [`VolumeClient::revoke`] was called.
+    pub fn is_revoked(&self) -> bool {
+        self.epoch.revoked()
+    }
+
+    /// Queues an operation. If the task is gone (shutdown) or the attachment was revoked, the
+    /// operation fails with an I/O error at once.
     pub fn submit(&self, op: WireOp) {
+        if self.epoch.revoked() {
+            (op.done)(Outcome::Failed(Status::IoError));
+            return;
+        }
         if let Err(mpsc::error::SendError(op)) = self.tx.send(op) {
             (op.done)(Outcome::Failed(Status::IoError));
         }
@@ -439,7 +463,7 @@ fn complete(t: &mut Table, r: keel_proto::Response, out: &mut Vec<u8>) -> Step {
             if sent < ours && r.epoch <= ours {
                 // Sent before the epoch moved on: the new one is enough.
                 t.resend(id, out);
-            } else if t.retry_stale_epoch {
+            } else if t.retry_stale_epoch && !t.epoch.revoked() {
                 if !t.stale_logged {
                     t.stale_logged = true;
                     tracing::warn!(volume = %p.req.volume, ours = %ours, current = %r.epoch, "read-only attachment behind the volume's epoch: reads wait for the new epoch");

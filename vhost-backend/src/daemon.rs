@@ -96,6 +96,10 @@ pub struct ControlFile {
     pub size: u64,
     /// The attachment's epoch.
     pub epoch: u64,
+    /// The attachment was taken away while a guest used it: fail every request from now on
+    /// (the guest sees I/O errors, not a hang) until the guest lets go.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 impl ControlFile {
@@ -231,6 +235,10 @@ impl Attachment {
     }
 
     fn apply(&self, st: &mut State, ctl: ControlFile) {
+        if ctl.revoked && !self.client.is_revoked() {
+            self.client.revoke();
+            tracing::warn!("attachment revoked by the node manager: every request fails from now on");
+        }
         let epoch = self.client.epoch().0;
         if ctl.epoch > epoch {
             self.client.set_epoch(Epoch(ctl.epoch));
@@ -460,7 +468,8 @@ mod tests {
             ControlFile::load(&c).expect("load"),
             ControlFile {
                 size: 128 << 20,
-                epoch: 3
+                epoch: 3,
+                revoked: false,
             }
         );
         for bad in [

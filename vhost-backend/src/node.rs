@@ -63,6 +63,8 @@ struct Running {
 
 struct Slot {
     run: Running,
+    /// Detached while a guest used it: keel-vhost fails its I/O until the guest lets go.
+    revoked: bool,
     /// Our own child (else adopted from a previous manager: polled through /proc).
     child: Option<Child>,
 }
@@ -134,7 +136,11 @@ impl Manager {
                 && String::from_utf8_lossy(&cmdline).contains(run.spec.socket.as_str());
             if ours {
                 tracing::info!(attachment = %k, pid = run.pid, "adopted a running keel-vhost");
-                self.slots.insert(k, Slot { run, child: None });
+                self.slots.insert(k, Slot {
+                        run,
+                        child: None,
+                        revoked: false,
+                    });
             } else {
                 tracing::info!(attachment = %k, "keel-vhost of a previous run is gone; it will be restarted if still attached");
                 self.forget(&k, &run.spec.socket);
@@ -155,6 +161,7 @@ impl Manager {
         ControlFile {
             size: spec.size,
             epoch: spec.epoch,
+            revoked: false,
         }
         .store(&control)?;
         let _ = std::fs::remove_file(&spec.socket);
@@ -203,9 +210,49 @@ impl Manager {
             Slot {
                 run,
                 child: Some(child),
+                revoked: false,
             },
         );
         Ok(())
+    }
+
+    fn guest_connected(&self, k: &str) -> bool {
+        StatusFile::load(&self.status_file(k)).is_ok_and(|s| s.connected)
+    }
+
+    /// An attachment is gone. Without a guest its process stops now. With a guest still
+    /// connected (forced detach or takeover), stopping it would leave the guest's I/O hanging
+    /// forever; instead keel-vhost is told to fail every request, so the guest sees I/O errors,
+    /// and the process stops once the guest lets go.
+    fn release(&mut self, k: &str) {
+        let exited = self.slots.get_mut(k).is_none_or(Self::exited);
+        if exited || !self.guest_connected(k) {
+            self.stop(k);
+            return;
+        }
+        let control = self.control_file(k);
+        let Some(slot) = self.slots.get_mut(k) else {
+            return;
+        };
+        if slot.revoked {
+            return;
+        }
+        let ctl = ControlFile {
+            size: slot.run.spec.size,
+            epoch: slot.run.spec.epoch,
+            revoked: true,
+        };
+        match ctl.store(&control) {
+            Ok(()) => {
+                signal(slot.run.pid, libc::SIGHUP);
+                slot.revoked = true;
+                tracing::warn!(attachment = %k, "detached while a guest is connected: its I/O now fails; the process stops when the guest lets go");
+            }
+            Err(e) => {
+                tracing::error!(attachment = %k, error = %format!("{e:#}"), "cannot revoke the attachment: stopping it");
+                self.stop(k);
+            }
+        }
     }
 
     fn stop(&mut self, k: &str) {
@@ -253,7 +300,7 @@ impl Manager {
             .cloned()
             .collect();
         for k in gone {
-            self.stop(&k);
+            self.release(&k);
         }
         for (k, spec) in wanted {
             let died = self.slots.get_mut(&k).is_some_and(Self::exited);
@@ -263,6 +310,7 @@ impl Manager {
             let restart = match self.slots.get(&k) {
                 None => true,
                 Some(_) if died => true,
+                Some(slot) if slot.revoked => true,
                 Some(slot)
                     if slot.run.spec.server != spec.server
                         || slot.run.spec.read_only != spec.read_only
@@ -289,6 +337,7 @@ impl Manager {
                 let write = ControlFile {
                     size: spec.size,
                     epoch: spec.epoch,
+                    revoked: false,
                 }
                 .store(&self.control_file(&k))
                 .and_then(|()| write_json_atomically(&self.state_file(&k), &run));
@@ -311,7 +360,7 @@ impl Manager {
             .map(|(k, s)| AttachmentReport {
                 volume: s.run.spec.volume.clone(),
                 instance: s.run.spec.instance.clone(),
-                connected: StatusFile::load(&self.status_file(k)).is_ok_and(|s| s.connected),
+                connected: self.guest_connected(k),
             })
             .collect()
     }
