@@ -237,7 +237,9 @@ impl Attachment {
     fn apply(&self, st: &mut State, ctl: ControlFile) {
         if ctl.revoked && !self.client.is_revoked() {
             self.client.revoke();
-            tracing::warn!("attachment revoked by the node manager: every request fails from now on");
+            tracing::warn!(
+                "attachment revoked by the node manager: every request fails from now on"
+            );
         }
         let epoch = self.client.epoch().0;
         if ctl.epoch > epoch {

@@ -136,11 +136,14 @@ impl Manager {
                 && String::from_utf8_lossy(&cmdline).contains(run.spec.socket.as_str());
             if ours {
                 tracing::info!(attachment = %k, pid = run.pid, "adopted a running keel-vhost");
-                self.slots.insert(k, Slot {
+                self.slots.insert(
+                    k,
+                    Slot {
                         run,
                         child: None,
                         revoked: false,
-                    });
+                    },
+                );
             } else {
                 tracing::info!(attachment = %k, "keel-vhost of a previous run is gone; it will be restarted if still attached");
                 self.forget(&k, &run.spec.socket);
