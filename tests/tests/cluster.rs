@@ -741,15 +741,28 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
         "a clean detach bumped the epoch"
     );
 
-    assert!(cluster.stop()?, "keelctl up did not exit successfully");
+    let mut pids = Vec::new();
     for e in std::fs::read_dir(dir.join("run"))?.flatten() {
         let pid: i32 = std::fs::read_to_string(e.path())?.trim().parse()?;
+        pids.push((e.path(), pid));
+    }
+    assert!(pids.len() >= 4, "pid files: {pids:?}");
+    assert!(cluster.stop()?, "keelctl up did not exit successfully");
+    for (path, pid) in pids {
         assert!(
             !alive(pid),
             "{} (pid {pid}) still runs after the cluster stopped",
-            e.path().display()
+            path.display()
         );
     }
+    let stale: Vec<_> = std::fs::read_dir(dir.join("run"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "pid files left after a clean stop: {stale:?}"
+    );
     let left: Vec<_> = std::fs::read_dir(dir.join("sockets"))?
         .flatten()
         .map(|e| e.path())

@@ -444,7 +444,12 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
     }
     println!("keel: stopping");
     stop_all(&mut daemons);
-    let _ = std::fs::remove_file(dir.join("run/keelctl.pid"));
+    // Every daemon has exited: its pid file would name a dead (or reused) pid.
+    if let Ok(rd) = std::fs::read_dir(dir.join("run")) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     println!("keel: stopped");
     Ok(())
 }
