@@ -199,6 +199,40 @@ impl Controller {
         blocking(|| self.store.cas(key, expected, bytes.as_deref()))
     }
 
+    /// Writes the record `make` builds from the current one (if any), unless it is unchanged;
+    /// retries on concurrent changes.
+    fn upsert<R>(&self, key: &str, make: impl Fn(Option<&R>) -> R) -> Result<(), ApiError>
+    where
+        R: Serialize + DeserializeOwned + PartialEq,
+    {
+        loop {
+            let existing = self.load::<R>(key)?;
+            let rec = make(existing.as_ref().map(|(r, _)| r));
+            if existing.as_ref().is_some_and(|(r, _)| *r == rec) {
+                return Ok(());
+            }
+            match self.cas(key, existing.map(|(_, v)| v).unwrap_or(0), Some(&rec)) {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `not_found` unless `key` holds a registration.
+    fn require_registered<R: DeserializeOwned>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        match self.load::<R>(key)? {
+            Some(_) => Ok(()),
+            None => Err(ApiError::not_found(format!(
+                "{what} is not registered; register first"
+            ))),
+        }
+    }
+
     /// Applies `f` to a volume record and commits it with compare-and-swap, retrying on
     /// concurrent changes. `f` returning `Ok(None)` means "nothing to change".
     fn update_volume(
@@ -261,28 +295,15 @@ impl Controller {
         if !reg.zone.is_empty() {
             check_name("zone", &reg.zone)?;
         }
-        let key = server_key(&reg.id);
-        loop {
-            let existing = self.load::<ServerRecord>(&key)?;
-            let rec = ServerRecord {
+        self.upsert(&server_key(&reg.id), |old: Option<&ServerRecord>| {
+            ServerRecord {
                 id: reg.id.clone(),
                 address: address.to_string(),
                 zone: reg.zone.clone(),
                 capacity_bytes: reg.capacity_bytes,
-                registered_at_unix: existing
-                    .as_ref()
-                    .map(|(r, _)| r.registered_at_unix)
-                    .unwrap_or_else(now_unix),
-            };
-            if existing.as_ref().is_some_and(|(r, _)| *r == rec) {
-                break;
+                registered_at_unix: old.map(|r| r.registered_at_unix).unwrap_or_else(now_unix),
             }
-            match self.cas(&key, existing.map(|(_, v)| v).unwrap_or(0), Some(&rec)) {
-                Ok(_) => break,
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        })?;
         tracing::info!(server = %reg.id, address = %reg.address, zone = %reg.zone, "storage server registered");
         self.live().servers.insert(
             reg.id.clone(),
@@ -305,11 +326,7 @@ impl Controller {
                 "only storage server {id} may heartbeat as itself"
             )));
         }
-        if self.load::<ServerRecord>(&server_key(id))?.is_none() {
-            return Err(ApiError::not_found(format!(
-                "storage server {id} is not registered; register first"
-            )));
-        }
+        self.require_registered::<ServerRecord>(&server_key(id), &format!("storage server {id}"))?;
         self.live().servers.insert(
             id.to_string(),
             ServerLive {
@@ -428,26 +445,11 @@ impl Controller {
                 reg.socket_dir
             )));
         }
-        let key = node_key(&reg.id);
-        loop {
-            let existing = self.load::<NodeRecord>(&key)?;
-            let rec = NodeRecord {
-                id: reg.id.clone(),
-                socket_dir: reg.socket_dir.clone(),
-                registered_at_unix: existing
-                    .as_ref()
-                    .map(|(r, _)| r.registered_at_unix)
-                    .unwrap_or_else(now_unix),
-            };
-            if existing.as_ref().is_some_and(|(r, _)| *r == rec) {
-                break;
-            }
-            match self.cas(&key, existing.map(|(_, v)| v).unwrap_or(0), Some(&rec)) {
-                Ok(_) => break,
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.upsert(&node_key(&reg.id), |old: Option<&NodeRecord>| NodeRecord {
+            id: reg.id.clone(),
+            socket_dir: reg.socket_dir.clone(),
+            registered_at_unix: old.map(|r| r.registered_at_unix).unwrap_or_else(now_unix),
+        })?;
         tracing::info!(node = %reg.id, socket_dir = %reg.socket_dir, "node registered");
         self.live().nodes.insert(
             reg.id.clone(),
@@ -474,11 +476,7 @@ impl Controller {
                 "only node {id} may heartbeat as itself"
             )));
         }
-        if self.load::<NodeRecord>(&node_key(id))?.is_none() {
-            return Err(ApiError::not_found(format!(
-                "node {id} is not registered; register first"
-            )));
-        }
+        self.require_registered::<NodeRecord>(&node_key(id), &format!("node {id}"))?;
         self.live().nodes.insert(
             id.to_string(),
             NodeLive {
@@ -545,11 +543,7 @@ impl Controller {
                 )))
             }
         }
-        if self.load::<NodeRecord>(&node_key(node))?.is_none() {
-            return Err(ApiError::not_found(format!(
-                "node {node} is not registered; register first"
-            )));
-        }
+        self.require_registered::<NodeRecord>(&node_key(node), &format!("node {node}"))?;
         let mut rx = self.store.watch();
         if *rx.borrow_and_update() <= after {
             let _ = tokio::time::timeout(wait.min(Duration::from_secs(60)), rx.changed()).await;

@@ -299,6 +299,18 @@ fn size_arg(s: &str) -> anyhow::Result<SizeInput> {
     Ok(SizeInput::Human(s.to_string()))
 }
 
+/// `POST /v1/volumes/{volume}/{action}`.
+async fn volume_action<B: serde::Serialize>(
+    api: &ApiClient,
+    volume: &str,
+    action: &str,
+    body: &B,
+) -> anyhow::Result<VolumeInfo> {
+    Ok(api
+        .post(&format!("/v1/volumes/{}/{action}", enc(volume)), body)
+        .await?)
+}
+
 async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
     let api = client(cli)?;
     match cmd {
@@ -332,14 +344,10 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             output::deleted(fmt, &r)
         }
         VolumeCmd::Resize { volume, size } => {
-            let v: VolumeInfo = api
-                .post(
-                    &format!("/v1/volumes/{}/resize", enc(volume)),
-                    &ResizeVolume {
-                        size: size_arg(size)?,
-                    },
-                )
-                .await?;
+            let body = ResizeVolume {
+                size: size_arg(size)?,
+            };
+            let v = volume_action(&api, volume, "resize", &body).await?;
             output::volume(fmt, &v)
         }
         VolumeCmd::Attach {
@@ -349,17 +357,13 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             read_only,
             force,
         } => {
-            let v: VolumeInfo = api
-                .post(
-                    &format!("/v1/volumes/{}/attach", enc(volume)),
-                    &AttachVolume {
-                        node: node.clone(),
-                        instance: instance.clone(),
-                        read_only: *read_only,
-                        force: *force,
-                    },
-                )
-                .await?;
+            let body = AttachVolume {
+                node: node.clone(),
+                instance: instance.clone(),
+                read_only: *read_only,
+                force: *force,
+            };
+            let v = volume_action(&api, volume, "attach", &body).await?;
             output::attached(fmt, &v, node, instance)
         }
         VolumeCmd::Detach {
@@ -368,16 +372,12 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             instance,
             force,
         } => {
-            let v: VolumeInfo = api
-                .post(
-                    &format!("/v1/volumes/{}/detach", enc(volume)),
-                    &DetachVolume {
-                        node: node.clone(),
-                        instance: instance.clone(),
-                        force: *force,
-                    },
-                )
-                .await?;
+            let body = DetachVolume {
+                node: node.clone(),
+                instance: instance.clone(),
+                force: *force,
+            };
+            let v = volume_action(&api, volume, "detach", &body).await?;
             output::volume(fmt, &v)
         }
     }
