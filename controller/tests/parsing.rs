@@ -129,13 +129,18 @@ fn sizes_at_the_edges() {
     assert!(e.message.contains("too large"), "{e}");
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// 512 cases a property; failures found are kept as plain examples in this file, not in a
+/// regressions file.
+fn config() -> ProptestConfig {
+    ProptestConfig {
         cases: 512,
-        // Failures found are kept as the plain examples above, not in a regressions file.
         failure_persistence: None,
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
 
     #[test]
     fn byte_sizes_accepted_exactly_when_positive_aligned_and_at_most_64_tib(bytes in byte_counts()) {
@@ -347,12 +352,7 @@ fn decode_all(body: &[u8]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 512,
-        // Failures found are kept as the plain examples above, not in a regressions file.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     #[test]
     fn request_bodies_never_panic(body in body_bytes()) {

@@ -371,3 +371,99 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
+
+/// A PKI, keel-storage `s1` and keel-vhost `n1` in a new temporary directory: one volume's
+/// data path.
+pub struct DataPath {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub storage: Storage,
+    pub vhost: Vhost,
+}
+
+/// How long [`DataPath::reload`] waits for keel-vhost.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl DataPath {
+    /// Starts keel-storage creating the copy `create` (`VOLUME:SIZE[:EPOCH]`), then keel-vhost
+    /// serving `VOLUME` at `SIZE` on `DIR/<socket>` at epoch 1, one queue, read-write, without
+    /// further options; `adjust` changes those options, given the directory.
+    pub fn start(
+        create: &str,
+        socket: &str,
+        adjust: impl FnOnce(&Path, VhostOptions) -> VhostOptions,
+    ) -> Result<DataPath> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new(&dir.path().join("pki"))?;
+        let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &[create])?;
+        let mut parts = create.split(':');
+        let volume = parts.next().unwrap_or_default().to_string();
+        let size = parts
+            .next()
+            .with_context(|| format!("the copy {create:?} has no size"))?
+            .to_string();
+        let opts = VhostOptions {
+            socket: dir.path().join(socket),
+            server: storage.addr,
+            volume,
+            size,
+            epoch: 1,
+            node_id: "n1".into(),
+            num_queues: 1,
+            read_only: false,
+            extra: Vec::new(),
+        };
+        let vhost = Vhost::start(&pki, adjust(dir.path(), opts))?;
+        Ok(DataPath {
+            dir,
+            pki,
+            storage,
+            vhost,
+        })
+    }
+
+    /// `DIR/control.json`, keel-vhost's control file when started with [`control_args`].
+    pub fn control(&self) -> PathBuf {
+        self.dir.path().join("control.json")
+    }
+
+    /// `DIR/status.json`, keel-vhost's status file when started with [`control_args`].
+    pub fn status(&self) -> PathBuf {
+        self.dir.path().join("status.json")
+    }
+
+    /// Writes the control file, sends SIGHUP and waits for the reload.
+    pub fn push(&self, size: u64, epoch: u64) -> Result<()> {
+        write_vhost_control(&self.control(), size, epoch)?;
+        self.reload()
+    }
+
+    /// Sends SIGHUP and waits (up to 15 s) until keel-vhost has reloaded: every reload replaces
+    /// the status file (a new inode), whatever the control file held.
+    pub fn reload(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let inode = || std::fs::metadata(self.status()).map(|m| m.ino()).ok();
+        let before = inode();
+        self.vhost.sighup();
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        while inode() == before {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "keel-vhost did not reload within {RELOAD_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+/// keel-vhost's `--control-file DIR/control.json --status-file DIR/status.json`: the files
+/// [`DataPath::control`] and [`DataPath::status`] name.
+pub fn control_args(dir: &Path) -> Vec<String> {
+    vec![
+        "--control-file".into(),
+        dir.join("control.json").display().to_string(),
+        "--status-file".into(),
+        dir.join("status.json").display().to_string(),
+    ]
+}

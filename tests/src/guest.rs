@@ -1304,7 +1304,40 @@ impl GuestConfig {
             ..GuestConfig::default()
         }
     }
+
+    /// Default configuration running `script` on one `disk` (`/dev/vda`), for up to `timeout`.
+    pub fn one_disk(disk: Disk, script: impl Into<String>, timeout: Duration) -> Self {
+        GuestConfig {
+            disks: vec![disk],
+            timeout,
+            ..GuestConfig::with_script(script)
+        }
+    }
 }
+
+/// The lines of `console` containing any of `keys`, trimmed: what a test shows of a guest's
+/// console instead of all of it.
+pub fn console_lines<'a>(console: &'a str, keys: &[&str]) -> Vec<&'a str> {
+    console
+        .lines()
+        .filter(|l| keys.iter().any(|k| l.contains(k)))
+        .map(str::trim)
+        .collect()
+}
+
+/// What [`console_lines`] keeps of an online-resize guest script: its sizes, the kernel's
+/// capacity messages, `dd`'s errors, checksums, verdicts and the script's exit marker.
+pub const RESIZE_LINES: &[&str] = &[
+    "SIZE",
+    "DMESG",
+    "DD:",
+    "MD5",
+    "RESIZE",
+    "MISMATCH",
+    "FAILED",
+    "capacity",
+    "KEEL-GUEST-EXIT",
+];
 
 /// Result of a finished guest.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::cluster::bin;
 
@@ -28,11 +29,112 @@ pub struct Out {
     pub stderr: String,
 }
 
-fn kill(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a pid read from the cluster's pid files; only sends a signal.
+/// Sends `sig` to `pid` (a daemon of the test's own cluster).
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid of the test's own cluster; only sends a signal.
     unsafe {
         libc::kill(pid, sig);
     }
+}
+
+/// Calls `f` every `every` until it returns `Some`; fails naming `what` once `timeout` has
+/// passed.
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll`] every 100 ms.
+pub fn wait_until<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
+    poll(timeout, Duration::from_millis(100), what, f)
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit (checking every `every`);
+/// returns whether it exited successfully. Kills it and fails naming `what` if it does not stop.
+pub fn terminate(
+    child: &mut Child,
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+) -> Result<bool> {
+    kill(child.id() as i32, libc::SIGTERM);
+    let stopped = poll(
+        timeout,
+        every,
+        &format!("{what} to stop after SIGTERM"),
+        || child.try_wait().transpose(),
+    );
+    match stopped {
+        Ok(st) => Ok(st?.success()),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// `keelctl volume VERB VOLUME --node NODE --instance INSTANCE`, then `extra`: an `attach` or
+/// `detach` (with `--force`, `--read-only`, `-o json`, ...).
+pub fn volume_args<'a>(
+    verb: &'a str,
+    volume: &'a str,
+    node: &'a str,
+    instance: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "volume",
+        verb,
+        volume,
+        "--node",
+        node,
+        "--instance",
+        instance,
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The socket an attach answer (`-o json`) names.
+pub fn socket(answer: &Value) -> Result<PathBuf> {
+    let s = answer["socket"]
+        .as_str()
+        .with_context(|| format!("attach printed no socket: {answer}"))?;
+    Ok(PathBuf::from(s))
+}
+
+/// The epoch `keelctl volume describe -o json` shows.
+pub fn epoch(describe: &Value) -> u64 {
+    describe["epoch"].as_u64().expect("describe shows an epoch")
+}
+
+/// `(node, instance)` of each attachment `keelctl volume describe -o json` shows.
+pub fn attachments(describe: &Value) -> Vec<(String, String)> {
+    describe["attachments"]
+        .as_array()
+        .expect("describe shows attachments")
+        .iter()
+        .map(|a| {
+            (
+                a["node"].as_str().unwrap_or_default().to_string(),
+                a["instance"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Whether `pid` runs (zombies count as gone).
@@ -134,6 +236,67 @@ impl Cluster {
             .with_context(|| format!("keelctl {args:?} printed no JSON: {}", out.stdout))
     }
 
+    /// `keelctl volume describe VOLUME -o json`.
+    pub fn describe(&self, volume: &str) -> Result<Value> {
+        self.json(&["volume", "describe", volume])
+    }
+
+    /// Attaches `volume` to `node`/`instance` (`extra`: `--read-only`, `--force`); returns the
+    /// socket the controller chose and the whole answer.
+    pub fn attach(
+        &self,
+        volume: &str,
+        node: &str,
+        instance: &str,
+        extra: &[&str],
+    ) -> Result<(PathBuf, Value)> {
+        let a = self.json(&volume_args("attach", volume, node, instance, extra))?;
+        Ok((socket(&a)?, a))
+    }
+
+    /// Detaches `volume` from `node`/`instance` once the controller lets it: asks again (every
+    /// 200 ms, up to `timeout`) while it refuses because the guest is still reported connected
+    /// (exit 4) or not reported yet (exit 7); any other failure is an error at once.
+    pub fn detach_when_disconnected(
+        &self,
+        volume: &str,
+        node: &str,
+        instance: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let args = volume_args("detach", volume, node, instance, &[]);
+        self.wait_for(
+            timeout,
+            &format!("{node}/{instance} to be detached from {volume}"),
+            || {
+                let o = self.ctl(&args).ok()?;
+                match o.code {
+                    0 => Some(Ok(())),
+                    4 | 7 if o.stderr.contains("connected") => None,
+                    _ => Some(Err(anyhow::anyhow!(
+                        "detach exited {}: {}",
+                        o.code,
+                        o.stderr
+                    ))),
+                }
+            },
+        )?
+    }
+
+    /// Waits until `keelctl volume describe` shows the guest of `volume`'s (first) attachment
+    /// connected, or not connected.
+    pub fn wait_connected(&self, volume: &str, connected: bool, timeout: Duration) -> Result<()> {
+        let what = if connected { "connected" } else { "gone" };
+        self.wait_for(
+            timeout,
+            &format!("the controller to see the guest of {volume} {what}"),
+            || {
+                let v = self.describe(volume).ok()?;
+                (v["attachments"][0]["connected"] == connected).then_some(())
+            },
+        )
+    }
+
     /// The pid recorded in `DIR/run/<name>.pid` (`controller`, `storage-s1`, `node`, ...).
     pub fn pid(&self, name: &str) -> Result<i32> {
         let p = self.dir.join("run").join(format!("{name}.pid"));
@@ -155,29 +318,22 @@ impl Cluster {
     pub fn kill9(&self, name: &str) -> Result<i32> {
         let old = self.pid(name)?;
         kill(old, libc::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(old) {
-            if Instant::now() > deadline {
-                bail!("{name} (pid {old}) survived SIGKILL for 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(old)
+        poll(
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            &format!("{name} (pid {old}) to die of SIGKILL"),
+            || (!alive(old)).then_some(old),
+        )
     }
 
     /// Waits until `keelctl up` has restarted a daemon whose previous pid was `old` (a new
     /// pid in its pid file, alive); returns the new pid.
     pub fn wait_restart(&self, name: &str, old: i32) -> Result<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(p) = self.pid(name) {
-                if p != old && alive(p) {
-                    return Ok(p);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("{name} was not restarted within 30 s")
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{name} to be restarted"),
+            || self.pid(name).ok().filter(|&p| p != old && alive(p)),
+        )
     }
 
     /// Sends `sig` to a daemon.
@@ -197,37 +353,24 @@ impl Cluster {
 
     /// Waits for a line of the cluster's output containing `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(l) = self
-                .log
+        wait_until(timeout, &format!("a line containing {needle:?}"), || {
+            self.log
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .find(|l| l.contains(needle))
-            {
-                return Ok(l.clone());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("no line containing {needle:?} within {timeout:?}")
+                .cloned()
+        })
     }
 
-    /// Polls `f` until it returns `Some` or `timeout` passes.
+    /// [`poll`] every 200 ms (a `keelctl` command a time, most often).
     pub fn wait_for<T>(
         &self,
         timeout: Duration,
         what: &str,
-        mut f: impl FnMut() -> Option<T>,
+        f: impl FnMut() -> Option<T>,
     ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(t) = f() {
-                return Ok(t);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!("timed out after {timeout:?} waiting for {what}")
+        poll(timeout, Duration::from_millis(200), what, f)
     }
 
     /// Stops the cluster with SIGTERM (as Ctrl-C would) and waits for `keelctl up` to exit;
@@ -236,17 +379,12 @@ impl Cluster {
         let Some(mut c) = self.child.take() else {
             return Ok(true);
         };
-        kill(c.id() as i32, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(st) = c.try_wait()? {
-                return Ok(st.success());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        bail!("keelctl up did not stop within 60 s of SIGTERM")
+        terminate(
+            &mut c,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            "keelctl up",
+        )
     }
 }
 

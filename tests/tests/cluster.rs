@@ -8,32 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use keel_tests::cluster::bin;
-use keel_tests::keel_up::{alive, Cluster};
+use keel_tests::keel_up::{
+    alive, attachments, epoch, kill, socket, terminate, volume_args, wait_until, Cluster, Out,
+};
 use keel_tests::vmm::*;
 use serde_json::Value;
 
 const CAPACITY: &str = "4GiB";
-
-fn kill(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a pid of a daemon of the test's own cluster; only sends a signal.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`.
-fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f() {
-            return Ok(t);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn vmm_opts(io_timeout: Duration) -> VmmOptions {
     VmmOptions {
@@ -63,46 +44,6 @@ fn connect(socket: &Path, io_timeout: Duration) -> Result<TestVmm> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn describe(c: &Cluster, vol: &str) -> Result<Value> {
-    c.json(&["volume", "describe", vol])
-}
-
-fn epoch(v: &Value) -> u64 {
-    v["epoch"].as_u64().expect("describe shows an epoch")
-}
-
-/// `(node, instance)` of each attachment.
-fn attachments(v: &Value) -> Vec<(String, String)> {
-    v["attachments"]
-        .as_array()
-        .expect("describe shows attachments")
-        .iter()
-        .map(|a| {
-            (
-                a["node"].as_str().unwrap_or_default().to_string(),
-                a["instance"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
-/// Attaches read-write; returns the socket the controller chose.
-fn attach(c: &Cluster, vol: &str, node: &str, instance: &str) -> Result<PathBuf> {
-    let a = c.json(&[
-        "volume",
-        "attach",
-        vol,
-        "--node",
-        node,
-        "--instance",
-        instance,
-    ])?;
-    let s = a["socket"]
-        .as_str()
-        .with_context(|| format!("attach printed no socket: {a}"))?;
-    Ok(PathBuf::from(s))
 }
 
 /// The pid of the keel-vhost serving `socket`, from the node manager's records in
@@ -180,6 +121,22 @@ fn flush_ok(vmm: &mut TestVmm) -> Result<()> {
     Ok(())
 }
 
+/// Requires `o` to be a refusal as a conflict (exit 4) whose message names each of `needles`.
+fn assert_conflict(o: &Out, what: &str, needles: &[&str]) {
+    assert_eq!(
+        o.code, 4,
+        "{what} must be a conflict (exit 4); stdout {:?} stderr {:?}",
+        o.stdout, o.stderr
+    );
+    for n in needles {
+        assert!(
+            o.stderr.contains(n),
+            "the refusal of {what} must name {n:?}: {:?}",
+            o.stderr
+        );
+    }
+}
+
 /// A second node manager, run by hand next to the cluster's own; SIGTERM on drop.
 struct NodeManager {
     child: Child,
@@ -228,17 +185,12 @@ impl NodeManager {
 
     /// SIGTERM and wait (20 s); returns whether it exited with success.
     fn stop(&mut self) -> Result<bool> {
-        kill(self.child.id() as i32, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st.success());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        bail!("the second node manager did not stop within 20 s of SIGTERM")
+        terminate(
+            &mut self.child,
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            "the second node manager",
+        )
     }
 }
 
@@ -265,7 +217,7 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     let dir2 = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
     cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
-    let sock1 = attach(&cluster, "t", "node1", "vm1")?;
+    let (sock1, _) = cluster.attach("t", "node1", "vm1", &[])?;
     let mut old = connect(&sock1, Duration::from_secs(10))?;
     // Pattern A at sector 0 and elsewhere.
     const A: u64 = 0xA;
@@ -274,7 +226,7 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
         write_ok(&mut old, s, l, A)?;
     }
     flush_ok(&mut old)?;
-    let before = describe(&cluster, "t")?;
+    let before = cluster.describe("t")?;
     let e0 = epoch(&before);
     assert_eq!(attachments(&before), [("node1".into(), "vm1".into())]);
 
@@ -295,56 +247,34 @@ fn forced_takeover_fences_the_old_writer() -> Result<()> {
     kill(node1_pid, libc::SIGSTOP);
     let cont = ContOnDrop(node1_pid);
 
-    let o = cluster.ctl(&[
-        "volume",
-        "attach",
-        "t",
-        "--node",
-        "node2",
-        "--instance",
-        "vm2",
-    ])?;
-    assert_eq!(
-        o.code, 4,
-        "attach over a writer without --force must be a conflict (exit 4); stdout {:?} stderr {:?}",
-        o.stdout, o.stderr
-    );
-    assert!(
-        o.stderr.contains("node1") && o.stderr.contains("vm1"),
-        "the conflict must name the holder node1/vm1: {:?}",
-        o.stderr
+    let o = cluster.ctl(&volume_args("attach", "t", "node2", "vm2", &[]))?;
+    assert_conflict(
+        &o,
+        "attach over a writer without --force",
+        &["node1", "vm1"],
     );
     assert_eq!(
-        epoch(&describe(&cluster, "t")?),
+        epoch(&cluster.describe("t")?),
         e0,
         "a refused attach bumped the epoch"
     );
 
-    let o = cluster.ctl(&[
-        "volume",
+    let o = cluster.ctl(&volume_args(
         "attach",
         "t",
-        "--node",
         "node2",
-        "--instance",
         "vm2",
-        "--force",
-        "-o",
-        "json",
-    ])?;
+        &["--force", "-o", "json"],
+    ))?;
     assert_eq!(o.code, 0, "forced attach failed: {}", o.stderr);
     let a: Value = serde_json::from_str(&o.stdout)?;
-    let sock2 = PathBuf::from(
-        a["socket"]
-            .as_str()
-            .context("forced attach printed no socket")?,
-    );
+    let sock2 = socket(&a)?;
     assert!(
         sock2.starts_with(std::fs::canonicalize(dir2.path())?),
         "vm2's socket {} is not in node2's socket directory",
         sock2.display()
     );
-    let after = describe(&cluster, "t")?;
+    let after = cluster.describe("t")?;
     assert!(
         epoch(&after) > e0,
         "forced takeover must bump the epoch: {e0} -> {}",
@@ -446,7 +376,7 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 1, CAPACITY)?;
     cluster.json(&["volume", "create", "64MiB", "--name", "det"])?;
-    let sock = attach(&cluster, "det", "node1", "vm1")?;
+    let (sock, _) = cluster.attach("det", "node1", "vm1", &[])?;
     let vhost = wait_vhost_pid(&cluster.dir.join("node"), &sock)?;
     let mut vmm = connect(&sock, Duration::from_secs(10))?;
     write_ok(&mut vmm, 8, 4096, 1)?;
@@ -454,54 +384,21 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
 
     // keel-vhost's status file -> the node's heartbeat -> the controller.
     let t = Instant::now();
-    cluster.wait_for(
-        Duration::from_secs(10),
-        "the controller to see the guest connected",
-        || {
-            let v = describe(&cluster, "det").ok()?;
-            (v["attachments"][0]["connected"] == true).then_some(())
-        },
-    )?;
+    cluster.wait_connected("det", true, Duration::from_secs(10))?;
     eprintln!("controller saw the guest connected after {:?}", t.elapsed());
-    let e0 = epoch(&describe(&cluster, "det")?);
+    let e0 = epoch(&cluster.describe("det")?);
 
-    let o = cluster.ctl(&[
-        "volume",
-        "detach",
-        "det",
-        "--node",
-        "node1",
-        "--instance",
-        "vm1",
-    ])?;
-    assert_eq!(
-        o.code, 4,
-        "detaching a connected guest must be a conflict (exit 4); stdout {:?} stderr {:?}",
-        o.stdout, o.stderr
-    );
-    assert!(
-        o.stderr.contains("connected"),
-        "the refusal must say a guest is connected: {:?}",
-        o.stderr
-    );
-    let v = describe(&cluster, "det")?;
+    let o = cluster.ctl(&volume_args("detach", "det", "node1", "vm1", &[]))?;
+    assert_conflict(&o, "detaching a connected guest", &["connected"]);
+    let v = cluster.describe("det")?;
     assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
     assert_eq!(epoch(&v), e0);
     // The guest still works.
     verify(&mut vmm, 8, 4096, 1)?;
 
-    let o = cluster.ctl(&[
-        "volume",
-        "detach",
-        "det",
-        "--node",
-        "node1",
-        "--instance",
-        "vm1",
-        "--force",
-    ])?;
+    let o = cluster.ctl(&volume_args("detach", "det", "node1", "vm1", &["--force"]))?;
     assert_eq!(o.code, 0, "forced detach failed: {}", o.stderr);
-    let v = describe(&cluster, "det")?;
+    let v = cluster.describe("det")?;
     assert!(
         epoch(&v) > e0,
         "a forced detach of a writer must bump the epoch: {e0} -> {}",
@@ -544,7 +441,7 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     })?;
 
     // The data written before the detach is there for the next attachment.
-    let sock = attach(&cluster, "det", "node1", "vm2")?;
+    let (sock, _) = cluster.attach("det", "node1", "vm2", &[])?;
     let mut vmm = connect(&sock, Duration::from_secs(10))?;
     verify(&mut vmm, 8, 4096, 1)?;
     Ok(())
@@ -579,7 +476,7 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
         .as_str()
         .context("create printed no id")?
         .to_string();
-    let sock = attach(&cluster, "k", "node1", "vm1")?;
+    let (sock, _) = cluster.attach("k", "node1", "vm1", &[])?;
     // Requests stall (not fail) while a storage server restarts: a long completion timeout.
     let mut vmm = connect(&sock, Duration::from_secs(90))?;
     let mut data = Written(Vec::new());
@@ -589,7 +486,7 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     }
     flush_ok(&mut vmm)?;
     data.verify_all(&mut vmm)?;
-    let v0 = describe(&cluster, "k")?;
+    let v0 = cluster.describe("k")?;
     let e0 = epoch(&v0);
 
     // 1. kill -9 the node manager: its keel-vhost keeps running and is adopted.
@@ -656,7 +553,7 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     // 3. kill -9 the controller: restarted, with the volume as it was.
     cluster.kill9_and_wait_restart("controller")?;
     let v = cluster.wait_for(Duration::from_secs(30), "the restarted controller", || {
-        describe(&cluster, "k").ok()
+        cluster.describe("k").ok()
     })?;
     assert_eq!(v["id"], id.as_str());
     assert_eq!(
@@ -673,26 +570,17 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
         "the node to report to the restarted controller",
         || {
             let o = cluster
-                .ctl(&[
-                    "volume",
-                    "detach",
-                    "k",
-                    "--node",
-                    "node1",
-                    "--instance",
-                    "vm1",
-                ])
+                .ctl(&volume_args("detach", "k", "node1", "vm1", &[]))
                 .ok()?;
             (o.code != 7).then_some(o)
         },
     )?;
-    assert_eq!(
-        o.code, 4,
-        "a detach right after a controller restart must be refused while the guest is connected; stdout {:?} stderr {:?}",
-        o.stdout, o.stderr
+    assert_conflict(
+        &o,
+        "a detach right after a controller restart, while the guest is connected,",
+        &["connected"],
     );
-    assert!(o.stderr.contains("connected"), "{:?}", o.stderr);
-    let v = describe(&cluster, "k")?;
+    let v = cluster.describe("k")?;
     assert_eq!(attachments(&v), [("node1".into(), "vm1".into())]);
     assert_eq!(v["attachments"][0]["connected"], true);
     data.write(&mut vmm, 50_000, 64 << 10, 104)?;
@@ -701,42 +589,13 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
 
     // 4. The guest leaves; detach (once the controller hears it left); stop the cluster.
     drop(vmm);
-    cluster.wait_for(
-        Duration::from_secs(15),
-        "the controller to see the guest gone",
-        || {
-            let v = describe(&cluster, "k").ok()?;
-            (v["attachments"][0]["connected"] == false).then_some(())
-        },
-    )?;
-    cluster.wait_for(Duration::from_secs(15), "a detach to succeed", || {
-        let o = cluster
-            .ctl(&[
-                "volume",
-                "detach",
-                "k",
-                "--node",
-                "node1",
-                "--instance",
-                "vm1",
-            ])
-            .ok()?;
-        match o.code {
-            0 => Some(Ok(())),
-            // Still reported connected (4), or not reported yet (7): ask again.
-            4 | 7 if o.stderr.contains("connected") => None,
-            _ => Some(Err(anyhow::anyhow!(
-                "detach exited {}: {}",
-                o.code,
-                o.stderr
-            ))),
-        }
-    })??;
+    cluster.wait_connected("k", false, Duration::from_secs(15))?;
+    cluster.detach_when_disconnected("k", "node1", "vm1", Duration::from_secs(15))?;
     wait_until(Duration::from_secs(20), "vm1's keel-vhost to stop", || {
         (!alive(vhost) && !sock.exists()).then_some(())
     })?;
     assert_eq!(
-        epoch(&describe(&cluster, "k")?),
+        epoch(&cluster.describe("k")?),
         e0,
         "a clean detach bumped the epoch"
     );
@@ -777,7 +636,7 @@ fn daemons_survive_kill9_and_the_cluster_restarts_with_its_data() -> Result<()> 
     assert_eq!(vols.len(), 1, "{list}");
     assert_eq!(vols[0]["id"], id.as_str());
     assert_eq!(vols[0]["name"], "k");
-    let sock = attach(&cluster, "k", "node1", "vm9")?;
+    let (sock, _) = cluster.attach("k", "node1", "vm9", &[])?;
     let mut vmm = connect(&sock, Duration::from_secs(30))?;
     data.verify_all(&mut vmm)?;
     Ok(())
@@ -817,7 +676,7 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
     let state = cluster.dir.join("node");
 
     // The writer vm1 writes pattern A.
-    let sock1 = attach(&cluster, "ro", "node1", "vm1")?;
+    let (sock1, _) = cluster.attach("ro", "node1", "vm1", &[])?;
     let mut vm1 = connect(&sock1, Duration::from_secs(10))?;
     const A: u64 = 0xA;
     const B: u64 = 0xB;
@@ -826,27 +685,17 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
         write_ok(&mut vm1, s, l, A)?;
     }
     flush_ok(&mut vm1)?;
-    let e0 = epoch(&describe(&cluster, "ro")?);
+    let e0 = epoch(&cluster.describe("ro")?);
 
     // A read-only attachment on the same node: the epoch does not move.
-    let a = cluster.json(&[
-        "volume",
-        "attach",
-        "ro",
-        "--node",
-        "node1",
-        "--instance",
-        "ro1",
-        "--read-only",
-    ])?;
-    let ro_sock = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
+    let (ro_sock, a) = cluster.attach("ro", "node1", "ro1", &["--read-only"])?;
     assert_eq!(
         ro_sock.file_name().and_then(|n| n.to_str()),
         Some(format!("ro1-{id}.sock").as_str()),
         "unexpected socket name {}",
         ro_sock.display()
     );
-    let v = describe(&cluster, "ro")?;
+    let v = cluster.describe("ro")?;
     assert_eq!(epoch(&v), e0, "a read-only attach bumped the epoch");
     assert_eq!(a["epoch"].as_u64(), Some(e0));
     assert_eq!(
@@ -885,18 +734,8 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
     let cont = ContOnDrop(node_pid);
 
     // Forced takeover by vm2: the epoch moves on; ro1 stays attached.
-    let a = cluster.json(&[
-        "volume",
-        "attach",
-        "ro",
-        "--node",
-        "node1",
-        "--instance",
-        "vm2",
-        "--force",
-    ])?;
-    let sock2 = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
-    let v = describe(&cluster, "ro")?;
+    let (sock2, a) = cluster.attach("ro", "node1", "vm2", &["--force"])?;
+    let v = cluster.describe("ro")?;
     let e1 = epoch(&v);
     assert!(
         e1 > e0,
@@ -991,18 +830,9 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
 
     // A forced detach of the writer bumps the epoch too; ro1 follows without any freezing.
     drop(vm2);
-    let o = cluster.ctl(&[
-        "volume",
-        "detach",
-        "ro",
-        "--node",
-        "node1",
-        "--instance",
-        "vm2",
-        "--force",
-    ])?;
+    let o = cluster.ctl(&volume_args("detach", "ro", "node1", "vm2", &["--force"]))?;
     assert_eq!(o.code, 0, "forced detach of vm2 failed: {}", o.stderr);
-    let e2 = epoch(&describe(&cluster, "ro")?);
+    let e2 = epoch(&cluster.describe("ro")?);
     assert!(e2 > e1, "a forced detach of the writer must bump the epoch");
     let t = Instant::now();
     verify(&mut ro, 0, 4096, B).context("ro1 reading B after the forced detach")?;
@@ -1018,30 +848,8 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
 
     // ro1's guest leaves; detach it (once the controller has heard it left).
     drop(ro);
-    cluster.wait_for(Duration::from_secs(15), "ro1 to be detached", || {
-        let o = cluster
-            .ctl(&[
-                "volume",
-                "detach",
-                "ro",
-                "--node",
-                "node1",
-                "--instance",
-                "ro1",
-            ])
-            .ok()?;
-        match o.code {
-            0 => Some(Ok(())),
-            // Still reported connected (4): ask again.
-            4 | 7 if o.stderr.contains("connected") => None,
-            _ => Some(Err(anyhow::anyhow!(
-                "detach exited {}: {}",
-                o.code,
-                o.stderr
-            ))),
-        }
-    })??;
-    let v = describe(&cluster, "ro")?;
+    cluster.detach_when_disconnected("ro", "node1", "ro1", Duration::from_secs(15))?;
+    let v = cluster.describe("ro")?;
     assert!(attachments(&v).is_empty(), "still attached: {v}");
     assert_eq!(epoch(&v), e2, "detaching a reader bumped the epoch");
     wait_until(

@@ -9,7 +9,7 @@ use http::Method;
 use keel_api::{ApiClient, ClientError};
 use keel_proto::tls::TlsPaths;
 use keel_proto::{pki, Role};
-use keel_tests::keel_up::Cluster;
+use keel_tests::keel_up::{volume_args, Cluster};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
@@ -71,8 +71,8 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     assert_eq!(o.code, 4, "{o:?}");
 
     // Lookup by id and by name; unknown ids are 404 with the id.
-    assert_eq!(c.json(&["volume", "describe", &id])?["name"], "data");
-    assert_eq!(c.json(&["volume", "describe", "data"])?["id"], id);
+    assert_eq!(c.describe(&id)?["name"], "data");
+    assert_eq!(c.describe("data")?["id"], id);
     let o = c.ctl(&["volume", "describe", "00ff00ff00ff00ff"])?;
     assert_eq!(o.code, 3, "{o:?}");
     assert!(o.stderr.contains("00ff00ff00ff00ff"), "{}", o.stderr);
@@ -87,7 +87,7 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     assert_eq!(v["size"], 128u64 << 20);
     // The storage servers report the new size.
     c.wait_for(Duration::from_secs(10), "copies at the new size", || {
-        let v = c.json(&["volume", "describe", "data"]).ok()?;
+        let v = c.describe("data").ok()?;
         let copies = v["copies"].as_array()?;
         copies
             .iter()
@@ -96,84 +96,41 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
     })?;
 
     // Attach conflicts and detach.
-    let a = c.json(&[
-        "volume",
-        "attach",
-        "data",
-        "--node",
-        "node1",
-        "--instance",
-        "vm1",
-    ])?;
+    let a = c.json(&volume_args("attach", "data", "node1", "vm1", &[]))?;
     assert!(a["socket"]
         .as_str()
         .expect("socket")
         .ends_with(&format!("vm1-{id}.sock")));
     let epoch1 = a["epoch"].as_u64().expect("epoch");
-    let o = c.ctl(&[
-        "volume",
-        "attach",
-        "data",
-        "--node",
-        "node1",
-        "--instance",
-        "vm2",
-    ])?;
+    let o = c.ctl(&volume_args("attach", "data", "node1", "vm2", &[]))?;
     assert_eq!(o.code, 4, "{o:?}");
     assert!(
         o.stderr.contains("vm1") && o.stderr.contains("node1"),
         "{}",
         o.stderr
     );
-    let ro = c.json(&[
-        "volume",
+    let ro = c.json(&volume_args(
         "attach",
         "data",
-        "--node",
         "node1",
-        "--instance",
         "ro1",
-        "--read-only",
-    ])?;
+        &["--read-only"],
+    ))?;
     assert_eq!(ro["mode"], "read_only");
     assert_eq!(
         ro["epoch"], epoch1,
         "a read-only attach does not fence the writer"
     );
-    let o = c.ctl(&[
-        "volume",
-        "attach",
-        "data",
-        "--node",
-        "nodeX",
-        "--instance",
-        "vm1",
-    ])?;
+    let o = c.ctl(&volume_args("attach", "data", "nodeX", "vm1", &[]))?;
     assert_eq!(o.code, 3, "{o:?}");
     let o = c.ctl(&["volume", "delete", "data"])?;
     assert_eq!(o.code, 4, "{o:?}");
     assert!(o.stderr.contains("detach"), "{}", o.stderr);
     for inst in ["vm1", "ro1"] {
-        let o = c.ctl(&[
-            "volume",
-            "detach",
-            "data",
-            "--node",
-            "node1",
-            "--instance",
-            inst,
-        ])?;
+        let o = c.ctl(&volume_args("detach", "data", "node1", inst, &[]))?;
         assert_eq!(o.code, 0, "{o:?}");
     }
-    let o = c.ctl(&[
-        "volume",
-        "detach",
-        "data",
-        "--node",
-        "node1",
-        "--instance",
-        "vm1",
-    ])?;
+    let o = c.ctl(&volume_args("detach", "data", "node1", "vm1", &[]))?;
     assert_eq!(o.code, 3, "{o:?}");
 
     // Delete removes every copy's file.
@@ -212,6 +169,12 @@ async fn status(api: &ApiClient, m: Method, path: &str, body: Option<&str>) -> u
         Ok((s, _)) => s,
         Err(e) => panic!("{path}: {e}"),
     }
+}
+
+/// The status of `POST /v1/servers` registering a server `id` (at 127.0.0.1:1).
+async fn register_status(api: &ApiClient, id: &str) -> u16 {
+    let body = format!(r#"{{"id":"{id}","address":"127.0.0.1:1","zone":"z","capacity_bytes":1}}"#);
+    status(api, Method::POST, "/v1/servers", Some(&body)).await
 }
 
 #[test]
@@ -256,32 +219,14 @@ fn api_authentication_roles_and_errors() -> Result<()> {
             .await,
             403
         );
-        assert_eq!(
-            status(
-                &node,
-                Method::POST,
-                "/v1/servers",
-                Some(r#"{"id":"s9","address":"127.0.0.1:1","zone":"z","capacity_bytes":1}"#)
-            )
-            .await,
-            403
-        );
+        assert_eq!(register_status(&node, "s9").await, 403);
         assert_eq!(
             status(&node, Method::GET, "/v1/nodes/node1/attachments", None).await,
             403
         );
         // A storage server may not register under another id.
         let s1 = client(&c, Some("storage-s1"), None)?;
-        assert_eq!(
-            status(
-                &s1,
-                Method::POST,
-                "/v1/servers",
-                Some(r#"{"id":"s2","address":"127.0.0.1:1","zone":"z","capacity_bytes":1}"#)
-            )
-            .await,
-            403
-        );
+        assert_eq!(register_status(&s1, "s2").await, 403);
 
         // Errors are JSON with a code; malformed bodies are 400.
         let admin = client(&c, Some("admin-keelctl"), None)?;
@@ -294,30 +239,19 @@ fn api_authentication_roles_and_errors() -> Result<()> {
         let (s, body) = admin.raw(Method::GET, "/v1/nothing-here", None).await?;
         assert_eq!(s, 404);
         assert!(serde_json::from_slice::<keel_api::ErrorBody>(&body).is_ok());
-        let (s, _) = admin
-            .raw(
-                Method::POST,
-                "/v1/volumes",
-                Some(br#"{"size":"1GiB","replicas":0}"#.to_vec()),
-            )
-            .await?;
-        assert_eq!(s, 400);
-        let (s, _) = admin
-            .raw(
-                Method::POST,
-                "/v1/volumes",
-                Some(br#"{"size":-5}"#.to_vec()),
-            )
-            .await?;
-        assert_eq!(s, 400);
-        let (s, _) = admin
-            .raw(
-                Method::POST,
+        for (path, body) in [
+            ("/v1/volumes", r#"{"size":"1GiB","replicas":0}"#),
+            ("/v1/volumes", r#"{"size":-5}"#),
+            (
                 "/v1/volumes/abc/attach",
-                Some(br#"{"node":"node1","instance":"a b"}"#.to_vec()),
-            )
-            .await?;
-        assert_eq!(s, 400);
+                r#"{"node":"node1","instance":"a b"}"#,
+            ),
+        ] {
+            let (s, _) = admin
+                .raw(Method::POST, path, Some(body.as_bytes().to_vec()))
+                .await?;
+            assert_eq!(s, 400, "POST {path} {body}");
+        }
         // Bodies are size-limited: 413, or (when the server refuses before the client has sent
         // everything) a connection the server closed. Either way nothing was created.
         let big = vec![b' '; 70 << 10];

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use keel_tests::guest::{self, Disk, GuestConfig, GuestOutput};
-use keel_tests::keel_up::{Cluster, Out};
+use keel_tests::guest::{self, console_lines, Disk, GuestConfig, GuestOutput, RESIZE_LINES};
+use keel_tests::keel_up::{socket, volume_args, Cluster, Out};
 use serde_json::Value;
 
 const NODE: &str = "node1";
@@ -20,12 +20,45 @@ const VOLUME: &str = "e2e-vol";
 /// The region fio writes and the guests checksum.
 const REGION_MIB: u32 = 128;
 
-/// Runs `keelctl` commands and prints each with its output.
-struct Transcript<'a> {
-    cluster: &'a Cluster,
+/// A cluster started by `keelctl up` in a temporary directory: runs `keelctl` commands and
+/// prints each with its output.
+struct Transcript {
+    /// Before `_dir`: stopped before the directory goes.
+    cluster: Cluster,
+    _dir: tempfile::TempDir,
+    started: Instant,
 }
 
-impl Transcript<'_> {
+impl Transcript {
+    /// `keelctl up` with `servers` storage servers of 4 GiB each, announced in the transcript.
+    fn up(servers: u32) -> Result<Transcript> {
+        let started = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let cluster = Cluster::up(dir.path(), servers, "4GiB")?;
+        println!(
+            "=== keelctl --dir DIR up --servers {servers} --capacity 4GiB: ready, controller {} ({:.1} s)",
+            cluster.url,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Transcript {
+            cluster,
+            _dir: dir,
+            started,
+        })
+    }
+
+    /// Stops the cluster with SIGTERM and requires a clean exit.
+    fn stop(mut self) -> Result<()> {
+        let clean = self.cluster.stop()?;
+        println!(
+            "=== cluster stopped ({}), total {:.1} s",
+            if clean { "clean exit" } else { "non-zero exit" },
+            self.started.elapsed().as_secs_f64()
+        );
+        ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
+        Ok(())
+    }
+
     /// Prints a command and its output; JSON output on one line, to keep the transcript short.
     fn show(args: &[&str], out: &Out) {
         println!("$ keelctl {}", args.join(" "));
@@ -67,20 +100,11 @@ impl Transcript<'_> {
             .with_context(|| format!("keelctl {a:?} printed no JSON: {}", out.stdout))
     }
 
-    /// Detaches, retrying while the controller refuses (exit 4) because the node still
-    /// reports the guest connected; prints the first refusal and the final answer.
-    fn detach(&self, instance: &str) -> Result<Value> {
-        let args = [
-            "volume",
-            "detach",
-            VOLUME,
-            "--node",
-            NODE,
-            "--instance",
-            instance,
-            "-o",
-            "json",
-        ];
+    /// Detaches `volume` from `NODE`/`instance`, retrying while the controller refuses (exit
+    /// 4) because the node still reports the guest connected (up to 30 s); prints the first
+    /// refusal and the final answer.
+    fn detach_retrying(&self, volume: &str, instance: &str) -> Result<Value> {
+        let args = volume_args("detach", volume, NODE, instance, &["-o", "json"]);
         let start = Instant::now();
         let mut refusals = 0;
         loop {
@@ -150,17 +174,9 @@ fn guest_script(marker: &str, extra: &str) -> String {
     )
 }
 
-fn run_guest(socket: &Path, script: String) -> Result<GuestOutput> {
-    guest::run(&GuestConfig {
-        disks: vec![Disk {
-            socket: socket.to_path_buf(),
-            num_queues: 1,
-            reconnect: false,
-        }],
-        script,
-        timeout: Duration::from_secs(600),
-        ..GuestConfig::default()
-    })
+/// A guest running `script` on the attachment's `socket` (one queue, no reconnect).
+fn guest_config(socket: &Path, script: impl Into<String>) -> GuestConfig {
+    GuestConfig::one_disk(Disk::new(socket), script, Duration::from_secs(600))
 }
 
 /// The value after `key=` on the console (last occurrence).
@@ -174,18 +190,13 @@ fn console_value(out: &GuestOutput, key: &str) -> Option<String> {
 /// Requires fio's success (exit 0, `err= 0`, no verify failure), prints its summary lines,
 /// returns the md5 of the region.
 fn check_guest(out: &GuestOutput, what: &str) -> Result<String> {
-    let summary: Vec<&str> = out
-        .console
-        .lines()
-        .filter(|l| {
-            ["IOPS=", "err=", "verify", "FIO-RC=", "MD5=", "SERIAL="]
-                .iter()
-                .any(|k| l.contains(k))
-        })
-        .collect();
+    let summary = console_lines(
+        &out.console,
+        &["IOPS=", "err=", "verify", "FIO-RC=", "MD5=", "SERIAL="],
+    );
     println!("--- guest {what}: fio summary ---");
     for l in &summary {
-        println!("  {}", l.trim());
+        println!("  {l}");
     }
     ensure!(
         out.exit_status == Some(0),
@@ -211,39 +222,34 @@ fn check_guest(out: &GuestOutput, what: &str) -> Result<String> {
     Ok(md5)
 }
 
-fn attach(t: &Transcript, instance: &str) -> Result<(PathBuf, u64)> {
-    let a = t.json(&[
-        "volume",
-        "attach",
-        VOLUME,
-        "--node",
-        NODE,
-        "--instance",
-        instance,
-    ])?;
+/// Attaches `volume` to `NODE`/`instance` and waits for the node manager to create the
+/// socket; returns the socket and the attach answer.
+fn attach(t: &Transcript, volume: &str, instance: &str) -> Result<(PathBuf, Value)> {
+    let a = t.json(&volume_args("attach", volume, NODE, instance, &[]))?;
+    let socket = socket(&a)?;
+    wait_path(&socket, true, Duration::from_secs(30))
+        .context("the node manager did not create the attachment's socket")?;
+    println!("  (socket {} is up)", socket.display());
+    Ok((socket, a))
+}
+
+/// [`attach`] of `VOLUME`, checking the answer is a read-write attachment of `NODE`/`instance`;
+/// returns the socket and the epoch.
+fn attach_rw(t: &Transcript, instance: &str) -> Result<(PathBuf, u64)> {
+    let (socket, a) = attach(t, VOLUME, instance)?;
     ensure!(
         a["node"] == NODE && a["instance"] == instance && a["mode"] == "read_write",
         "attach answer: {a}"
     );
-    let socket = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
     let epoch = a["epoch"].as_u64().context("attach printed no epoch")?;
-    wait_path(&socket, true, Duration::from_secs(30))
-        .context("the node manager did not create the attachment's socket")?;
-    println!("  (socket {} is up)", socket.display());
     Ok((socket, epoch))
 }
 
-/// After a guest has exited: the attachment is still recorded; detach (once the node reports
-/// the guest gone); the volume is available again and the socket removed.
-fn detach_and_check(t: &Transcript, instance: &str, socket: &Path) -> Result<()> {
-    let d = t.json(&["volume", "describe", VOLUME])?;
-    let atts = d["attachments"].as_array().context("no attachments")?;
-    ensure!(
-        atts.len() == 1 && atts[0]["node"] == NODE && atts[0]["instance"] == instance,
-        "after the guest exited, describe should still show {NODE}/{instance}: {d}"
-    );
-    t.detach(instance)?;
-    let d = t.json(&["volume", "describe", VOLUME])?;
+/// Detaches `volume` from `NODE`/`instance` (once the node reports the guest gone); the volume
+/// is available again and the socket removed.
+fn detach(t: &Transcript, volume: &str, instance: &str, socket: &Path) -> Result<()> {
+    t.detach_retrying(volume, instance)?;
+    let d = t.json(&["volume", "describe", volume])?;
     ensure!(
         d["state"] == "available" && d["attachments"].as_array().is_some_and(|a| a.is_empty()),
         "after detach: {d}"
@@ -254,21 +260,24 @@ fn detach_and_check(t: &Transcript, instance: &str, socket: &Path) -> Result<()>
     Ok(())
 }
 
+/// After a guest has exited: the attachment is still recorded; then [`detach`] of `VOLUME`.
+fn detach_and_check(t: &Transcript, instance: &str, socket: &Path) -> Result<()> {
+    let d = t.json(&["volume", "describe", VOLUME])?;
+    let atts = d["attachments"].as_array().context("no attachments")?;
+    ensure!(
+        atts.len() == 1 && atts[0]["node"] == NODE && atts[0]["instance"] == instance,
+        "after the guest exited, describe should still show {NODE}/{instance}: {d}"
+    );
+    detach(t, VOLUME, instance, socket)
+}
+
 /// create → attach vm1 → guest writes + verifies → detach → attach vm2 → guest verifies the
 /// same data (fio `--verify_only`, md5) → detach.
 #[test]
 fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     // Fails (not skips) without QEMU, a kernel, busybox or fio.
     guest::require_tools()?;
-    let started = Instant::now();
-    let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::up(dir.path(), 2, "4GiB")?;
-    println!(
-        "=== keelctl --dir DIR up --servers 2 --capacity 4GiB: ready, controller {} ({:.1} s)",
-        cluster.url,
-        started.elapsed().as_secs_f64()
-    );
-    let t = Transcript { cluster: &cluster };
+    let t = Transcript::up(2)?;
 
     t.ok(&["server", "list"])?;
     t.ok(&["node", "list"])?;
@@ -284,12 +293,12 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     let id = v["id"].as_str().context("no id")?.to_string();
 
     // First guest: write and verify.
-    let (sock1, epoch1) = attach(&t, "vm1")?;
+    let (sock1, epoch1) = attach_rw(&t, "vm1")?;
     let d = t.json(&["volume", "describe", VOLUME])?;
     ensure!(d["state"] == "attached", "after attach: {d}");
     t.ok(&["volume", "describe", VOLUME])?;
     let g = Instant::now();
-    let out1 = run_guest(&sock1, guest_script("PASS1-WRITE", ""))?;
+    let out1 = guest::run(&guest_config(&sock1, guest_script("PASS1-WRITE", "")))?;
     let md5_1 = check_guest(&out1, "1 (vm1: randwrite + verify)")?;
     println!("  (guest 1 ran {:.1} s)", g.elapsed().as_secs_f64());
     let serial = console_value(&out1, "SERIAL=").unwrap_or_default();
@@ -300,7 +309,7 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     detach_and_check(&t, "vm1", &sock1)?;
 
     // Second guest, another instance: read everything back.
-    let (sock2, epoch2) = attach(&t, "vm2")?;
+    let (sock2, epoch2) = attach_rw(&t, "vm2")?;
     ensure!(
         sock2 != sock1,
         "the new attachment reuses socket {}",
@@ -312,7 +321,10 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     );
     t.ok(&["volume", "describe", VOLUME])?;
     let g = Instant::now();
-    let out2 = run_guest(&sock2, guest_script("PASS2-VERIFY", "--verify_only"))?;
+    let out2 = guest::run(&guest_config(
+        &sock2,
+        guest_script("PASS2-VERIFY", "--verify_only"),
+    ))?;
     let md5_2 = check_guest(&out2, "2 (vm2: verify_only)")?;
     println!("  (guest 2 ran {:.1} s)", g.elapsed().as_secs_f64());
     ensure!(
@@ -322,70 +334,11 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     println!("=== md5 of the first {REGION_MIB} MiB: {md5_1} in both guests");
     detach_and_check(&t, "vm2", &sock2)?;
     t.ok(&["volume", "list"])?;
-
-    let clean = cluster.stop()?;
-    println!(
-        "=== cluster stopped ({}), total {:.1} s",
-        if clean { "clean exit" } else { "non-zero exit" },
-        started.elapsed().as_secs_f64()
-    );
-    ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
-    Ok(())
+    t.stop()
 }
 
 /// The volume [`keelctl_resize_reaches_a_running_guest`] grows.
 const GROW: &str = "grow";
-
-/// Detaches `volume` from `NODE`/`instance`, retrying while the controller refuses (exit 4)
-/// because the node still reports the guest connected (up to 30 s); prints the first refusal
-/// and the final answer.
-fn detach_retrying(t: &Transcript, volume: &str, instance: &str) -> Result<Value> {
-    let args = [
-        "volume",
-        "detach",
-        volume,
-        "--node",
-        NODE,
-        "--instance",
-        instance,
-        "-o",
-        "json",
-    ];
-    let start = Instant::now();
-    let mut refusals = 0;
-    loop {
-        let out = t.cluster.ctl(&args)?;
-        if out.code == 0 {
-            if refusals > 0 {
-                println!(
-                    "  ({refusals} refusal(s) while the node still reported the guest; detached after {:.1} s)",
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            Transcript::show(&args, &out);
-            return serde_json::from_str(&out.stdout)
-                .with_context(|| format!("detach printed no JSON: {}", out.stdout));
-        }
-        let connected = out.code == 4 && out.stderr.contains("still connected");
-        if refusals == 0 || !connected {
-            Transcript::show(&args, &out);
-        }
-        ensure!(
-            connected,
-            "detach failed for another reason than a connected guest (exit {}): {}",
-            out.code,
-            out.stderr
-        );
-        refusals += 1;
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "detach still refused after 30 s ({refusals} tries): {}",
-                out.stderr
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 /// Guest side of [`keelctl_resize_reaches_a_running_guest`]: prints the size, polls (up to
 /// 120 s; the host allows far less) until /dev/vda is 128 MiB, then writes 4 MiB of random
@@ -408,29 +361,6 @@ const GROW_SCRIPT: &str = "\
     [ -n \"$a\" ] && [ \"$a\" = \"$b\" ] || { echo MISMATCH; exit 1; }\n\
     echo SIZE2=$(cat /sys/block/vda/size)\n\
     echo RESIZE-OK\n";
-
-/// The lines of the grow guest's console worth showing (never the whole log).
-fn grow_lines(console: &str) -> Vec<String> {
-    console
-        .lines()
-        .filter(|l| {
-            [
-                "SIZE",
-                "DMESG",
-                "DD:",
-                "MD5",
-                "RESIZE",
-                "MISMATCH",
-                "FAILED",
-                "capacity",
-                "KEEL-GUEST-EXIT",
-            ]
-            .iter()
-            .any(|k| l.contains(k))
-        })
-        .map(|l| l.trim().to_string())
-        .collect()
-}
 
 /// What the control plane logged about the resize, for a guest that never saw it.
 fn resize_diagnostics(cluster: &Cluster) -> String {
@@ -460,42 +390,13 @@ fn resize_diagnostics(cluster: &Cluster) -> String {
 fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
     // Fails (not skips) without QEMU, a kernel, busybox or fio.
     guest::require_tools()?;
-    let started = Instant::now();
-    let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::up(dir.path(), 1, "4GiB")?;
-    println!(
-        "=== keelctl --dir DIR up --servers 1 --capacity 4GiB: ready, controller {} ({:.1} s)",
-        cluster.url,
-        started.elapsed().as_secs_f64()
-    );
-    let t = Transcript { cluster: &cluster };
+    let t = Transcript::up(1)?;
 
     let v = t.json(&["volume", "create", "64MiB", "--name", GROW])?;
     ensure!(v["size"] == 67_108_864u64, "size: {v}");
-    let a = t.json(&[
-        "volume",
-        "attach",
-        GROW,
-        "--node",
-        NODE,
-        "--instance",
-        "vm1",
-    ])?;
-    let socket = PathBuf::from(a["socket"].as_str().context("attach printed no socket")?);
-    wait_path(&socket, true, Duration::from_secs(30))
-        .context("the node manager did not create the attachment's socket")?;
-    println!("  (socket {} is up)", socket.display());
+    let (socket, _) = attach(&t, GROW, "vm1")?;
 
-    let g = guest::spawn(&GuestConfig {
-        disks: vec![Disk {
-            socket: socket.clone(),
-            num_queues: 1,
-            reconnect: false,
-        }],
-        script: GROW_SCRIPT.into(),
-        timeout: Duration::from_secs(600),
-        ..GuestConfig::default()
-    })?;
+    let g = guest::spawn(&guest_config(&socket, GROW_SCRIPT))?;
     let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;
     println!("  guest: {}", size0.trim());
     ensure!(
@@ -512,7 +413,7 @@ fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
         .with_context(|| {
             format!(
                 "the guest did not see the new size within 20 s of the resize\n{}",
-                resize_diagnostics(&cluster)
+                resize_diagnostics(&t.cluster)
             )
         })?;
     println!(
@@ -522,7 +423,7 @@ fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
     );
     let done = g.wait_for_line("RESIZE-OK", Duration::from_secs(120));
     let console = g.console();
-    let lines = grow_lines(&console);
+    let lines = console_lines(&console, RESIZE_LINES);
     println!("--- guest: resize and data beyond the old end ---");
     for l in &lines {
         println!("  {l}");
@@ -543,7 +444,7 @@ fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
     );
 
     let args = ["volume", "resize", GROW, "32MiB"];
-    let out = cluster.ctl(&args)?;
+    let out = t.cluster.ctl(&args)?;
     Transcript::show(&args, &out);
     ensure!(
         out.code == 5,
@@ -563,24 +464,9 @@ fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
         out.exit_status == Some(0),
         "guest exited {:?}:\n{}",
         out.exit_status,
-        grow_lines(&out.console).join("\n")
+        console_lines(&out.console, RESIZE_LINES).join("\n")
     );
 
-    detach_retrying(&t, GROW, "vm1")?;
-    let d = t.json(&["volume", "describe", GROW])?;
-    ensure!(
-        d["state"] == "available" && d["attachments"].as_array().is_some_and(|a| a.is_empty()),
-        "after detach: {d}"
-    );
-    wait_path(&socket, false, Duration::from_secs(15))
-        .context("the node manager did not remove the detached socket")?;
-
-    let clean = cluster.stop()?;
-    println!(
-        "=== cluster stopped ({}), total {:.1} s",
-        if clean { "clean exit" } else { "non-zero exit" },
-        started.elapsed().as_secs_f64()
-    );
-    ensure!(clean, "keelctl up did not exit cleanly on SIGTERM");
-    Ok(())
+    detach(&t, GROW, "vm1", &socket)?;
+    t.stop()
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use keel_tests::cluster::{write_vhost_control, Pki, Storage, Vhost, VhostOptions, VhostStatus};
-use keel_tests::guest::{self, Disk, GuestConfig, GuestOutput};
+use keel_tests::cluster::{control_args, write_vhost_control, DataPath, VhostOptions, VhostStatus};
+use keel_tests::guest::{self, console_lines, Disk, GuestConfig, GuestOutput, RESIZE_LINES};
 
 const VOLUME: &str = "e2e1";
 const SIZE: &str = "512MiB";
@@ -44,56 +44,26 @@ fn check_fio(out: &GuestOutput) -> Result<()> {
     Ok(())
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    pki: Pki,
-    storage: Storage,
-    vhost: Vhost,
-}
-
-fn setup(num_queues: u16, extra: &[&str]) -> Result<Setup> {
+/// keel-storage with a `SIZE` copy of `VOLUME`, keel-vhost serving all of it with `num_queues`
+/// queues and the `extra` options.
+fn setup(num_queues: u16, extra: &[&str]) -> Result<DataPath> {
     guest::require_tools()?;
-    let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
-    let storage = Storage::start(
-        &pki,
-        "s1",
-        &dir.path().join("data"),
-        &[&format!("{VOLUME}:{SIZE}")],
-    )?;
-    let vhost = Vhost::start(
-        &pki,
+    DataPath::start(&format!("{VOLUME}:{SIZE}"), "vda.sock", |_, o| {
         VhostOptions {
-            socket: dir.path().join("vda.sock"),
-            server: storage.addr,
-            volume: VOLUME.into(),
-            size: SIZE.into(),
-            epoch: 1,
-            node_id: "n1".into(),
             num_queues,
-            read_only: false,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        },
-    )?;
-    Ok(Setup {
-        _dir: dir,
-        pki,
-        storage,
-        vhost,
+            ..o
+        }
     })
 }
 
 fn guest_config(socket: &Path, num_queues: u16, script: String) -> GuestConfig {
-    GuestConfig {
-        disks: vec![Disk {
-            socket: socket.to_path_buf(),
-            num_queues,
-            reconnect: true,
-        }],
-        script,
-        timeout: Duration::from_secs(600),
-        ..GuestConfig::default()
-    }
+    let disk = Disk {
+        socket: socket.to_path_buf(),
+        num_queues,
+        reconnect: true,
+    };
+    GuestConfig::one_disk(disk, script, Duration::from_secs(600))
 }
 
 /// Write + verify at QD32, then restart both daemons (kill -9) and verify the same data again
@@ -120,13 +90,12 @@ fn guest_fio_verifies_across_daemon_restarts() -> Result<()> {
         fio_script("4k-128k", "--verify_only", "PASS2"),
     ))?;
     check_fio(&out)?;
-    let _ = &s.pki;
     Ok(())
 }
 
 /// Boots a guest running the verified fio job at QD32 and, 3 s into it, applies `disrupt`;
 /// fio's verification must still pass.
-fn fio_survives(mut s: Setup, disrupt: impl FnOnce(&mut Setup) -> Result<()>) -> Result<()> {
+fn fio_survives(mut s: DataPath, disrupt: impl FnOnce(&mut DataPath) -> Result<()>) -> Result<()> {
     let socket = s.vhost.opts.socket.clone();
     let g = guest::spawn(&guest_config(
         &socket,
@@ -180,58 +149,15 @@ fn fio_verify_only_fails_on_a_fresh_volume() -> Result<()> {
 
 /// keel-storage with a 128 MiB copy of `VOLUME`, and keel-vhost offering 64 MiB of it, steered
 /// by a control file, reporting in a status file (both in the setup's directory).
-struct ResizeSetup {
-    dir: tempfile::TempDir,
-    _pki: Pki,
-    _storage: Storage,
-    vhost: Vhost,
-}
-
-impl ResizeSetup {
-    fn start() -> Result<ResizeSetup> {
-        guest::require_tools()?;
-        let dir = tempfile::tempdir()?;
-        let pki = Pki::new(&dir.path().join("pki"))?;
-        let storage = Storage::start(
-            &pki,
-            "s1",
-            &dir.path().join("data"),
-            &[&format!("{VOLUME}:128MiB")],
-        )?;
-        let vhost = Vhost::start(
-            &pki,
-            VhostOptions {
-                socket: dir.path().join("vda.sock"),
-                server: storage.addr,
-                volume: VOLUME.into(),
-                size: "64MiB".into(),
-                epoch: 1,
-                node_id: "n1".into(),
-                num_queues: 1,
-                read_only: false,
-                extra: vec![
-                    "--control-file".into(),
-                    dir.path().join("control.json").display().to_string(),
-                    "--status-file".into(),
-                    dir.path().join("status.json").display().to_string(),
-                ],
-            },
-        )?;
-        Ok(ResizeSetup {
-            dir,
-            _pki: pki,
-            _storage: storage,
-            vhost,
-        })
-    }
-
-    fn control(&self) -> std::path::PathBuf {
-        self.dir.path().join("control.json")
-    }
-
-    fn status(&self) -> std::path::PathBuf {
-        self.dir.path().join("status.json")
-    }
+fn resize_setup() -> Result<DataPath> {
+    guest::require_tools()?;
+    DataPath::start(&format!("{VOLUME}:128MiB"), "vda.sock", |dir, o| {
+        VhostOptions {
+            size: "64MiB".into(),
+            extra: control_args(dir),
+            ..o
+        }
+    })
 }
 
 /// Guest script: prints the size, waits (up to 120 s) for /dev/vda to become 128 MiB, checks
@@ -259,10 +185,7 @@ const RESIZE_SCRIPT: &str = "\
 /// Boots a guest running [`RESIZE_SCRIPT`], checks it starts at 64 MiB with the status file
 /// saying connected, applies `resize` once the guest waits, and checks the guest's verdict and
 /// that the status file says disconnected (at 128 MiB) once it is gone.
-fn guest_resize(
-    s: &mut ResizeSetup,
-    resize: impl FnOnce(&mut ResizeSetup) -> Result<()>,
-) -> Result<()> {
+fn guest_resize(s: &mut DataPath, resize: impl FnOnce(&mut DataPath) -> Result<()>) -> Result<()> {
     assert!(!VhostStatus::read(&s.status())?.connected);
     let g = guest::spawn(&guest_config(&s.vhost.opts.socket, 1, RESIZE_SCRIPT.into()))?;
     let size0 = g.wait_for_line("SIZE0=", Duration::from_secs(300))?;
@@ -274,24 +197,7 @@ fn guest_resize(
     resize(s)?;
 
     let out = g.wait()?;
-    let relevant: Vec<&str> = out
-        .console
-        .lines()
-        .filter(|l| {
-            [
-                "SIZE",
-                "DMESG",
-                "MD5",
-                "RESIZE",
-                "MISMATCH",
-                "FAILED",
-                "capacity",
-                "KEEL-GUEST-EXIT",
-            ]
-            .iter()
-            .any(|k| l.contains(k))
-        })
-        .collect();
+    let relevant = console_lines(&out.console, RESIZE_LINES);
     ensure!(
         out.exit_status == Some(0)
             && out.console.contains("RESIZE-OK")
@@ -311,7 +217,7 @@ fn guest_resize(
 /// beyond the old end reads back. The status file follows the session.
 #[test]
 fn guest_sees_online_resize() -> Result<()> {
-    guest_resize(&mut ResizeSetup::start()?, |s| {
+    guest_resize(&mut resize_setup()?, |s| {
         write_vhost_control(&s.control(), 128 << 20, 1)?;
         s.vhost.sighup();
         Ok(())
@@ -323,7 +229,7 @@ fn guest_sees_online_resize() -> Result<()> {
 /// re-read the config space when the device restarts.
 #[test]
 fn guest_sees_a_resize_made_while_keel_vhost_was_down() -> Result<()> {
-    guest_resize(&mut ResizeSetup::start()?, |s| {
+    guest_resize(&mut resize_setup()?, |s| {
         s.vhost.kill9();
         write_vhost_control(&s.control(), 128 << 20, 1)?;
         s.vhost.restart()

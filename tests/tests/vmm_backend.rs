@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use keel_tests::cluster::{write_vhost_control, Pki, Storage, Vhost, VhostOptions, VhostStatus};
+use keel_tests::cluster::{control_args, DataPath, Pki, Storage, Vhost, VhostOptions, VhostStatus};
 use keel_tests::vmm::*;
 
 const SIZE_BYTES: u64 = 64 << 20;
@@ -530,80 +530,18 @@ fn storage_sigstop_under_load_only_stalls() -> Result<()> {
 
 /// A keel-vhost steered by a control file, with a status file; the copy is created with
 /// `create` (`VOLUME:SIZE[:EPOCH]`) and keel-vhost started with `size`, `epoch`, `read_only`.
-struct Controlled {
-    dir: tempfile::TempDir,
-    _pki: Pki,
-    _storage: Storage,
-    vhost: Vhost,
-}
-
-impl Controlled {
-    fn start(create: &str, size: &str, epoch: u64, read_only: bool) -> Result<Controlled> {
-        let dir = tempfile::tempdir()?;
-        let pki = Pki::new(&dir.path().join("pki"))?;
-        let storage = Storage::start(&pki, "s1", &dir.path().join("data"), &[create])?;
-        let control = dir.path().join("control.json");
-        let status = dir.path().join("status.json");
-        let vhost = Vhost::start(
-            &pki,
-            VhostOptions {
-                socket: dir.path().join("blk.sock"),
-                server: storage.addr,
-                volume: "abc123".into(),
-                size: size.into(),
-                epoch,
-                node_id: "n1".into(),
-                num_queues: 1,
-                read_only,
-                extra: vec![
-                    "--request-timeout-ms".into(),
-                    "2000".into(),
-                    "--control-file".into(),
-                    control.display().to_string(),
-                    "--status-file".into(),
-                    status.display().to_string(),
-                ],
-            },
-        )?;
-        Ok(Controlled {
-            dir,
-            _pki: pki,
-            _storage: storage,
-            vhost,
-        })
-    }
-
-    fn control(&self) -> std::path::PathBuf {
-        self.dir.path().join("control.json")
-    }
-
-    fn status(&self) -> std::path::PathBuf {
-        self.dir.path().join("status.json")
-    }
-
-    /// Writes the control file, sends SIGHUP and waits for the reload.
-    fn push(&self, size: u64, epoch: u64) -> Result<()> {
-        write_vhost_control(&self.control(), size, epoch)?;
-        self.reload()
-    }
-
-    /// Sends SIGHUP and waits until keel-vhost has reloaded: every reload replaces the status
-    /// file (a new inode), whatever the control file held.
-    fn reload(&self) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let inode = || std::fs::metadata(self.status()).map(|m| m.ino()).ok();
-        let before = inode();
-        self.vhost.sighup();
-        let deadline = std::time::Instant::now() + WAIT;
-        while inode() == before {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "keel-vhost did not reload within {WAIT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+fn controlled(create: &str, size: &str, epoch: u64, read_only: bool) -> Result<DataPath> {
+    DataPath::start(create, "blk.sock", |dir, o| {
+        let mut extra = vec!["--request-timeout-ms".into(), "2000".into()];
+        extra.extend(control_args(dir));
+        VhostOptions {
+            size: size.into(),
+            epoch,
+            read_only,
+            extra,
+            ..o
         }
-        Ok(())
-    }
+    })
 }
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -614,7 +552,7 @@ const WAIT: Duration = Duration::from_secs(15);
 /// nothing. The status file follows the session.
 #[test]
 fn online_resize_notifies_the_frontend_and_grows_the_device() -> Result<()> {
-    let c = Controlled::start("abc123:128MiB", "64MiB", 1, false)?;
+    let c = controlled("abc123:128MiB", "64MiB", 1, false)?;
     let st = VhostStatus::read(&c.status())?;
     assert_eq!(
         (st.connected, st.size, st.epoch, Some(st.pid)),
@@ -692,7 +630,7 @@ fn online_resize_notifies_the_frontend_and_grows_the_device() -> Result<()> {
 /// it the copy's epoch (control file + SIGHUP), its writes carry that epoch and succeed.
 #[test]
 fn epoch_from_the_control_file_is_carried_by_later_writes() -> Result<()> {
-    let c = Controlled::start("abc123:64MiB:2", "64MiB", 1, false)?;
+    let c = controlled("abc123:64MiB:2", "64MiB", 1, false)?;
     let mut vmm = TestVmm::connect(&c.vhost.opts.socket, opts(1))?;
     let d = pattern(41, 8, 4096);
     assert_eq!(
@@ -724,7 +662,7 @@ fn epoch_from_the_control_file_is_carried_by_later_writes() -> Result<()> {
 /// node manager pushes the new epoch, then complete.
 #[test]
 fn read_only_attachment_waits_for_the_new_epoch() -> Result<()> {
-    let c = Controlled::start("abc123:64MiB:2", "64MiB", 1, true)?;
+    let c = controlled("abc123:64MiB:2", "64MiB", 1, true)?;
     let mut vmm = TestVmm::connect(
         &c.vhost.opts.socket,
         VmmOptions {
