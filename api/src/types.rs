@@ -186,7 +186,8 @@ pub struct CopyInfo {
     pub address: String,
     /// `primary` or `mirror`.
     pub role: String,
-    /// `ok` when the server last reported this copy at the volume's size and epoch,
+    /// `ok` (primary) or `in_sync` (mirror) when the server last reported this copy at the
+    /// volume's size and epoch, `stale` for a mirror dropped from the in-sync set,
     /// `pending` while the controller still has to push a change, `server_down` when its
     /// server stopped heartbeating.
     pub state: String,
@@ -201,7 +202,8 @@ pub struct AttachmentInfo {
     pub mode: String,
     /// The vhost-user socket to give QEMU (`-chardev socket,path=...`).
     pub socket: String,
-    /// The epoch this attachment's I/O carries.
+    /// The epoch this attachment's I/O carries: the writer epoch W of docs/replication.md
+    /// (membership changes that keep the writer do not change it).
     pub epoch: u64,
     /// Whether the node last reported a guest connected.
     pub connected: bool,
@@ -270,4 +272,20 @@ pub struct HealthInfo {
     pub status: String,
     /// The metadata store's revision.
     pub revision: u64,
+}
+
+/// `POST /v1/volumes/{id}/mirror-failed`: the volume's primary could not replicate to one of
+/// its in-sync mirrors (docs/replication.md, R5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorFailed {
+    /// The mirror's data-path address, `IP:PORT`, as in the primary's membership.
+    pub mirror: String,
+    /// The epoch the primary serves: the report is refused if the volume moved on.
+    pub epoch: u64,
+}
+
+/// The answer to a membership change: the volume's new epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipInfo {
+    pub epoch: u64,
 }

@@ -124,6 +124,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/volumes/{id}/resize", post(resize_volume))
         .route("/v1/volumes/{id}/attach", post(attach_volume))
         .route("/v1/volumes/{id}/detach", post(detach_volume))
+        .route("/v1/volumes/{id}/mirror-failed", post(mirror_failed))
         .fallback(|| async { ApiError::not_found("no such API path; see /openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -289,6 +290,17 @@ async fn detach_volume(
 ) -> Answer<keel_api::VolumeInfo> {
     admin(&c)?;
     Ok(Json(s.controller.detach(&id, json(&body)?).await?))
+}
+
+async fn mirror_failed(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::MembershipInfo> {
+    Ok(Json(
+        s.controller.mirror_failed(&c, &id, json(&body)?).await?,
+    ))
 }
 
 /// TLS for the API: the controller's certificate; client certificates from the cluster CA

@@ -55,6 +55,13 @@ impl CopyRole {
 pub struct CopyRecord {
     pub server: String,
     pub role: CopyRole,
+    /// Mirrors only: whether it holds every acknowledged write (docs/replication.md, R5).
+    #[serde(default = "in_sync_default")]
+    pub in_sync: bool,
+}
+
+fn in_sync_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +107,10 @@ pub struct VolumeRecord {
     /// Bumped by every read-write attach and every forced detach: the storage servers refuse
     /// I/O that carries an older epoch, so whoever held the volume before is fenced.
     pub epoch: u64,
+    /// The epoch of the current writer's attach (docs/replication.md, W): requests carrying an
+    /// older epoch are fenced. 0 in records written before it existed: read as `epoch`.
+    #[serde(default)]
+    pub writer_epoch: u64,
     pub copies: Vec<CopyRecord>,
     pub attachments: Vec<AttachmentRecord>,
     pub created_at_unix: u64,
@@ -108,6 +119,15 @@ pub struct VolumeRecord {
 impl VolumeRecord {
     pub fn writer(&self) -> Option<&AttachmentRecord> {
         self.attachments.iter().find(|a| a.mode == Mode::ReadWrite)
+    }
+
+    /// W: requests with an older epoch are refused.
+    pub fn writer_floor(&self) -> u64 {
+        if self.writer_epoch == 0 {
+            self.epoch
+        } else {
+            self.writer_epoch
+        }
     }
 
     pub fn primary(&self) -> Option<&CopyRecord> {

@@ -80,11 +80,15 @@ impl Pusher {
         volume: &str,
         r: CopyRole,
         epoch: u64,
+        writer_epoch: u64,
+        mirrors: Vec<SocketAddr>,
     ) -> Result<(), PushError> {
         let req = AdminRequest::SetMembership {
             volume: vid(volume)?,
             role: role(r),
             epoch: Epoch(epoch),
+            writer_epoch: Epoch(writer_epoch),
+            mirrors,
         };
         self.call(addr, req).await
     }

@@ -570,7 +570,7 @@ impl Controller {
                     instance: a.instance.clone(),
                     socket: a.socket.clone(),
                     read_only: a.mode == Mode::ReadOnly,
-                    epoch: v.epoch,
+                    epoch: v.writer_floor(),
                     size: v.size,
                     server: server.clone(),
                 });
@@ -628,14 +628,17 @@ impl Controller {
                 let l = live.servers.get(&c.server);
                 let up = l.is_some_and(|l| l.last_seen.elapsed() < self.cfg.failure_timeout);
                 let reported = l.and_then(|l| l.hb.copies.iter().find(|r| r.volume == v.id));
-                let state = if !up {
+                let state = if c.role == CopyRole::Mirror && !c.in_sync {
+                    // Whatever its server does, a dropped mirror holds no guarantee.
+                    "stale"
+                } else if !up {
                     "server_down"
                 } else {
                     match reported {
                         None if v.state == VolumeRecordState::Creating => "pending",
                         None => "missing",
                         Some(r) if r.size < v.size || r.epoch < v.epoch => "pending",
-                        Some(_) if c.role == CopyRole::Mirror => "not_replicated",
+                        Some(_) if c.role == CopyRole::Mirror => "in_sync",
                         Some(_) => "ok",
                     }
                 };
@@ -658,7 +661,7 @@ impl Controller {
                 instance: a.instance.clone(),
                 mode: a.mode.as_str().into(),
                 socket: a.socket.clone(),
-                epoch: v.epoch,
+                epoch: v.writer_floor(),
                 connected: live.nodes.get(&a.node).is_some_and(|n| {
                     n.hb.attachments
                         .iter()
@@ -752,11 +755,13 @@ impl Controller {
             replicas,
             state: VolumeRecordState::Creating,
             epoch: 1,
+            writer_epoch: 1,
             copies: chosen
                 .iter()
                 .enumerate()
                 .map(|(i, s)| CopyRecord {
                     server: s.clone(),
+                    in_sync: true,
                     role: if i == 0 {
                         CopyRole::Primary
                     } else {
@@ -913,18 +918,33 @@ impl Controller {
             v.size = size;
             Ok(true)
         })?;
-        self.push_membership(&v, true).await;
+        let _ = self.push_membership(&v, true).await;
         tracing::info!(volume = %id, size, "volume resized");
         self.volume_info(&v)
     }
 
-    /// Pushes the record's epoch (and size, with `resize`) to every copy; failures are left
+    /// Pushes the record's membership (epoch, writer epoch, roles, the primary's in-sync
+    /// mirrors; and size, with `resize`) to every copy: mirrors first, then the primary
+    /// (docs/replication.md, R2). Returns whether the primary took it; other failures are left
     /// to the reconciler.
-    async fn push_membership(&self, v: &VolumeRecord, resize: bool) {
+    async fn push_membership(&self, v: &VolumeRecord, resize: bool) -> bool {
         let Ok(addrs) = self.server_addresses() else {
-            return;
+            return false;
         };
-        for c in &v.copies {
+        let mirrors: Vec<SocketAddr> = v
+            .copies
+            .iter()
+            .filter(|c| c.role == CopyRole::Mirror && c.in_sync)
+            .filter_map(|c| addrs.get(&c.server).copied())
+            .collect();
+        let mut order: Vec<&CopyRecord> = v
+            .copies
+            .iter()
+            .filter(|c| c.role == CopyRole::Mirror)
+            .collect();
+        order.extend(v.copies.iter().filter(|c| c.role == CopyRole::Primary));
+        let mut primary_ok = false;
+        for c in order {
             let Some(addr) = addrs.get(&c.server) else {
                 continue;
             };
@@ -934,17 +954,90 @@ impl Controller {
                     continue;
                 }
             }
+            let list = if c.role == CopyRole::Primary {
+                mirrors.clone()
+            } else {
+                Vec::new()
+            };
             match self
                 .push
-                .set_membership(*addr, &v.id, c.role, v.epoch)
+                .set_membership(*addr, &v.id, c.role, v.epoch, v.writer_floor(), list)
                 .await
             {
-                Ok(()) => self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role),
+                Ok(()) => {
+                    self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role);
+                    primary_ok |= c.role == CopyRole::Primary;
+                }
                 Err(e) => {
-                    tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch push failed; the reconciler retries")
+                    tracing::warn!(volume = %v.id, server = %c.server, error = %e, "membership push failed; the reconciler retries")
                 }
             }
         }
+        primary_ok
+    }
+
+    /// A primary could not replicate to one of its in-sync mirrors (docs/replication.md, R5):
+    /// drop that mirror at a new epoch and push the new membership, so the primary may
+    /// acknowledge without it. Refused when the caller is not the volume's primary or names an
+    /// old epoch (it was replaced).
+    pub async fn mirror_failed(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        req: keel_api::MirrorFailed,
+    ) -> Result<keel_api::MembershipInfo, ApiError> {
+        let Caller::Storage(server) = caller else {
+            return Err(ApiError::forbidden(
+                "only a volume's primary storage server may report a failed mirror",
+            ));
+        };
+        let addrs = self.server_addresses()?;
+        let v = self.resolve(volume)?;
+        let id = v.id.clone();
+        let mut changed = false;
+        let v = self.update_volume(&id, |v| {
+            changed = false;
+            if v.primary().map(|p| p.server.as_str()) != Some(server.as_str()) {
+                return Err(ApiError::conflict(format!(
+                    "server {server} is not the primary of volume {}",
+                    v.id
+                )));
+            }
+            if req.epoch != v.epoch {
+                return Err(ApiError::conflict(format!(
+                    "epoch {} is not the volume's epoch {}: this primary's view is old",
+                    req.epoch, v.epoch
+                )));
+            }
+            let Some(m) = v.copies.iter_mut().find(|c| {
+                c.role == CopyRole::Mirror
+                    && addrs
+                        .get(&c.server)
+                        .is_some_and(|a| a.to_string() == req.mirror)
+            }) else {
+                return Err(ApiError::not_found(format!(
+                    "{} is not a mirror of volume {}",
+                    req.mirror, v.id
+                )));
+            };
+            if !m.in_sync {
+                return Ok(false);
+            }
+            m.in_sync = false;
+            v.epoch += 1;
+            changed = true;
+            Ok(true)
+        })?;
+        if changed {
+            tracing::warn!(volume = %id, mirror = %req.mirror, epoch = v.epoch, "mirror dropped from the in-sync set");
+        }
+        if !self.push_membership(&v, false).await {
+            return Err(ApiError::unavailable(format!(
+                "volume {id}: the new membership (epoch {}) did not reach the primary; retry",
+                v.epoch
+            )));
+        }
+        Ok(keel_api::MembershipInfo { epoch: v.epoch })
     }
 
     pub async fn attach(
@@ -1005,6 +1098,7 @@ impl Controller {
                     fenced = Some(w);
                 }
                 v.epoch += 1;
+                v.writer_epoch = v.epoch;
                 bumped = true;
             }
             v.attachments.push(AttachmentRecord {
@@ -1017,7 +1111,7 @@ impl Controller {
             Ok(true)
         })?;
         if bumped {
-            self.push_membership(&v, false).await;
+            let _ = self.push_membership(&v, false).await;
         }
         if let Some(w) = fenced {
             tracing::warn!(volume = %id, old_node = %w.node, old_instance = %w.instance, epoch = v.epoch, "forced takeover: old writer fenced");
@@ -1067,12 +1161,13 @@ impl Controller {
             v.attachments.retain(|x| x != &a);
             if req.force && a.mode == Mode::ReadWrite {
                 v.epoch += 1;
+                v.writer_epoch = v.epoch;
                 bumped = true;
             }
             Ok(true)
         })?;
         if bumped {
-            self.push_membership(&v, false).await;
+            let _ = self.push_membership(&v, false).await;
         }
         tracing::info!(volume = %id, node = %req.node, instance = %req.instance, force = req.force, "detached");
         self.volume_info(&v)
@@ -1128,40 +1223,24 @@ impl Controller {
                     }
                 }
                 VolumeRecordState::Ready => {
+                    // Any copy (on a live server) behind the record: push the whole membership
+                    // again, in order (R2); the pushes are idempotent.
+                    let (mut small, mut stale) = (false, false);
                     for c in &v.copies {
-                        let behind = {
-                            let live = self.live();
-                            live.servers.get(&c.server).and_then(|l| {
-                                if l.last_seen.elapsed() >= self.cfg.failure_timeout {
-                                    return None;
-                                }
-                                let r = l.hb.copies.iter().find(|r| r.volume == v.id)?;
-                                Some((
-                                    r.size < v.size,
-                                    r.epoch < v.epoch || r.role != c.role.as_str(),
-                                ))
-                            })
-                        };
-                        let Some((small, stale)) = behind else {
+                        let live = self.live();
+                        let Some(l) = live.servers.get(&c.server) else {
                             continue;
                         };
-                        let Some(addr) = addrs.get(&c.server) else {
+                        if l.last_seen.elapsed() >= self.cfg.failure_timeout {
                             continue;
-                        };
-                        if small {
-                            if let Err(e) = self.push.resize(*addr, &v.id, v.size).await {
-                                tracing::warn!(volume = %v.id, server = %c.server, error = %e, "resize retry failed");
-                            }
                         }
-                        if stale {
-                            if let Err(e) = self
-                                .push
-                                .set_membership(*addr, &v.id, c.role, v.epoch)
-                                .await
-                            {
-                                tracing::warn!(volume = %v.id, server = %c.server, error = %e, "epoch retry failed");
-                            }
+                        if let Some(r) = l.hb.copies.iter().find(|r| r.volume == v.id) {
+                            small |= r.size < v.size;
+                            stale |= r.epoch < v.epoch || r.role != c.role.as_str();
                         }
+                    }
+                    if small || stale {
+                        let _ = self.push_membership(&v, small).await;
                     }
                 }
             }

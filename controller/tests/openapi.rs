@@ -32,6 +32,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/volumes/{id}/resize"),
     ("POST", "/v1/volumes/{id}/attach"),
     ("POST", "/v1/volumes/{id}/detach"),
+    ("POST", "/v1/volumes/{id}/mirror-failed"),
 ];
 
 /// Routes that need no credentials.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::frame::{DecodeError, Frame, Request, Response};
+use crate::frame::{checksum, encode_members, DecodeError, Frame, Request, Response};
 use crate::io::{connect, read_frame, FrameIoError};
 use crate::types::{Epoch, MemberRole, Op, Role, Status, VolumeId};
 
@@ -24,7 +24,7 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 const ADMIN_REQUEST_ID: u64 = 1;
 
 /// One copy administration request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminRequest {
     /// Create the copy (`size` bytes, a positive multiple of 512) with `role` at `epoch`.
     /// Idempotent: an existing copy of the same size is kept (and moved to `epoch` and `role`
@@ -37,12 +37,19 @@ pub enum AdminRequest {
     },
     /// Delete the copy and its file. Deleting an absent copy succeeds.
     DeleteCopy { volume: VolumeId },
-    /// Durably set the copy's role and epoch; an epoch older than the copy's is `StaleEpoch`.
-    /// Once answered, data requests with an older epoch are refused.
+    /// Durably set the copy's role, epoch and writer epoch, and for a primary the data-path
+    /// addresses of its in-sync mirrors (empty for a mirror); an epoch older than the copy's is
+    /// `StaleEpoch`. Once answered, node requests with an epoch below `writer_epoch` are
+    /// refused `StaleEpoch`, and replicated requests with an epoch other than `epoch` are
+    /// refused. `writer_epoch` (at most `epoch`) is the epoch at which the volume's current
+    /// writer attached; it travels in the request's `offset`, the mirrors in its payload (one
+    /// `IP:PORT` per line, at most 4 KiB).
     SetMembership {
         volume: VolumeId,
         role: MemberRole,
         epoch: Epoch,
+        writer_epoch: Epoch,
+        mirrors: Vec<SocketAddr>,
     },
     /// Grow the copy to `size` bytes (a multiple of 512); shrinking is `BadRequest`.
     Resize { volume: VolumeId, size: u64 },
@@ -69,19 +76,33 @@ impl AdminRequest {
         }
     }
 
-    /// The wire request: size in `offset`, role in `length`, epoch in `epoch` (0 where unused).
+    /// The wire request: size (set membership: writer epoch) in `offset`, role in `length`,
+    /// epoch in `epoch` (0 where unused), set membership's mirrors in the payload.
     pub fn to_request(&self, request_id: u64) -> Request {
-        let (epoch, size, role) = match *self {
+        let (epoch, offset, role, payload) = match self {
             AdminRequest::CreateCopy {
                 size, role, epoch, ..
-            } => (epoch, size, role as u32),
-            AdminRequest::DeleteCopy { .. } => (Epoch(0), 0, 0),
-            AdminRequest::SetMembership { role, epoch, .. } => (epoch, 0, role as u32),
-            AdminRequest::Resize { size, .. } => (Epoch(0), size, 0),
+            } => (*epoch, *size, *role as u32, Vec::new()),
+            AdminRequest::DeleteCopy { .. } => (Epoch(0), 0, 0, Vec::new()),
+            AdminRequest::SetMembership {
+                role,
+                epoch,
+                writer_epoch,
+                mirrors,
+                ..
+            } => (
+                *epoch,
+                writer_epoch.0,
+                *role as u32,
+                encode_members(mirrors),
+            ),
+            AdminRequest::Resize { size, .. } => (Epoch(0), *size, 0, Vec::new()),
         };
         let mut r = Request::new(self.op(), request_id, self.volume(), epoch);
-        r.offset = size;
+        r.offset = offset;
         r.length = role;
+        r.crc = checksum(&payload);
+        r.payload = payload;
         r
     }
 
@@ -228,8 +249,10 @@ mod unit_tests {
                     volume: v,
                     role: MemberRole::Primary,
                     epoch: Epoch(7),
+                    writer_epoch: Epoch(5),
+                    mirrors: Vec::new(),
                 },
-                (Op::SetMembership, Epoch(7), 0, 0),
+                (Op::SetMembership, Epoch(7), 5, 0),
             ),
             (
                 AdminRequest::Resize {
@@ -248,6 +271,45 @@ mod unit_tests {
             assert!(r.payload.is_empty());
             req.validate().expect("valid");
             assert_eq!(req.volume(), v);
+        }
+        // A primary's mirrors travel in the payload, checksummed.
+        let mirrors: Vec<SocketAddr> = vec![
+            "10.1.0.1:7500".parse().expect("addr"),
+            "10.1.0.2:7500".parse().expect("addr"),
+        ];
+        let req = AdminRequest::SetMembership {
+            volume: v,
+            role: MemberRole::Primary,
+            epoch: Epoch(9),
+            writer_epoch: Epoch(9),
+            mirrors: mirrors.clone(),
+        };
+        req.validate().expect("valid");
+        let r = req.to_request(4);
+        assert_eq!(r.payload, b"10.1.0.1:7500\n10.1.0.2:7500".to_vec());
+        assert!(r.crc_ok());
+        assert_eq!(
+            crate::frame::parse_members(&r.payload).expect("parse"),
+            mirrors
+        );
+        // A writer epoch above the epoch, or mirrors on a mirror, are refused before sending.
+        for bad in [
+            AdminRequest::SetMembership {
+                volume: v,
+                role: MemberRole::Primary,
+                epoch: Epoch(3),
+                writer_epoch: Epoch(4),
+                mirrors: Vec::new(),
+            },
+            AdminRequest::SetMembership {
+                volume: v,
+                role: MemberRole::Mirror,
+                epoch: Epoch(3),
+                writer_epoch: Epoch(3),
+                mirrors: mirrors.clone(),
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
         }
     }
 

@@ -16,6 +16,8 @@
 //! length prefix is checked against [`MAX_FRAME_LEN`] before any buffer is allocated.
 //! See `docs/protocol.md` for the rules each field obeys.
 
+use std::net::SocketAddr;
+
 use crate::types::{Epoch, MemberRole, Op, ReqFlags, Status, VolumeId};
 
 /// Protocol versions this build speaks.
@@ -26,6 +28,8 @@ pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KEEL");
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// The unit of offsets, lengths and volume sizes, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
+/// Largest membership list ([`Op::SetMembership`] payload) in bytes.
+pub const MAX_MEMBERSHIP_PAYLOAD: usize = 4096;
 
 const TYPE_HELLO: u8 = 1;
 const TYPE_HELLO_REPLY: u8 = 2;
@@ -70,6 +74,9 @@ pub enum DecodeError {
     Reserved,
     #[error("{op:?} request: {reason}")]
     InvalidRequest { op: Op, reason: &'static str },
+    /// A set-membership payload that is not a list of `IP:PORT` lines.
+    #[error("SetMembership request: membership list line {line}: {reason}")]
+    InvalidMembership { line: usize, reason: String },
 }
 
 /// Opening message of a connection (client to server).
@@ -97,14 +104,15 @@ pub struct Request {
     /// [`Op::SetMembership`]).
     pub epoch: Epoch,
     /// Byte offset into the volume (0 for ops without a range); the volume's size in bytes for
-    /// [`Op::CreateCopy`] and [`Op::Resize`].
+    /// [`Op::CreateCopy`] and [`Op::Resize`]; the writer epoch for [`Op::SetMembership`].
     pub offset: u64,
     /// Byte length of the range (0 for ops without a range); the [`MemberRole`] code for
     /// [`Op::CreateCopy`] and [`Op::SetMembership`].
     pub length: u32,
     /// CRC32C of `payload` (0 when there is none).
     pub crc: u32,
-    /// Write data; empty for every other op.
+    /// Write data; the membership list of [`Op::SetMembership`] (see [`parse_members`]);
+    /// empty for every other op.
     pub payload: Vec<u8>,
 }
 
@@ -375,7 +383,12 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
     if flags & ReqFlags::FUA != 0 && op != Op::Write {
         return invalid("FUA is only valid on writes");
     }
-    if op.is_admin() {
+    if op == Op::SetMembership {
+        if let Some(reason) = membership_fields_error(epoch, offset, length, &payload, crc) {
+            return invalid(reason);
+        }
+        parse_members(&payload)?;
+    } else if op.is_admin() {
         if let Some(reason) = admin_fields_error(op, offset, length, payload.len(), crc) {
             return invalid(reason);
         }
@@ -386,6 +399,8 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         if payload.len() != length as usize {
             return invalid("payload length differs from length");
         }
+    } else if op == Op::SetMembership {
+        // Checked above.
     } else if !payload.is_empty() {
         return invalid("unexpected payload");
     } else if crc != 0 {
@@ -394,7 +409,7 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
     if op == Op::Read && length as usize > MAX_PAYLOAD {
         return invalid("read longer than the maximum payload");
     }
-    if offset.checked_add(u64::from(length)).is_none() {
+    if op.has_range() && offset.checked_add(u64::from(length)).is_none() {
         return invalid("offset + length overflows");
     }
     Ok(Request {
@@ -408,6 +423,75 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         crc,
         payload,
     })
+}
+
+/// Why a set-membership request's fixed fields are malformed, if they are: `length` is the
+/// role, `offset` the writer epoch (not above `epoch`), the payload (the membership list) at
+/// most [`MAX_MEMBERSHIP_PAYLOAD`] bytes, empty for a mirror, with its checksum in `crc`.
+fn membership_fields_error(
+    epoch: Epoch,
+    writer_epoch: u64,
+    length: u32,
+    payload: &[u8],
+    crc: u32,
+) -> Option<&'static str> {
+    let Some(role) = MemberRole::from_u32(length) else {
+        return Some("role (length) must be 0 (primary) or 1 (mirror)");
+    };
+    if writer_epoch > epoch.0 {
+        return Some("writer epoch (offset) must not exceed the epoch");
+    }
+    if payload.len() > MAX_MEMBERSHIP_PAYLOAD {
+        return Some("membership list longer than 4 KiB");
+    }
+    if role == MemberRole::Mirror && !payload.is_empty() {
+        return Some("a mirror has no membership list");
+    }
+    if checksum(payload) != crc {
+        return Some("membership list checksum mismatch");
+    }
+    None
+}
+
+/// Parses a membership list: UTF-8 text, one `IP:PORT` per line (a final newline is allowed),
+/// at most [`MAX_MEMBERSHIP_PAYLOAD`] bytes. An empty payload is an empty list.
+pub fn parse_members(payload: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
+    let bad = |line: usize, reason: String| DecodeError::InvalidMembership { line, reason };
+    if payload.len() > MAX_MEMBERSHIP_PAYLOAD {
+        return Err(bad(
+            0,
+            format!(
+                "list of {} bytes exceeds {MAX_MEMBERSHIP_PAYLOAD}",
+                payload.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| bad(0, format!("not UTF-8 text: {e}")))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for (i, l) in text.split('\n').enumerate() {
+        let a: SocketAddr = l
+            .parse()
+            .map_err(|_| bad(i + 1, format!("{l:?} is not an IP:PORT address")))?;
+        if out.contains(&a) {
+            return Err(bad(i + 1, format!("{a} is listed twice")));
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// Encodes a membership list for an [`Op::SetMembership`] payload: one `IP:PORT` per line.
+pub fn encode_members(members: &[SocketAddr]) -> Vec<u8> {
+    members
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
 }
 
 /// Why an admin request's fields are malformed, if they are: no payload, and `offset` (the
@@ -434,7 +518,7 @@ fn admin_fields_error(
         Op::CreateCopy | Op::SetMembership if !role_ok => {
             Some("role (length) must be 0 (primary) or 1 (mirror)")
         }
-        Op::DeleteCopy | Op::SetMembership if offset != 0 => Some("offset must be 0"),
+        Op::DeleteCopy if offset != 0 => Some("offset must be 0"),
         Op::DeleteCopy | Op::Resize if length != 0 => Some("length must be 0"),
         _ => None,
     }
@@ -739,8 +823,10 @@ mod unit_tests {
         );
         assert_eq!(
             reason_of(admin(Op::SetMembership, 512, 0)),
-            Some("offset must be 0")
+            Some("writer epoch (offset) must not exceed the epoch")
         );
+        // The writer epoch rides in `offset`, up to the epoch.
+        assert_eq!(reason_of(admin(Op::SetMembership, 3, 0)), None);
         assert_eq!(
             reason_of(admin(Op::DeleteCopy, 0, 1)),
             Some("length must be 0")
@@ -750,12 +836,7 @@ mod unit_tests {
             Some("length must be 0")
         );
         // A payload (with a matching checksum, or without one) or a stray checksum.
-        for op in [
-            Op::CreateCopy,
-            Op::DeleteCopy,
-            Op::SetMembership,
-            Op::Resize,
-        ] {
+        for op in [Op::CreateCopy, Op::DeleteCopy, Op::Resize] {
             let size = if matches!(op, Op::CreateCopy | Op::Resize) {
                 4096
             } else {
@@ -787,6 +868,105 @@ mod unit_tests {
             ),
             Err(DecodeError::InvalidRequest { .. })
         ));
+    }
+
+    fn membership(role: MemberRole, text: &[u8]) -> Request {
+        let mut r = admin(Op::SetMembership, 2, role as u32);
+        r.payload = text.to_vec();
+        r.crc = checksum(text);
+        r
+    }
+
+    fn decode_membership(r: Request) -> Result<Request, DecodeError> {
+        let body = body_of(&Frame::Request(r));
+        // The streaming path (fixed part and payload apart) must agree with the whole body.
+        let parts = Frame::decode_parts(
+            &body[..REQUEST_FIXED_LEN],
+            body[REQUEST_FIXED_LEN..].to_vec(),
+        );
+        let whole = Frame::decode_body(&body);
+        assert_eq!(parts, whole);
+        match whole? {
+            Frame::Request(r) => Ok(r),
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn membership_payload_is_validated() {
+        // Good: a list, with or without a final newline, IPv4 and IPv6; empty.
+        let a: SocketAddr = "10.0.0.1:7500".parse().expect("addr");
+        let b: SocketAddr = "[fd00::2]:7501".parse().expect("addr");
+        for text in [
+            &b"10.0.0.1:7500\n[fd00::2]:7501"[..],
+            b"10.0.0.1:7500\n[fd00::2]:7501\n",
+        ] {
+            let r = decode_membership(membership(MemberRole::Primary, text)).expect("valid");
+            assert_eq!(parse_members(&r.payload).expect("parse"), vec![a, b]);
+            assert_eq!(r.offset, 2);
+        }
+        assert_eq!(
+            encode_members(&[a, b]),
+            b"10.0.0.1:7500\n[fd00::2]:7501".to_vec()
+        );
+        assert_eq!(
+            parse_members(&encode_members(&[a, b])).expect("parse"),
+            vec![a, b]
+        );
+        let r = decode_membership(membership(MemberRole::Primary, b"")).expect("empty");
+        assert!(parse_members(&r.payload).expect("parse").is_empty());
+        decode_membership(membership(MemberRole::Mirror, b"")).expect("mirror");
+        // Bad addresses, each with the line it is on.
+        for (text, line) in [
+            (&b"10.0.0.1"[..], 1),
+            (b"10.0.0.1:7500\nlocalhost:80", 2),
+            (b"10.0.0.1:7500\n\n10.0.0.2:1", 2),
+            (b"10.0.0.1:99999", 1),
+            (b" 10.0.0.1:7500", 1),
+            (b"10.0.0.1:7500\n10.0.0.1:7500", 2),
+            (b"\n\n", 1),
+        ] {
+            match decode_membership(membership(MemberRole::Primary, text)) {
+                Err(DecodeError::InvalidMembership { line: l, reason }) => {
+                    assert_eq!(l, line, "{reason}");
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(text)),
+            }
+        }
+        assert!(matches!(
+            decode_membership(membership(MemberRole::Primary, &[0xff, 0xfe])),
+            Err(DecodeError::InvalidMembership { line: 0, .. })
+        ));
+        // Too long: over 4 KiB even if every line is an address.
+        let mut long = Vec::new();
+        let mut port = 1u16;
+        while long.len() <= MAX_MEMBERSHIP_PAYLOAD {
+            long.extend_from_slice(format!("10.0.0.1:{port}\n").as_bytes());
+            port += 1;
+        }
+        assert_eq!(
+            reason_of(membership(MemberRole::Primary, &long)),
+            Some("membership list longer than 4 KiB")
+        );
+        assert!(parse_members(&long).is_err());
+        // A mirror has no list; the checksum must match; the writer epoch is at most the epoch.
+        assert_eq!(
+            reason_of(membership(MemberRole::Mirror, b"10.0.0.1:7500")),
+            Some("a mirror has no membership list")
+        );
+        let mut r = membership(MemberRole::Primary, b"10.0.0.1:7500");
+        r.crc ^= 1;
+        assert_eq!(reason_of(r), Some("membership list checksum mismatch"));
+        let mut r = membership(MemberRole::Primary, b"");
+        r.crc = 9;
+        assert_eq!(reason_of(r), Some("membership list checksum mismatch"));
+        let mut r = membership(MemberRole::Primary, b"");
+        r.offset = 4;
+        assert_eq!(
+            reason_of(r),
+            Some("writer epoch (offset) must not exceed the epoch")
+        );
     }
 
     #[test]

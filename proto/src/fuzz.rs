@@ -96,6 +96,22 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         r.length = role;
         seeds.push((name, Frame::Request(r).to_bytes()));
     }
+    // Set membership of a primary with its mirrors (writer epoch in `offset`), and one whose
+    // list has a line that is not an address.
+    for (name, text) in [
+        (
+            "set_membership_mirrors",
+            &b"10.0.0.2:7500\n[fd00::3]:7500\n"[..],
+        ),
+        ("set_membership_bad_mirror", &b"10.0.0.2:7500\nnope"[..]),
+    ] {
+        let mut r = Request::new(Op::SetMembership, 7, VolumeId(42), Epoch(3));
+        r.offset = 2;
+        r.length = MemberRole::Primary as u32;
+        r.payload = text.to_vec();
+        r.crc = checksum(&r.payload);
+        seeds.push((name, Frame::Request(r).to_bytes()));
+    }
     seeds.push((
         "response_read",
         Frame::Response(Response {

@@ -15,15 +15,26 @@
 //! the I/O. Membership changes ([`Copy::set_membership`]) and deletion ([`Copy::retire`]) take
 //! the gate exclusively, so when they return, every request admitted under the old membership
 //! has finished and every later one is checked against the new one.
+//!
+//! **Epoch rules** ([`admission`]): a node's request at epoch c on a primary is refused
+//! `stale epoch` below the copy's writer epoch (its writer was replaced), `not primary` above
+//! the copy's epoch (the copy is behind); anything in between is accepted, so a membership
+//! change that keeps the writer does not disturb it. A replicated request (from another storage
+//! server) is accepted only by a mirror, and only at exactly the mirror's epoch.
+//!
+//! **Membership list.** A primary keeps the data-path addresses of its in-sync mirrors in
+//! `<id>.members` next to the copy (one `IP:PORT` per line), replaced atomically before the
+//! membership change that carries it is published.
 
 use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 
-use keel_proto::{Epoch, VolumeId};
+use keel_proto::{Epoch, Role, VolumeId};
 
 use crate::sync::GroupSync;
 
@@ -33,7 +44,10 @@ pub const SLOT_SIZE: u64 = 4096;
 pub const DATA_OFFSET: u64 = 1 << 20;
 pub const CHUNK_SIZE: u32 = 4 << 20;
 pub const SECTOR: u64 = 512;
-const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 1 + 1 + 8 + 8 + 4;
+/// Bytes of the header this build writes: the first layout plus `writer_epoch`.
+const HEADER_LEN: usize = OLD_HEADER_LEN + 8;
+/// Bytes of the first header layout (no `writer_epoch`; it opens as the header's epoch).
+const OLD_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 1 + 1 + 8 + 8 + 4;
 
 /// What a copy is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +82,8 @@ pub enum CopyError {
     Shrink { requested: u64, current: u64 },
     #[error("the copy was deleted")]
     Deleted,
+    #[error("{path}: invalid membership list: {reason}")]
+    BadMembers { path: PathBuf, reason: String },
 }
 
 /// Why a copy refuses a data request at a given epoch.
@@ -77,8 +93,48 @@ pub enum Refusal {
     Deleted,
     /// The request's epoch is older than the copy's (carried): the client was fenced.
     Stale(Epoch),
-    /// The request's epoch is newer than the copy's (carried), or the copy is not primary.
+    /// The request's epoch is newer than the copy's (carried), or a node's request reached a
+    /// mirror.
     NotPrimary(Epoch),
+    /// The peer's role may not send data requests to this copy (a controller, an admin; a
+    /// storage server to a primary).
+    Unauthorized,
+}
+
+/// The epoch rules for a data request with epoch `request` from a peer of role `peer` on a copy
+/// with `role`, `epoch` and `writer_epoch` (see the module documentation and
+/// `docs/protocol.md`). Pure, so the table of cases is unit-tested.
+pub fn admission(
+    role: CopyRole,
+    epoch: Epoch,
+    writer_epoch: Epoch,
+    request: Epoch,
+    peer: Role,
+) -> Result<(), Refusal> {
+    match peer {
+        Role::Node => {
+            if request < writer_epoch {
+                Err(Refusal::Stale(epoch))
+            } else if role != CopyRole::Primary || request > epoch {
+                Err(Refusal::NotPrimary(epoch))
+            } else {
+                Ok(())
+            }
+        }
+        Role::Storage => {
+            if request < epoch {
+                Err(Refusal::Stale(epoch))
+            } else if role != CopyRole::Mirror {
+                // A primary takes data only from nodes.
+                Err(Refusal::Unauthorized)
+            } else if request > epoch {
+                Err(Refusal::NotPrimary(epoch))
+            } else {
+                Ok(())
+            }
+        }
+        Role::Controller | Role::Admin => Err(Refusal::Unauthorized),
+    }
 }
 
 /// Proof that a data request was admitted at the copy's current membership; I/O done while it
@@ -86,6 +142,10 @@ pub enum Refusal {
 #[must_use = "the admission lasts as long as the guard"]
 pub struct Admitted<'a> {
     _gate: RwLockReadGuard<'a, ()>,
+    /// The copy's epoch at admission (what a primary stamps on the requests it replicates).
+    pub epoch: Epoch,
+    /// The in-sync mirrors at admission (empty unless the copy is primary).
+    pub mirrors: Arc<Vec<SocketAddr>>,
 }
 
 /// The header's content.
@@ -98,6 +158,9 @@ pub struct Header {
     pub role: CopyRole,
     pub epoch: Epoch,
     pub data_offset: u64,
+    /// The epoch at which the volume's current writer attached: node requests below it are
+    /// fenced. A header of the first layout opens with its `epoch` here.
+    pub writer_epoch: Epoch,
 }
 
 impl Header {
@@ -115,6 +178,7 @@ impl Header {
         b.push(0); // state: reserved for replication (in sync, resyncing)
         b.extend_from_slice(&self.epoch.0.to_le_bytes());
         b.extend_from_slice(&self.data_offset.to_le_bytes());
+        b.extend_from_slice(&self.writer_epoch.0.to_le_bytes());
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b.resize(SLOT_SIZE as usize, 0);
@@ -123,20 +187,30 @@ impl Header {
 
     /// Decodes a slot; `None` if it is not a valid header. `Err` if it is a newer format.
     fn decode(slot: &[u8], path: &Path) -> Result<Option<Header>, CopyError> {
-        let Some(b) = slot.get(..HEADER_LEN) else {
+        let Some(b) = slot.get(..OLD_HEADER_LEN) else {
             return Ok(None);
         };
         if b[..8] != MAGIC {
             return Ok(None);
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // header_len: the first layout, or this one (a later one appends fields before the
+        // CRC, which always comes last).
+        let len = u32_at(12) as usize;
+        if len != OLD_HEADER_LEN && len < HEADER_LEN {
+            return Ok(None);
+        }
+        let Some(b) = slot.get(..len) else {
+            return Ok(None);
+        };
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&b[o..o + 8]);
             u64::from_le_bytes(a)
         };
-        let crc = u32_at(HEADER_LEN - 4);
-        if crc32c::crc32c(&b[..HEADER_LEN - 4]) != crc {
+        let crc = u32_at(len - 4);
+        if crc32c::crc32c(&b[..len - 4]) != crc {
             return Ok(None);
         }
         let version = u32_at(8);
@@ -161,6 +235,11 @@ impl Header {
             role,
             epoch: Epoch(u64_at(58)),
             data_offset: u64_at(66),
+            writer_epoch: if len == OLD_HEADER_LEN {
+                Epoch(u64_at(58))
+            } else {
+                Epoch(u64_at(74))
+            },
         }))
     }
 }
@@ -177,6 +256,11 @@ pub struct Copy {
     size: AtomicU64,
     data_offset: u64,
     epoch: AtomicU64,
+    /// Mirrored from the header: node requests below it are fenced.
+    writer_epoch: AtomicU64,
+    /// A primary's in-sync mirrors (empty for a mirror), as in `<id>.members`. Replaced under
+    /// the gate, like the epoch.
+    mirrors: RwLock<Arc<Vec<SocketAddr>>>,
     /// `CopyRole as u8`, mirrored from the header for the per-request check.
     role: AtomicU8,
     /// Shared by admitted data requests for their I/O, exclusive for publishing membership
@@ -226,12 +310,16 @@ impl Copy {
             role,
             epoch,
             data_offset: DATA_OFFSET,
+            writer_epoch: epoch,
         };
         f.write_all_at(&header.encode(), (header.sequence % 2) * SLOT_SIZE)
             .map_err(io_err(&tmp))?;
         f.set_len(total).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         drop(f);
+        // A list left behind by an earlier copy of the volume (deleted, with a crash before
+        // its list went) does not belong to this one.
+        write_members(&members_path(path), &[])?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Some(dir) = path.parent() {
             File::open(dir)
@@ -274,12 +362,19 @@ impl Copy {
         if len < want {
             file.set_len(want).map_err(io_err(path))?;
         }
+        let mirrors = if header.role == CopyRole::Primary {
+            read_members(&members_path(path))?
+        } else {
+            Vec::new()
+        };
         Ok(Copy {
             path: path.to_owned(),
             volume: header.volume,
             size: AtomicU64::new(header.size),
             data_offset: header.data_offset,
             epoch: AtomicU64::new(header.epoch.0),
+            writer_epoch: AtomicU64::new(header.writer_epoch.0),
+            mirrors: RwLock::new(Arc::new(mirrors)),
             role: AtomicU8::new(header.role as u8),
             header: Mutex::new(header),
             gate: RwLock::new(()),
@@ -310,6 +405,17 @@ impl Copy {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The epoch at which the volume's current writer attached.
+    pub fn writer_epoch(&self) -> Epoch {
+        Epoch(self.writer_epoch.load(Ordering::Acquire))
+    }
+    /// A primary's in-sync mirrors (empty for a mirror).
+    pub fn mirrors(&self) -> Arc<Vec<SocketAddr>> {
+        self.mirrors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 
     /// A snapshot of the current header.
     pub fn header(&self) -> Header {
@@ -333,11 +439,20 @@ impl Copy {
         self.file.sync_data().map_err(io_err(&self.path))
     }
 
-    /// Durably records a new epoch and role (the controller's membership changes), refusing an
-    /// epoch older than the copy's with [`CopyError::StaleEpoch`]: the epoch never goes back.
-    /// Setting the current role and epoch again writes nothing. When it returns, data requests
-    /// admitted under the old membership have finished and later ones see the new one.
-    pub fn set_membership(&self, role: CopyRole, epoch: Epoch) -> Result<(), CopyError> {
+    /// Durably records a new epoch, role, writer epoch and (for a primary) in-sync mirrors
+    /// (the controller's membership changes), refusing an epoch older than the copy's with
+    /// [`CopyError::StaleEpoch`]: the epoch never goes back, and neither does the writer epoch
+    /// (a lower one keeps the current one, so a fenced writer stays fenced). A mirror has no
+    /// mirrors (`mirrors` is ignored). Setting the current membership again writes nothing.
+    /// When it returns, data requests admitted under the old membership have finished and
+    /// later ones see the new one.
+    pub fn set_membership(
+        &self,
+        role: CopyRole,
+        epoch: Epoch,
+        writer_epoch: Epoch,
+        mirrors: &[SocketAddr],
+    ) -> Result<(), CopyError> {
         let mut h = self.lock_header();
         if self.deleted.load(Ordering::Acquire) {
             return Err(CopyError::Deleted);
@@ -348,21 +463,39 @@ impl Copy {
                 current: h.epoch,
             });
         }
-        if epoch == h.epoch && role == h.role {
+        let writer_epoch = writer_epoch.max(h.writer_epoch).min(epoch);
+        let mirrors: Vec<SocketAddr> = match role {
+            CopyRole::Primary => mirrors.to_vec(),
+            CopyRole::Mirror => Vec::new(),
+        };
+        let header_same = epoch == h.epoch && role == h.role && writer_epoch == h.writer_epoch;
+        let mirrors_same = *self.mirrors() == mirrors;
+        if header_same && mirrors_same {
             return Ok(());
         }
-        let mut next = h.clone();
-        next.sequence += 1;
-        next.role = role;
-        next.epoch = epoch;
-        // Durable first (data I/O goes on meanwhile, under the old membership), then
-        // published with the gate held exclusively: that waits for the requests admitted under
-        // the old membership, and later ones see the new one.
-        self.write_header(&next)?;
-        *h = next;
+        // The list first: a crash before the header leaves the old membership with the new
+        // list, whose mirrors (already at the new epoch) refuse the old epoch, which makes the
+        // primary ask the controller rather than acknowledge without them.
+        if !mirrors_same {
+            write_members(&members_path(&self.path), &mirrors)?;
+        }
+        if !header_same {
+            let mut next = h.clone();
+            next.sequence += 1;
+            next.role = role;
+            next.epoch = epoch;
+            next.writer_epoch = writer_epoch;
+            // Durable first (data I/O goes on meanwhile, under the old membership), then
+            // published with the gate held exclusively: that waits for the requests admitted
+            // under the old membership, and later ones see the new one.
+            self.write_header(&next)?;
+            *h = next;
+        }
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.role.store(role as u8, Ordering::Release);
         self.epoch.store(epoch.0, Ordering::Release);
+        self.writer_epoch.store(writer_epoch.0, Ordering::Release);
+        *self.mirrors.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mirrors);
         Ok(())
     }
 
@@ -415,39 +548,46 @@ impl Copy {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// Checks a data request's epoch against the copy's membership, without admitting it (an
-    /// early refusal; the decisive check is [`Copy::admit`]'s).
-    pub fn check_epoch(&self, epoch: Epoch) -> Result<(), Refusal> {
+    /// Checks a data request's epoch from a peer of role `peer` against the copy's
+    /// membership ([`admission`]), without admitting it (an early refusal; the decisive check
+    /// is [`Copy::admit`]'s).
+    pub fn check_epoch(&self, epoch: Epoch, peer: Role) -> Result<(), Refusal> {
         if self.deleted.load(Ordering::Acquire) {
             return Err(Refusal::Deleted);
         }
-        let current = self.epoch();
-        if epoch < current {
-            return Err(Refusal::Stale(current));
-        }
-        if epoch > current || self.role() != CopyRole::Primary {
-            return Err(Refusal::NotPrimary(current));
-        }
-        Ok(())
+        admission(self.role(), self.epoch(), self.writer_epoch(), epoch, peer)
     }
 
-    /// Admits a data request at `epoch`: the returned guard must be held for the request's I/O.
-    /// Waits while a membership change or deletion is in progress.
-    pub fn admit(&self, epoch: Epoch) -> Result<Admitted<'_>, Refusal> {
+    fn admitted<'a>(
+        &'a self,
+        gate: RwLockReadGuard<'a, ()>,
+        epoch: Epoch,
+        peer: Role,
+    ) -> Result<Admitted<'a>, Refusal> {
+        self.check_epoch(epoch, peer)?;
+        Ok(Admitted {
+            _gate: gate,
+            epoch: self.epoch(),
+            mirrors: self.mirrors(),
+        })
+    }
+
+    /// Admits a data request at `epoch` from a peer of role `peer`: the returned guard must be
+    /// held for the request's I/O. Waits while a membership change or deletion is in progress.
+    pub fn admit(&self, epoch: Epoch, peer: Role) -> Result<Admitted<'_>, Refusal> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.check_epoch(epoch)?;
-        Ok(Admitted { _gate: gate })
+        self.admitted(gate, epoch, peer)
     }
 
     /// [`Copy::admit`] without waiting: `None` if a membership change or deletion holds (or
     /// waits for) the gate.
-    pub fn try_admit(&self, epoch: Epoch) -> Option<Result<Admitted<'_>, Refusal>> {
+    pub fn try_admit(&self, epoch: Epoch, peer: Role) -> Option<Result<Admitted<'_>, Refusal>> {
         let gate = match self.gate.try_read() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(self.check_epoch(epoch).map(|()| Admitted { _gate: gate }))
+        Some(self.admitted(gate, epoch, peer))
     }
 
     fn check_ok(&self) -> Result<(), CopyError> {
@@ -585,6 +725,53 @@ impl Copy {
     }
 }
 
+/// Where a copy's membership list lives: `<id>.members` next to `<id>.keel`.
+pub fn members_path(copy: &Path) -> PathBuf {
+    copy.with_extension("members")
+}
+
+/// Reads a membership list; a missing file is an empty list.
+fn read_members(path: &Path) -> Result<Vec<SocketAddr>, CopyError> {
+    match std::fs::read(path) {
+        Ok(b) => keel_proto::frame::parse_members(&b).map_err(|e| CopyError::BadMembers {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(CopyError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Replaces a membership list durably: a temporary file, fsync, rename, fsync of the
+/// directory. An empty list removes the file (and fsyncs the directory).
+fn write_members(path: &Path, mirrors: &[SocketAddr]) -> Result<(), CopyError> {
+    if mirrors.is_empty() {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    } else {
+        let tmp = path.with_extension("members-tmp");
+        let mut text = keel_proto::frame::encode_members(mirrors);
+        text.push(b'\n');
+        let f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all_at(&text, 0).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    }
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
 /// The length of a copy file holding `size` bytes of volume, or [`CopyError::BadSize`] if
 /// `size` is not a positive multiple of 512 or the file could not be that long.
 fn file_len(size: u64) -> Result<u64, CopyError> {
@@ -714,7 +901,7 @@ mod unit_tests {
     fn membership_update_survives_reopen_and_torn_slot() {
         let d = tempfile::tempdir().expect("tmp");
         let c = new_copy(d.path());
-        c.set_membership(CopyRole::Mirror, Epoch(5))
+        c.set_membership(CopyRole::Mirror, Epoch(5), Epoch(5), &[])
             .expect("update");
         let seq = c.header().sequence;
         drop(c);
@@ -738,36 +925,48 @@ mod unit_tests {
     fn membership_never_goes_back_and_fences_admission() {
         let d = tempfile::tempdir().expect("tmp");
         let c = new_copy(d.path());
-        assert!(c.admit(Epoch(1)).is_ok());
-        c.set_membership(CopyRole::Primary, Epoch(3))
+        assert!(c.admit(Epoch(1), Role::Node).is_ok());
+        c.set_membership(CopyRole::Primary, Epoch(3), Epoch(3), &[])
             .expect("raise");
         let seq = c.header().sequence;
         // The same membership again writes nothing; an older epoch is refused.
-        c.set_membership(CopyRole::Primary, Epoch(3)).expect("same");
+        c.set_membership(CopyRole::Primary, Epoch(3), Epoch(3), &[])
+            .expect("same");
         assert_eq!(c.header().sequence, seq);
         assert!(matches!(
-            c.set_membership(CopyRole::Primary, Epoch(2)),
+            c.set_membership(CopyRole::Primary, Epoch(2), Epoch(2), &[]),
             Err(CopyError::StaleEpoch {
                 requested: Epoch(2),
                 current: Epoch(3)
             })
         ));
-        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Stale(Epoch(3))));
-        assert_eq!(c.admit(Epoch(4)).err(), Some(Refusal::NotPrimary(Epoch(3))));
-        assert!(c.admit(Epoch(3)).is_ok());
-        c.set_membership(CopyRole::Mirror, Epoch(3)).expect("role");
-        assert_eq!(c.admit(Epoch(3)).err(), Some(Refusal::NotPrimary(Epoch(3))));
+        assert_eq!(
+            c.admit(Epoch(1), Role::Node).err(),
+            Some(Refusal::Stale(Epoch(3)))
+        );
+        assert_eq!(
+            c.admit(Epoch(4), Role::Node).err(),
+            Some(Refusal::NotPrimary(Epoch(3)))
+        );
+        assert!(c.admit(Epoch(3), Role::Node).is_ok());
+        c.set_membership(CopyRole::Mirror, Epoch(3), Epoch(3), &[])
+            .expect("role");
+        assert_eq!(
+            c.admit(Epoch(3), Role::Node).err(),
+            Some(Refusal::NotPrimary(Epoch(3)))
+        );
     }
 
     #[test]
     fn membership_change_waits_for_admitted_io() {
         let d = tempfile::tempdir().expect("tmp");
         let c = std::sync::Arc::new(new_copy(d.path()));
-        let admitted = c.admit(Epoch(1)).expect("admit");
+        let admitted = c.admit(Epoch(1), Role::Node).expect("admit");
         let (tx, rx) = std::sync::mpsc::channel();
         let c2 = c.clone();
         let t = std::thread::spawn(move || {
-            c2.set_membership(CopyRole::Primary, Epoch(2)).expect("set");
+            c2.set_membership(CopyRole::Primary, Epoch(2), Epoch(2), &[])
+                .expect("set");
             tx.send(()).expect("send");
         });
         // While a request is admitted, the change cannot complete, and nothing new is admitted
@@ -780,8 +979,11 @@ mod unit_tests {
         rx.recv_timeout(std::time::Duration::from_secs(10))
             .expect("change completes");
         t.join().expect("join");
-        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Stale(Epoch(2))));
-        assert!(c.try_admit(Epoch(2)).expect("free").is_ok());
+        assert_eq!(
+            c.admit(Epoch(1), Role::Node).err(),
+            Some(Refusal::Stale(Epoch(2)))
+        );
+        assert!(c.try_admit(Epoch(2), Role::Node).expect("free").is_ok());
     }
 
     #[test]
@@ -820,12 +1022,182 @@ mod unit_tests {
         let c = new_copy(d.path());
         c.retire();
         assert!(c.is_deleted());
-        assert_eq!(c.admit(Epoch(1)).err(), Some(Refusal::Deleted));
+        assert_eq!(c.admit(Epoch(1), Role::Node).err(), Some(Refusal::Deleted));
         assert!(matches!(
-            c.set_membership(CopyRole::Primary, Epoch(2)),
+            c.set_membership(CopyRole::Primary, Epoch(2), Epoch(2), &[]),
             Err(CopyError::Deleted)
         ));
         assert!(matches!(c.resize(16 << 20), Err(CopyError::Deleted)));
+    }
+
+    /// The epoch rules, as a table: (copy role, copy epoch, writer epoch, request epoch, peer
+    /// role) → outcome.
+    #[test]
+    fn epoch_rules_table() {
+        use CopyRole::{Mirror as M, Primary as P};
+        let ok = Ok(());
+        let stale = |e| Err(Refusal::Stale(Epoch(e)));
+        let notp = |e| Err(Refusal::NotPrimary(Epoch(e)));
+        let unauth = Err(Refusal::Unauthorized);
+        type Case = (CopyRole, u64, u64, u64, Role, Result<(), Refusal>);
+        let table: &[Case] = &[
+            // A node on a primary: fenced below the writer epoch, behind above the epoch,
+            // accepted in between (a membership bump alone keeps the writer).
+            (P, 5, 5, 5, Role::Node, ok),
+            (P, 5, 5, 4, Role::Node, stale(5)),
+            (P, 5, 5, 6, Role::Node, notp(5)),
+            (P, 7, 5, 5, Role::Node, ok),
+            (P, 7, 5, 6, Role::Node, ok),
+            (P, 7, 5, 7, Role::Node, ok),
+            (P, 7, 5, 4, Role::Node, stale(7)),
+            (P, 7, 5, 8, Role::Node, notp(7)),
+            // A node on a mirror: never served (stale writers are still told they are fenced).
+            (M, 7, 5, 5, Role::Node, notp(7)),
+            (M, 7, 5, 7, Role::Node, notp(7)),
+            (M, 7, 5, 4, Role::Node, stale(7)),
+            // A storage server (a primary replicating) on a mirror: exactly the mirror's epoch.
+            (M, 7, 5, 7, Role::Storage, ok),
+            (M, 7, 5, 6, Role::Storage, stale(7)),
+            (M, 7, 5, 5, Role::Storage, stale(7)),
+            (M, 7, 5, 8, Role::Storage, notp(7)),
+            // A storage server on a primary: not its business (stale senders are told so).
+            (P, 7, 5, 7, Role::Storage, unauth),
+            (P, 7, 5, 8, Role::Storage, unauth),
+            (P, 7, 5, 6, Role::Storage, stale(7)),
+            // Other roles do no I/O.
+            (P, 7, 5, 7, Role::Controller, unauth),
+            (M, 7, 5, 7, Role::Admin, unauth),
+        ];
+        for &(role, e, w, c, peer, want) in table {
+            assert_eq!(
+                admission(role, Epoch(e), Epoch(w), Epoch(c), peer),
+                want,
+                "{role:?} e={e} w={w} request={c} peer={peer}"
+            );
+        }
+    }
+
+    #[test]
+    fn writer_epoch_fences_while_membership_bumps_do_not() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        assert_eq!(c.writer_epoch(), Epoch(1));
+        // A mirror dropped: epoch 2, same writer (1).
+        c.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &[])
+            .expect("bump");
+        assert!(c.admit(Epoch(1), Role::Node).is_ok());
+        assert!(c.admit(Epoch(2), Role::Node).is_ok());
+        // A new writer at epoch 3 fences the old one.
+        c.set_membership(CopyRole::Primary, Epoch(3), Epoch(3), &[])
+            .expect("new writer");
+        assert_eq!(
+            c.admit(Epoch(2), Role::Node).err(),
+            Some(Refusal::Stale(Epoch(3)))
+        );
+        // The writer epoch never goes back, and survives a reopen.
+        c.set_membership(CopyRole::Primary, Epoch(4), Epoch(1), &[])
+            .expect("lower writer epoch");
+        assert_eq!(c.writer_epoch(), Epoch(3));
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!((c.epoch(), c.writer_epoch()), (Epoch(4), Epoch(3)));
+        assert_eq!(c.header().writer_epoch, Epoch(3));
+    }
+
+    /// A header of the first layout (78 bytes, no writer epoch) opens with its epoch as the
+    /// writer epoch; the next update writes the new layout.
+    #[test]
+    fn old_header_layout_opens_with_writer_epoch_equal_to_epoch() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("old.keel");
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&(OLD_HEADER_LEN as u32).to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes()); // sequence
+        b.extend_from_slice(&9u128.to_le_bytes()); // volume
+        b.extend_from_slice(&(4u64 << 20).to_le_bytes()); // size
+        b.extend_from_slice(&512u32.to_le_bytes());
+        b.extend_from_slice(&CHUNK_SIZE.to_le_bytes());
+        b.push(CopyRole::Primary as u8);
+        b.push(0);
+        b.extend_from_slice(&6u64.to_le_bytes()); // epoch
+        b.extend_from_slice(&DATA_OFFSET.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(b.len(), OLD_HEADER_LEN);
+        let f = File::create(&p).expect("create");
+        f.write_all_at(&b, SLOT_SIZE).expect("write"); // sequence 1 lives in slot 1
+        f.set_len(DATA_OFFSET + (4 << 20)).expect("len");
+        drop(f);
+        let c = Copy::open(&p).expect("open old layout");
+        assert_eq!(
+            (c.volume(), c.epoch(), c.writer_epoch()),
+            (VolumeId(9), Epoch(6), Epoch(6))
+        );
+        assert_eq!(c.size(), 4 << 20);
+        assert!(c.mirrors().is_empty());
+        c.set_membership(CopyRole::Primary, Epoch(8), Epoch(6), &[])
+            .expect("update");
+        drop(c);
+        let c = Copy::open(&p).expect("reopen");
+        assert_eq!((c.epoch(), c.writer_epoch()), (Epoch(8), Epoch(6)));
+        let h = c.header();
+        assert_eq!(h.sequence, 2);
+        // The new header is the new layout.
+        let mut slot = vec![0u8; 16];
+        let f = File::open(&p).expect("open");
+        f.read_exact_at(&mut slot, 0).expect("read");
+        assert_eq!(
+            u32::from_le_bytes([slot[12], slot[13], slot[14], slot[15]]) as usize,
+            HEADER_LEN
+        );
+        assert_eq!(HEADER_LEN, 86);
+    }
+
+    #[test]
+    fn mirrors_are_durable_next_to_the_copy_and_a_mirror_has_none() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        let list: Vec<SocketAddr> = vec![
+            "127.0.0.1:7501".parse().expect("addr"),
+            "[::1]:7502".parse().expect("addr"),
+        ];
+        let mp = members_path(c.path());
+        assert!(!mp.exists());
+        c.set_membership(CopyRole::Primary, Epoch(1), Epoch(1), &list)
+            .expect("list at the same epoch");
+        assert_eq!(*c.mirrors(), list);
+        let a = c.admit(Epoch(1), Role::Node).expect("admit");
+        assert_eq!((a.epoch, a.mirrors.to_vec()), (Epoch(1), list.clone()));
+        drop(a);
+        assert_eq!(
+            std::fs::read_to_string(&mp).expect("members file"),
+            "127.0.0.1:7501\n[::1]:7502\n"
+        );
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(*c.mirrors(), list);
+        // One dropped at a new epoch.
+        c.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &list[1..])
+            .expect("drop one");
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(*c.mirrors(), list[1..].to_vec());
+        // Demoted: no list, the file is gone.
+        c.set_membership(CopyRole::Mirror, Epoch(3), Epoch(1), &list)
+            .expect("demote");
+        assert!(c.mirrors().is_empty());
+        assert!(!mp.exists());
+        // A damaged list is a clear error at open.
+        c.set_membership(CopyRole::Primary, Epoch(4), Epoch(1), &list)
+            .expect("promote");
+        drop(c);
+        std::fs::write(&mp, "not an address\n").expect("damage");
+        assert!(matches!(
+            Copy::open(&d.path().join("v.keel")),
+            Err(CopyError::BadMembers { .. })
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use keel_proto::tls::TlsPaths;
 use keel_proto::{parse_size, Epoch, VolumeId};
 
 use crate::copy::CopyRole;
+use crate::replicate::{MirrorFailure, RefuseMirrorFailure, Replication};
 use crate::server::Stats;
 use crate::store::Store;
 
@@ -52,6 +53,10 @@ pub struct Args {
     /// Milliseconds between heartbeats.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
+    /// Milliseconds a mirror has to answer a replicated request (connecting included) before
+    /// the primary reports it failed.
+    #[arg(long, default_value_t = 1000)]
+    pub replication_timeout_ms: u64,
 }
 
 /// Free bytes of the filesystem holding `dir`.
@@ -91,12 +96,39 @@ fn parse_create(s: &str) -> anyhow::Result<(VolumeId, u64, Epoch)> {
 /// Runs the daemon until SIGINT or SIGTERM: opens the data directory, creates the `--create`
 /// copies, listens, prints `keel-storage: listening on ADDR` on stdout once ready, serves, and
 /// syncs every copy before returning. Builds its own tokio runtime; tracing is the caller's.
+/// A mirror failing a replicated request is never dropped ([`RefuseMirrorFailure`]): see
+/// [`run_with`].
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let tls = keel_proto::tls::server_config(&TlsPaths::in_dir(
-        &args.pki_dir,
-        &format!("storage-{}", args.id),
-    ))
-    .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let failure: Arc<dyn MirrorFailure> = match &args.controller {
+        Some(url) => {
+            let paths = TlsPaths::in_dir(&args.pki_dir, &format!("storage-{}", args.id));
+            let api_tls = keel_api::client_tls(&paths.ca, Some(&paths))
+                .context("loading TLS certificates for the controller")?;
+            Arc::new(crate::register::ControllerMirrorFailure {
+                api: keel_api::ApiClient::new(url, api_tls, None)?
+                    .with_timeout(std::time::Duration::from_secs(10)),
+            })
+        }
+        None => Arc::new(RefuseMirrorFailure),
+    };
+    run_with(args, failure)
+}
+
+/// [`run`], with `failure` deciding what a primary does when one of its mirrors fails a
+/// replicated request (e.g. ask the controller to drop it: see
+/// [`crate::replicate::MirrorFailure`]).
+pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<()> {
+    let paths = TlsPaths::in_dir(&args.pki_dir, &format!("storage-{}", args.id));
+    let tls = keel_proto::tls::server_config(&paths)
+        .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    // The same certificate, as a client of the mirrors.
+    let client_tls = keel_proto::tls::client_config(&paths)
+        .context("loading TLS certificates for replication")?;
+    let replication = Replication {
+        client_tls: Some(client_tls),
+        timeout: std::time::Duration::from_millis(args.replication_timeout_ms.max(1)),
+        failure,
+    };
     let store = Arc::new(
         Store::open(&args.data_dir)
             .with_context(|| format!("opening data directory {}", args.data_dir.display()))?,
@@ -142,7 +174,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             tokio::spawn(crate::register::run(reg, store.clone(), stats.clone()));
         }
-        let server = crate::server::serve(listener, store.clone(), tls, stats.clone());
+        let server =
+            crate::server::serve_with(listener, store.clone(), tls, stats.clone(), replication);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = server => r.context("accept loop")?,
@@ -205,6 +238,7 @@ mod unit_tests {
         .expect("parse");
         assert_eq!(a.create.len(), 2);
         assert_eq!(a.id, "s1");
+        assert_eq!(a.replication_timeout_ms, 1000);
         assert!(Args::try_parse_from(["keel-storage", "--id", "s1"]).is_err());
     }
 }

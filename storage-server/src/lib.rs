@@ -4,12 +4,14 @@
 //! * [`sync`]: group commit of fdatasync for flushes and FUA writes.
 //! * [`store`]: the copies in a data directory.
 //! * [`server`]: the mutual-TLS request server (data path and copy administration).
+//! * [`replicate`]: synchronous primary → mirror replication and the mirror-failure hook.
 //! * [`register`]: registration with the controller and heartbeats.
 //! * [`daemon`]: the `keel-storage` daemon's arguments and main loop.
 
 pub mod copy;
 pub mod daemon;
 pub mod register;
+pub mod replicate;
 pub mod server;
 pub mod store;
 pub mod sync;

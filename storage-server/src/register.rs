@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use keel_api::{ApiClient, CopyReport, ServerCounters, ServerHeartbeat, ServerRegistration};
 
+use keel_proto::{Epoch, VolumeId};
+
 use crate::copy::CopyRole;
+use crate::replicate::{BoxFuture, MirrorFailure, NewMembership, Refused};
 use crate::server::Stats;
 use crate::store::Store;
 
@@ -89,5 +92,43 @@ pub async fn run(r: Registration, store: Arc<Store>, stats: Arc<Stats>) {
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         tokio::time::sleep(r.interval).await;
+    }
+}
+
+/// The controller-backed [`MirrorFailure`] handler: asks the controller to drop the mirror
+/// (`POST /v1/volumes/{id}/mirror-failed`), which answers only after it pushed the new
+/// membership to this server (docs/replication.md, R5).
+pub struct ControllerMirrorFailure {
+    pub api: ApiClient,
+}
+
+impl MirrorFailure for ControllerMirrorFailure {
+    fn mirror_failed(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            let path = format!("/v1/volumes/{:016x}/mirror-failed", volume.0);
+            let body = keel_api::MirrorFailed {
+                mirror: mirror.to_string(),
+                epoch: epoch.0,
+            };
+            match self
+                .api
+                .post::<_, keel_api::MembershipInfo>(&path, &body)
+                .await
+            {
+                Ok(m) => Ok(NewMembership {
+                    epoch: Epoch(m.epoch),
+                    // The copy's own list (pushed by the controller) is what counts.
+                    mirrors: Vec::new(),
+                }),
+                Err(e) => Err(Refused {
+                    reason: format!("the controller did not drop mirror {mirror}: {e}"),
+                }),
+            }
+        })
     }
 }

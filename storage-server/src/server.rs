@@ -6,10 +6,12 @@
 //! per connection is bounded by a byte budget, so a client that floods requests is slowed by
 //! TCP back-pressure instead of growing the server's memory.
 //!
-//! Data ops are for `node` peers, copy administration ([`Op::is_admin`]) for `controller`
-//! peers, ping for anyone. A data request is admitted on its copy ([`Copy::admit`]) for the
-//! duration of its I/O, so a membership change or deletion answered to the controller fences
-//! every later request (see `docs/protocol.md`).
+//! Data ops are for `node` peers on primaries and for `storage` peers (a primary replicating)
+//! on mirrors, copy administration ([`Op::is_admin`]) for `controller` peers, ping for anyone.
+//! A data request is admitted on its copy ([`Copy::admit`]) for the duration of its I/O, so a
+//! membership change or deletion answered to the controller fences every later request (see
+//! `docs/protocol.md`). A node's mutation or flush on a primary with mirrors is also sent to
+//! every mirror and acknowledged only when all of them answered (see [`crate::replicate`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::copy::{Copy, CopyError, CopyRole, Refusal, SECTOR};
+use crate::replicate::{Replication, Replicator};
 use crate::store::Store;
 
 /// Request counters of one server, shared with whoever reports them (a heartbeat). Updated
@@ -109,24 +112,39 @@ impl Responder {
 const BUDGET_UNITS: u32 = 32 * 1024;
 const UNIT: usize = 4096;
 
-/// Accepts connections forever, counting requests in `stats`.
+/// Accepts connections forever, counting requests in `stats`, without the means to replicate
+/// (a primary with mirrors answers nodes' mutations `not primary`): see [`serve_with`].
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     stats: Arc<Stats>,
 ) -> std::io::Result<()> {
+    serve_with(listener, store, tls, stats, Replication::default()).await
+}
+
+/// Accepts connections forever, counting requests in `stats`; primaries replicate to their
+/// mirrors as `replication` says (client certificate, timeout, failure handler).
+pub async fn serve_with(
+    listener: TcpListener,
+    store: Arc<Store>,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    stats: Arc<Stats>,
+    replication: Replication,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
+    let repl = Arc::new(Replicator::new(replication));
     loop {
         let (tcp, addr) = listener.accept().await?;
         let store = store.clone();
         let acceptor = acceptor.clone();
         let stats = stats.clone();
+        let repl = repl.clone();
         tokio::spawn(async move {
             match accept(tcp, &acceptor).await {
                 Ok((stream, peer)) => {
                     tracing::info!(%addr, %peer, "client connected");
-                    match serve_conn(stream, peer.clone(), store, stats).await {
+                    match serve_conn(stream, peer.clone(), store, stats, repl).await {
                         Ok(()) => tracing::info!(%addr, %peer, "client disconnected"),
                         Err(e) => tracing::warn!(%addr, %peer, error = %e, "connection closed"),
                     }
@@ -142,6 +160,7 @@ async fn serve_conn(
     peer: Identity,
     store: Arc<Store>,
     stats: Arc<Stats>,
+    repl: Arc<Replicator>,
 ) -> Result<(), FrameIoError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
@@ -208,11 +227,20 @@ async fn serve_conn(
                     tx.send(op, length, resp);
                 });
             }
+            Ok(Next::Replicate(copy)) => {
+                let (tx, repl) = (tx.clone(), repl.clone());
+                tokio::spawn(async move {
+                    let resp = replicate(&repl, copy, req).await;
+                    drop(permit);
+                    tx.send(op, length, resp);
+                });
+            }
             Ok(Next::Data(copy)) => {
                 // Reads and writes the page cache can take without waiting are done right here
                 // (a thread hand-off costs more than a 4 KiB copy); everything else runs on the
                 // blocking pool so a slow disk never stalls the connection.
-                let req = match try_cached(&copy, req) {
+                let role = peer.role;
+                let req = match try_cached(&copy, req, role) {
                     Ok(resp) => {
                         drop(permit);
                         if !tx.send(op, length, resp) {
@@ -224,7 +252,7 @@ async fn serve_conn(
                 };
                 let tx = tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let resp = execute(&copy, req);
+                    let resp = execute(&copy, req, role);
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -258,6 +286,13 @@ enum Next {
     Admin,
     /// A data op on this copy (admitted again, decisively, when it runs).
     Data(Arc<Copy>),
+    /// A node's mutation or flush on a primary with mirrors: done here and on every mirror.
+    Replicate(Arc<Copy>),
+}
+
+/// Whether a node's op must reach the primary's mirrors before it is acknowledged.
+fn replicated_op(op: Op) -> bool {
+    matches!(op, Op::Write | Op::WriteZeroes | Op::Discard | Op::Flush)
 }
 
 /// The answer refusing a data request.
@@ -266,6 +301,7 @@ fn refusal(req: &Request, r: Refusal) -> Response {
         Refusal::Deleted => (Status::UnknownVolume, Epoch(0)),
         Refusal::Stale(e) => (Status::StaleEpoch, e),
         Refusal::NotPrimary(e) => (Status::NotPrimary, e),
+        Refusal::Unauthorized => (Status::Unauthorized, Epoch(0)),
     };
     Response::status(status, req.request_id, epoch)
 }
@@ -284,13 +320,14 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
             fail(Status::Unauthorized, Epoch(0))
         };
     }
-    if peer.role != Role::Node {
+    if !matches!(peer.role, Role::Node | Role::Storage) {
         return fail(Status::Unauthorized, Epoch(0));
     }
     let Some(copy) = store.get(req.volume) else {
         return fail(Status::UnknownVolume, Epoch(0));
     };
-    copy.check_epoch(req.epoch).map_err(|r| refusal(req, r))?;
+    copy.check_epoch(req.epoch, peer.role)
+        .map_err(|r| refusal(req, r))?;
     let epoch = copy.epoch();
     if req.op.has_range() {
         if !req.offset.is_multiple_of(SECTOR) || !u64::from(req.length).is_multiple_of(SECTOR) {
@@ -303,7 +340,61 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
     if req.op == Op::Write && !req.crc_ok() {
         return fail(Status::ChecksumMismatch, epoch);
     }
+    if peer.role == Role::Node && replicated_op(req.op) && !copy.mirrors().is_empty() {
+        return Ok(Next::Replicate(copy));
+    }
     Ok(Next::Data(copy))
+}
+
+/// Whether an op admitted on the local path only must be refused because the copy gained
+/// mirrors after [`check`] (a membership change in between): the node resends it and it then
+/// takes the replicated path.
+fn needs_mirrors(req: &Request, peer: Role, mirrors: &[std::net::SocketAddr]) -> bool {
+    peer == Role::Node && replicated_op(req.op) && !mirrors.is_empty()
+}
+
+/// Runs a node's mutation or flush on a primary and on its mirrors (in parallel), and answers
+/// `ok` only if the local op and every mirror succeeded, or every failed mirror was dropped by
+/// the failure handler; `not primary` if a failed mirror could not be dropped.
+async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response {
+    let mut mirror_req = req.clone();
+    let (snap_tx, snap_rx) = tokio::sync::oneshot::channel();
+    let local_copy = copy.clone();
+    let local =
+        tokio::task::spawn_blocking(move || match local_copy.admit(req.epoch, Role::Node) {
+            Err(r) => refusal(&req, r),
+            Ok(admitted) => {
+                // What the mirrors get: the membership this op was admitted under.
+                let _ = snap_tx.send((admitted.epoch, admitted.mirrors.clone()));
+                let resp = perform(&local_copy, req);
+                drop(admitted);
+                resp
+            }
+        });
+    let (epoch, failed) = match snap_rx.await {
+        Ok((epoch, mirrors)) if !mirrors.is_empty() => {
+            mirror_req.epoch = epoch;
+            (epoch, repl.send_all(&mirrors, &mirror_req).await)
+        }
+        Ok((epoch, _)) => (epoch, Vec::new()),
+        Err(_) => (Epoch(0), Vec::new()),
+    };
+    let resp = match local.await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(volume = %copy.volume(), error = %e, "local I/O task failed");
+            Response::status(Status::IoError, mirror_req.request_id, copy.epoch())
+        }
+    };
+    if resp.status != Status::Ok {
+        return resp;
+    }
+    for m in failed {
+        if !repl.mirror_failed(&copy, m, epoch).await {
+            return Response::status(Status::NotPrimary, resp.request_id, copy.epoch());
+        }
+    }
+    resp
 }
 
 /// Requests up to this size may be served inline from the page cache.
@@ -312,15 +403,22 @@ const INLINE_MAX: u32 = 256 << 10;
 /// Serves a checked read or plain write without blocking if the page cache allows; gives the
 /// request back otherwise.
 #[allow(clippy::result_large_err)]
-fn try_cached(copy: &Copy, req: Request) -> Result<Response, Request> {
+fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request> {
     if req.length > INLINE_MAX || req.flags.fua() || !matches!(req.op, Op::Read | Op::Write) {
         return Err(req);
     }
     // Never wait for the gate on the connection's task: a membership change holds it across
     // an fdatasync.
-    let _admitted = match copy.try_admit(req.epoch) {
+    let _admitted = match copy.try_admit(req.epoch, peer) {
         None => return Err(req),
         Some(Err(r)) => return Ok(refusal(&req, r)),
+        Some(Ok(a)) if needs_mirrors(&req, peer, &a.mirrors) => {
+            return Ok(Response::status(
+                Status::NotPrimary,
+                req.request_id,
+                a.epoch,
+            ))
+        }
         Some(Ok(a)) => a,
     };
     let epoch = copy.epoch();
@@ -350,8 +448,11 @@ fn try_cached(copy: &Copy, req: Request) -> Result<Response, Request> {
 }
 
 /// Admits a checked request on its copy and runs it (blocking).
-fn execute(copy: &Copy, req: Request) -> Response {
-    match copy.admit(req.epoch) {
+fn execute(copy: &Copy, req: Request, peer: Role) -> Response {
+    match copy.admit(req.epoch, peer) {
+        Ok(a) if needs_mirrors(&req, peer, &a.mirrors) => {
+            Response::status(Status::NotPrimary, req.request_id, a.epoch)
+        }
         Ok(_admitted) => perform(copy, req),
         Err(r) => refusal(&req, r),
     }
@@ -419,6 +520,7 @@ fn admin_status(e: &CopyError) -> Status {
         CopyError::Io { .. }
         | CopyError::NoValidHeader { .. }
         | CopyError::NewerFormat { .. }
+        | CopyError::BadMembers { .. }
         | CopyError::Failed => Status::IoError,
     }
 }
@@ -449,7 +551,8 @@ fn administer(store: &Store, req: &Request) -> Response {
                 .and_then(|c| {
                     // An existing copy of the same size moves to the requested membership,
                     // unless that is older than its own (a late retry): then it stays.
-                    match c.set_membership(role, req.epoch) {
+                    // A new copy has no mirrors; an existing one keeps its list.
+                    match c.set_membership(role, req.epoch, req.epoch, &c.mirrors()) {
                         Ok(()) | Err(CopyError::StaleEpoch { .. }) => Ok(c),
                         Err(e) => Err(e),
                     }
@@ -473,10 +576,16 @@ fn administer(store: &Store, req: &Request) -> Response {
             let Some(c) = store.get(v) else {
                 return Response::status(Status::UnknownVolume, req.request_id, Epoch(0));
             };
-            c.set_membership(role, req.epoch).map(|()| {
-                tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, "membership set");
-                ok(&c)
-            })
+            // The decoder checked the list; a list it refused never gets here.
+            let mirrors = match keel_proto::frame::parse_members(&req.payload) {
+                Ok(m) => m,
+                Err(_) => return Response::status(Status::BadRequest, req.request_id, current()),
+            };
+            c.set_membership(role, req.epoch, Epoch(req.offset), &mirrors)
+                .map(|()| {
+                    tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, writer_epoch = %c.writer_epoch(), mirrors = ?mirrors, "membership set");
+                    ok(&c)
+                })
         }
         Op::Resize => {
             let Some(c) = store.get(v) else {

@@ -43,6 +43,10 @@ impl Store {
                     tracing::info!(volume = %c.volume(), size = c.size(), epoch = %c.epoch(), "opened copy");
                     copies.insert(c.volume(), Arc::new(c));
                 }
+                Some("members-tmp") => {
+                    // A membership list replaced by a change that was never acknowledged.
+                    let _ = std::fs::remove_file(&p);
+                }
                 Some("creating") => {
                     // A creation interrupted before its rename: it was never acknowledged.
                     tracing::warn!(path = %p.display(), "removing an interrupted copy creation");
@@ -134,6 +138,16 @@ impl Store {
             Err(source) => {
                 return Err(CopyError::Io {
                     path: c.path().to_owned(),
+                    source,
+                })
+            }
+        }
+        match std::fs::remove_file(crate::copy::members_path(c.path())) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CopyError::Io {
+                    path: crate::copy::members_path(c.path()),
                     source,
                 })
             }

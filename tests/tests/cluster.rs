@@ -875,3 +875,107 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
     );
     Ok(())
 }
+
+/// The copies of `describe` as `(server, role, state)`.
+fn copies(v: &Value) -> Vec<(String, String, String)> {
+    v["copies"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("server"), s("role"), s("state"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Two copies (that every acknowledged write is on both is checked by the storage servers'
+/// own tests): the mirror's server hangs under a writer, the primary has the controller drop it from the in-sync
+/// set at a new epoch (docs/replication.md, R5), the writer sees no error, and the dropped
+/// mirror stays `stale` after its server comes back.
+#[test]
+fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 2, CAPACITY)?;
+    let v = cluster.json(&[
+        "volume",
+        "create",
+        "64MiB",
+        "--name",
+        "two",
+        "--replicas",
+        "2",
+    ])?;
+    let c = copies(&v);
+    ensure!(c.len() == 2, "two copies: {v}");
+    let mirror_server = c
+        .iter()
+        .find(|(_, r, _)| r == "mirror")
+        .map(|(s, _, _)| s.clone())
+        .context("no mirror")?;
+    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
+        let v = cluster.describe("two").ok()?;
+        let c = copies(&v);
+        (c.iter().any(|x| x.1 == "primary" && x.2 == "ok")
+            && c.iter().any(|x| x.1 == "mirror" && x.2 == "in_sync"))
+        .then_some(())
+    })?;
+    let (sock, _) = cluster.attach("two", "node1", "vm1", &[])?;
+    let mut vmm = connect(&sock, Duration::from_secs(30))?;
+    let e0 = epoch(&cluster.describe("two")?);
+    let mut written = Written(Vec::new());
+    for i in 0..32u64 {
+        written.write(&mut vmm, i * 64, 8192, 100 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+
+    // The mirror's server hangs (SIGSTOP) for longer than the replication timeout: the
+    // primary's next write cannot reach it.
+    let name = format!("storage-{mirror_server}");
+    cluster.signal(&name, libc::SIGSTOP)?;
+    let cont = ContOnDrop(cluster.pid(&name)?);
+    for i in 32..64u64 {
+        written.write(&mut vmm, i * 64, 8192, 100 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+    let v = cluster.describe("two")?;
+    ensure!(
+        epoch(&v) > e0,
+        "dropping the mirror must bump the epoch: {v}"
+    );
+    ensure!(
+        copies(&v)
+            .iter()
+            .any(|x| x.0 == mirror_server && x.1 == "mirror" && x.2 == "stale"),
+        "the dropped mirror must show stale: {v}"
+    );
+    written.verify_all(&mut vmm)?;
+    drop(cont);
+    // Back, but not in sync: it stays stale (nothing rebuilt it) and the writer goes on.
+    cluster.wait_for(
+        Duration::from_secs(10),
+        "the mirror's server to report",
+        || {
+            let v = cluster.json(&["server", "list"]).ok()?;
+            v.as_array()?
+                .iter()
+                .any(|s| s["id"] == mirror_server.as_str() && s["health"] == "up")
+                .then_some(())
+        },
+    )?;
+    for i in 64..72u64 {
+        written.write(&mut vmm, i * 64, 8192, 100 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+    let v = cluster.describe("two")?;
+    ensure!(
+        copies(&v)
+            .iter()
+            .any(|x| x.0 == mirror_server && x.2 == "stale"),
+        "a dropped mirror never becomes in sync by itself: {v}"
+    );
+    written.verify_all(&mut vmm)?;
+    Ok(())
+}

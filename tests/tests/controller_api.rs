@@ -91,7 +91,7 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
         let copies = v["copies"].as_array()?;
         copies
             .iter()
-            .all(|c| c["state"] == "ok" || c["state"] == "not_replicated")
+            .all(|c| c["state"] == "ok" || c["state"] == "in_sync")
             .then_some(())
     })?;
 

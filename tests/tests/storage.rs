@@ -418,15 +418,15 @@ async fn admin_as(
     role: Role,
     id: &str,
     storage: &Storage,
-    req: AdminRequest,
+    req: &AdminRequest,
 ) -> Result<Result<Response, AdminError>> {
     pki.issue(role, id)?;
     let cfg = client_config(&TlsPaths::in_dir(&pki.dir, &format!("{role}-{id}")))?;
-    Ok(admin_call(storage.addr, cfg, req).await)
+    Ok(admin_call(storage.addr, cfg, req.clone()).await)
 }
 
 /// One admin request as the controller `c1`: the status and the epoch it carries.
-async fn admin(pki: &Pki, storage: &Storage, req: AdminRequest) -> Result<(Status, Epoch)> {
+async fn admin(pki: &Pki, storage: &Storage, req: &AdminRequest) -> Result<(Status, Epoch)> {
     match admin_as(pki, Role::Controller, "c1", storage, req).await? {
         Ok(r) => {
             assert_eq!(r.status, Status::Ok);
@@ -447,10 +447,23 @@ fn create(volume: VolumeId, size: u64, role: MemberRole, epoch: u64) -> AdminReq
 }
 
 fn set_membership(volume: VolumeId, role: MemberRole, epoch: u64) -> AdminRequest {
+    membership(volume, role, epoch, epoch, &[])
+}
+
+/// Set membership with a writer epoch and (for a primary) in-sync mirrors.
+fn membership(
+    volume: VolumeId,
+    role: MemberRole,
+    epoch: u64,
+    writer_epoch: u64,
+    mirrors: &[&Storage],
+) -> AdminRequest {
     AdminRequest::SetMembership {
         volume,
         role,
         epoch: Epoch(epoch),
+        writer_epoch: Epoch(writer_epoch),
+        mirrors: mirrors.iter().map(|s| s.addr).collect(),
     }
 }
 
@@ -466,7 +479,7 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
     let v = VolumeId(0x52);
     rt().block_on(async {
         let req = create(v, 16 << 20, MemberRole::Primary, 3);
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(3)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(3)));
         assert!(copy_file(&storage, v).exists());
         // A node at the copy's epoch reads and writes it.
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
@@ -479,7 +492,7 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
         assert_eq!(checksum(&back), checksum(&data));
         assert_eq!(c.read(16 << 20, 512).await?.0, Status::OutOfRange);
         // The same create again (a controller retry) is ok and changes nothing.
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(3)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(3)));
         let (_, back) = c.read(15 << 20, 1 << 20).await?;
         assert_eq!(
             checksum(&back),
@@ -488,16 +501,16 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
         );
         // An older epoch is a late retry: ok, the copy stays at its epoch.
         let older = create(v, 16 << 20, MemberRole::Primary, 2);
-        assert_eq!(admin(&pki, &storage, older).await?, (Status::Ok, Epoch(3)));
+        assert_eq!(admin(&pki, &storage, &older).await?, (Status::Ok, Epoch(3)));
         // Another size conflicts with the existing copy.
         let other = create(v, 32 << 20, MemberRole::Primary, 3);
         assert_eq!(
-            admin(&pki, &storage, other).await?,
+            admin(&pki, &storage, &other).await?,
             (Status::BadRequest, Epoch(3))
         );
         // A newer epoch raises the existing copy's membership, like SetMembership.
         let newer = create(v, 16 << 20, MemberRole::Primary, 4);
-        assert_eq!(admin(&pki, &storage, newer).await?, (Status::Ok, Epoch(4)));
+        assert_eq!(admin(&pki, &storage, &newer).await?, (Status::Ok, Epoch(4)));
         assert_eq!(c.write(0, vec![1; 512]).await?, Status::StaleEpoch);
         c.epoch = Epoch(4);
         let (st, back) = c.read(15 << 20, 1 << 20).await?;
@@ -506,14 +519,17 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
         // A mirror copy does not serve nodes.
         let w = VolumeId(0x53);
         let mirror = create(w, 1 << 20, MemberRole::Mirror, 1);
-        assert_eq!(admin(&pki, &storage, mirror).await?, (Status::Ok, Epoch(1)));
+        assert_eq!(
+            admin(&pki, &storage, &mirror).await?,
+            (Status::Ok, Epoch(1))
+        );
         c.vol = w;
         c.epoch = Epoch(1);
         assert_eq!(c.read(0, 512).await?.0, Status::NotPrimary);
         // Malformed requests are refused before anything is sent.
         let bad = create(VolumeId(0x54), 1000, MemberRole::Primary, 1);
         assert!(matches!(
-            admin_as(&pki, Role::Controller, "c1", &storage, bad).await?,
+            admin_as(&pki, Role::Controller, "c1", &storage, &bad).await?,
             Err(AdminError::Invalid(_))
         ));
         anyhow::Ok(())
@@ -535,7 +551,7 @@ fn admin_ops_need_a_controller_and_data_ops_a_node() -> Result<()> {
             },
         ];
         for role in [Role::Node, Role::Storage, Role::Admin] {
-            for req in ops {
+            for req in &ops {
                 let r = admin_as(&pki, role, "x1", &storage, req).await?;
                 assert!(
                     matches!(
@@ -578,7 +594,7 @@ fn set_membership_fences_older_epochs() -> Result<()> {
         assert_eq!(old.write(0, a.clone()).await?, Status::Ok);
         // The fence: epoch 2.
         let req = set_membership(VOL, MemberRole::Primary, 2);
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(2)));
         // The old attachment (same connection, epoch 1) is refused and its write does not land.
         let r = old.req(Op::Write, 0, 65536, pattern(11, 65536));
         let resp = old.call(r).await?;
@@ -597,20 +613,23 @@ fn set_membership_fences_older_epochs() -> Result<()> {
         // Lower is refused with the current epoch; equal is ok (idempotent).
         let lower = set_membership(VOL, MemberRole::Primary, 1);
         assert_eq!(
-            admin(&pki, &storage, lower).await?,
+            admin(&pki, &storage, &lower).await?,
             (Status::StaleEpoch, Epoch(2))
         );
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(2)));
         assert_eq!(new.write(65536, pattern(12, 4096)).await?, Status::Ok);
         // Demoted to mirror at epoch 3: a node at epoch 3 is told this is not a primary.
         let demote = set_membership(VOL, MemberRole::Mirror, 3);
-        assert_eq!(admin(&pki, &storage, demote).await?, (Status::Ok, Epoch(3)));
+        assert_eq!(
+            admin(&pki, &storage, &demote).await?,
+            (Status::Ok, Epoch(3))
+        );
         new.epoch = Epoch(3);
         assert_eq!(new.read(0, 512).await?.0, Status::NotPrimary);
         // An absent copy.
         let absent = set_membership(VolumeId(0x999), MemberRole::Primary, 5);
         assert_eq!(
-            admin(&pki, &storage, absent).await?,
+            admin(&pki, &storage, &absent).await?,
             (Status::UnknownVolume, Epoch(0))
         );
         anyhow::Ok(())
@@ -687,7 +706,7 @@ fn fencing_under_load_lets_no_refused_write_land() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let req = set_membership(VOL, MemberRole::Primary, 2);
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(2)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(2)));
         fenced.store(true, Ordering::SeqCst);
         let outcome = node.await??;
         let acked = outcome.values().filter(|s| **s == Status::Ok).count();
@@ -729,7 +748,7 @@ fn resize_grows_durably_and_never_shrinks() -> Result<()> {
     rt.block_on(async {
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
         assert_eq!(c.read(64 << 20, 512).await?.0, Status::OutOfRange);
-        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(1)));
+        assert_eq!(admin(&pki, &storage, &grow).await?, (Status::Ok, Epoch(1)));
         // Past the old end, on the same connection.
         assert_eq!(c.write(100 << 20, tail.clone()).await?, Status::Ok);
         let (st, back) = c.read(100 << 20, 1 << 20).await?;
@@ -740,13 +759,13 @@ fn resize_grows_durably_and_never_shrinks() -> Result<()> {
         assert!(zeros.iter().all(|&b| b == 0));
         assert_eq!(c.read(128 << 20, 512).await?.0, Status::OutOfRange);
         // Same size again is ok; smaller is refused; the volume is unchanged.
-        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(1)));
+        assert_eq!(admin(&pki, &storage, &grow).await?, (Status::Ok, Epoch(1)));
         let shrink = AdminRequest::Resize {
             volume: VOL,
             size: 32 << 20,
         };
         assert_eq!(
-            admin(&pki, &storage, shrink).await?,
+            admin(&pki, &storage, &shrink).await?,
             (Status::BadRequest, Epoch(1))
         );
         assert_eq!(c.read((128 << 20) - 512, 512).await?.0, Status::Ok);
@@ -755,12 +774,12 @@ fn resize_grows_durably_and_never_shrinks() -> Result<()> {
             size: 1 << 20,
         };
         assert_eq!(
-            admin(&pki, &storage, absent).await?,
+            admin(&pki, &storage, &absent).await?,
             (Status::UnknownVolume, Epoch(0))
         );
         // A new epoch too, then kill -9: size and epoch were durable when answered.
         let req = set_membership(VOL, MemberRole::Primary, 4);
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(4)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(4)));
         c.epoch = Epoch(4);
         assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Ok);
         anyhow::Ok(())
@@ -780,7 +799,7 @@ fn resize_grows_durably_and_never_shrinks() -> Result<()> {
         assert_eq!(checksum(&back), checksum(&tail));
         assert_eq!(c.read((128 << 20) - 512, 512).await?.0, Status::Ok);
         assert_eq!(c.read(128 << 20, 512).await?.0, Status::OutOfRange);
-        assert_eq!(admin(&pki, &storage, grow).await?, (Status::Ok, Epoch(4)));
+        assert_eq!(admin(&pki, &storage, &grow).await?, (Status::Ok, Epoch(4)));
         anyhow::Ok(())
     })
 }
@@ -795,17 +814,23 @@ fn delete_copy_refuses_later_io_and_is_idempotent() -> Result<()> {
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
         assert_eq!(c.write(0, pattern(30, 65536)).await?, Status::Ok);
         assert!(copy_file(&storage, VOL).exists());
-        assert_eq!(admin(&pki, &storage, delete).await?, (Status::Ok, Epoch(1)));
+        assert_eq!(
+            admin(&pki, &storage, &delete).await?,
+            (Status::Ok, Epoch(1))
+        );
         assert!(!copy_file(&storage, VOL).exists(), "the file is gone");
         // The open connection's next requests find no volume.
         assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
         assert_eq!(c.write(0, vec![1; 512]).await?, Status::UnknownVolume);
         assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::UnknownVolume);
         // Retried: still ok. Other ops on it: unknown volume.
-        assert_eq!(admin(&pki, &storage, delete).await?, (Status::Ok, Epoch(0)));
+        assert_eq!(
+            admin(&pki, &storage, &delete).await?,
+            (Status::Ok, Epoch(0))
+        );
         let req = set_membership(VOL, MemberRole::Primary, 2);
         assert_eq!(
-            admin(&pki, &storage, req).await?,
+            admin(&pki, &storage, &req).await?,
             (Status::UnknownVolume, Epoch(0))
         );
         anyhow::Ok(())
@@ -818,11 +843,329 @@ fn delete_copy_refuses_later_io_and_is_idempotent() -> Result<()> {
         assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
         // Created again, it is a fresh, zeroed copy.
         let req = create(VOL, 8 << 20, MemberRole::Primary, 5);
-        assert_eq!(admin(&pki, &storage, req).await?, (Status::Ok, Epoch(5)));
+        assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(5)));
         c.epoch = Epoch(5);
         let (st, d) = c.read(0, 65536).await?;
         assert_eq!(st, Status::Ok);
         assert!(d.iter().all(|&b| b == 0), "a recreated copy starts empty");
         anyhow::Ok(())
     })
+}
+
+/// Two storage servers: `s1` will hold the primary, `s2` the mirror, both created empty (by
+/// the controller `c1`) for `VOL` (64 MiB) at epoch 1, then put in a membership at epoch 2
+/// whose writer attached at epoch 1 (mirror first, as the controller pushes).
+fn replicated_pair(dir: &std::path::Path) -> Result<(Pki, Storage, Storage)> {
+    let pki = Pki::new(&dir.join("pki"))?;
+    let s1 = Storage::start(&pki, "s1", &dir.join("d1"), &[])?;
+    let s2 = Storage::start(&pki, "s2", &dir.join("d2"), &[])?;
+    rt().block_on(async {
+        let c = create(VOL, 64 << 20, MemberRole::Mirror, 1);
+        assert_eq!(admin(&pki, &s2, &c).await?, (Status::Ok, Epoch(1)));
+        let c = create(VOL, 64 << 20, MemberRole::Primary, 1);
+        assert_eq!(admin(&pki, &s1, &c).await?, (Status::Ok, Epoch(1)));
+        let m = membership(VOL, MemberRole::Mirror, 2, 1, &[]);
+        assert_eq!(admin(&pki, &s2, &m).await?, (Status::Ok, Epoch(2)));
+        let p = membership(VOL, MemberRole::Primary, 2, 1, &[&s2]);
+        assert_eq!(admin(&pki, &s1, &p).await?, (Status::Ok, Epoch(2)));
+        anyhow::Ok(())
+    })?;
+    Ok((pki, s1, s2))
+}
+
+/// Reads `len` bytes at `offset` from `storage` in 1 MiB pieces.
+async fn read_all(c: &mut Client, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(1 << 20);
+        let (st, d) = c.read(offset + out.len() as u64, n as u32).await?;
+        anyhow::ensure!(st == Status::Ok, "read answered {st}");
+        out.extend_from_slice(&d);
+    }
+    Ok(out)
+}
+
+/// Every write, write-zeroes, discard and flush a node gets acknowledged by the primary is on
+/// the mirror: pipelined writes, FUA, zeroing, a membership bump that keeps the writer, and a
+/// kill -9 and restart of the primary (its mirror list is durable).
+#[test]
+fn replication_puts_every_acknowledged_write_on_the_mirror() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, mut s1, s2) = replicated_pair(dir.path())?;
+    const SPAN: usize = 8 << 20;
+    let mut model = vec![0u8; SPAN];
+    let rt = rt();
+    rt.block_on(async {
+        // The writer attached at epoch 1; the copy is at epoch 2: accepted.
+        let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
+        // 64 pipelined writes of 64 KiB, some FUA.
+        let mut sent = Vec::new();
+        for i in 0..64u64 {
+            let off = (i * 131072) % SPAN as u64;
+            let data = pattern(100 + i, 65536);
+            model[off as usize..off as usize + 65536].copy_from_slice(&data);
+            let mut r = n.req(Op::Write, off, 65536, data);
+            if i % 8 == 0 {
+                r.flags = ReqFlags(ReqFlags::FUA);
+            }
+            n.send(&r).await?;
+            sent.push(r.request_id);
+        }
+        for _ in 0..sent.len() {
+            let resp = n.recv().await?;
+            assert_eq!(resp.status, Status::Ok, "write {}", resp.request_id);
+        }
+        // Zeroing ops are replicated too.
+        assert_eq!(n.simple(Op::WriteZeroes, 131072, 8192).await?, Status::Ok);
+        model[131072..131072 + 8192].fill(0);
+        assert_eq!(n.simple(Op::Discard, 262144, 65536).await?, Status::Ok);
+        model[262144..262144 + 65536].fill(0);
+        assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::Ok);
+        // Reads are served by the primary.
+        assert_eq!(
+            checksum(&read_all(&mut n, 0, SPAN).await?),
+            checksum(&model)
+        );
+        // The mirror holds the same bytes: read it as a storage server would.
+        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        m.epoch = Epoch(2);
+        assert_eq!(
+            checksum(&read_all(&mut m, 0, SPAN).await?),
+            checksum(&model),
+            "every acknowledged write is on the mirror"
+        );
+        // Nodes are not served by the mirror; storage servers are not served by the primary.
+        let mut nm = Client::new(&pki, Role::Node, "n1", &s2).await?;
+        nm.epoch = Epoch(2);
+        assert_eq!(nm.read(0, 512).await?.0, Status::NotPrimary);
+        assert_eq!(nm.write(0, vec![1; 512]).await?, Status::NotPrimary);
+        let mut sp = Client::new(&pki, Role::Storage, "s9", &s1).await?;
+        sp.epoch = Epoch(2);
+        assert_eq!(sp.write(0, vec![1; 512]).await?, Status::Unauthorized);
+
+        // A membership bump that keeps the writer (epoch 3, writer epoch 1) does not disturb
+        // it, and its writes still reach the mirror.
+        let bump = membership(VOL, MemberRole::Mirror, 3, 1, &[]);
+        assert_eq!(admin(&pki, &s2, &bump).await?, (Status::Ok, Epoch(3)));
+        let bump = membership(VOL, MemberRole::Primary, 3, 1, &[&s2]);
+        assert_eq!(admin(&pki, &s1, &bump).await?, (Status::Ok, Epoch(3)));
+        let data = pattern(200, 65536);
+        model[65536..131072].copy_from_slice(&data);
+        assert_eq!(n.write(65536, data).await?, Status::Ok);
+        m.epoch = Epoch(3);
+        assert_eq!(
+            checksum(&read_all(&mut m, 0, SPAN).await?),
+            checksum(&model)
+        );
+        anyhow::Ok(())
+    })?;
+    // The primary's mirror list survives kill -9 and restart.
+    s1.kill9();
+    s1.restart()?;
+    rt.block_on(async {
+        let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
+        let data = pattern(300, 65536);
+        model[0..65536].copy_from_slice(&data);
+        assert_eq!(n.write(0, data).await?, Status::Ok);
+        assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::Ok);
+        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        m.epoch = Epoch(3);
+        assert_eq!(
+            checksum(&read_all(&mut m, 0, SPAN).await?),
+            checksum(&model),
+            "after the primary's restart, writes still reach the mirror"
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// The mirror takes replicated requests only at exactly its epoch: an older epoch (a replaced
+/// primary) is `stale epoch` and lands nothing, a newer one `not primary`; and a primary whose
+/// epoch is behind its mirror's cannot get a write acknowledged.
+#[test]
+fn mirror_refuses_replication_at_another_epoch() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, s1, s2) = replicated_pair(dir.path())?;
+    rt().block_on(async {
+        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        m.epoch = Epoch(1);
+        let r = m.req(Op::Write, 0, 4096, pattern(1, 4096));
+        let resp = m.call(r).await?;
+        assert_eq!((resp.status, resp.epoch), (Status::StaleEpoch, Epoch(2)));
+        assert_eq!(m.simple(Op::Flush, 0, 0).await?, Status::StaleEpoch);
+        m.epoch = Epoch(3);
+        assert_eq!(m.write(0, pattern(2, 4096)).await?, Status::NotPrimary);
+        m.epoch = Epoch(2);
+        let (st, d) = m.read(0, 4096).await?;
+        assert_eq!(st, Status::Ok);
+        assert!(d.iter().all(|&b| b == 0), "no refused write landed");
+        // The mirror moves on to epoch 4 without the primary (it was replaced): the old
+        // primary's writes are refused by the mirror, so the node never gets `ok`.
+        let ahead = membership(VOL, MemberRole::Mirror, 4, 1, &[]);
+        assert_eq!(admin(&pki, &s2, &ahead).await?, (Status::Ok, Epoch(4)));
+        let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
+        assert_eq!(n.write(0, pattern(3, 4096)).await?, Status::NotPrimary);
+        assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::NotPrimary);
+        m.epoch = Epoch(4);
+        let (st, d) = m.read(0, 4096).await?;
+        assert_eq!(st, Status::Ok);
+        assert!(
+            d.iter().all(|&b| b == 0),
+            "the stale primary's write is not on the mirror"
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// kill -9 of the mirror: with no controller (the default handler refuses), the primary
+/// answers `not primary` to writes and flushes, never `ok`; reads still work. Once the
+/// membership drops the mirror, writes are acknowledged again.
+#[test]
+fn dead_mirror_makes_the_primary_refuse_rather_than_acknowledge() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, s1, mut s2) = replicated_pair(dir.path())?;
+    rt().block_on(async {
+        let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
+        assert_eq!(n.write(0, pattern(1, 65536)).await?, Status::Ok);
+        s2.kill9();
+        let started = std::time::Instant::now();
+        assert_eq!(n.write(65536, pattern(2, 65536)).await?, Status::NotPrimary);
+        assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::NotPrimary);
+        let mut r = n.req(Op::Write, 0, 4096, pattern(3, 4096));
+        r.flags = ReqFlags(ReqFlags::FUA);
+        assert_eq!(n.call(r).await?.status, Status::NotPrimary);
+        assert_eq!(
+            n.simple(Op::WriteZeroes, 0, 4096).await?,
+            Status::NotPrimary
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "refusals come within the replication timeout"
+        );
+        let (st, d) = n.read(0, 65536).await?;
+        assert_eq!(st, Status::Ok);
+        assert_eq!(d.len(), 65536);
+        // The controller drops the mirror (epoch 3, same writer): acknowledged again.
+        let drop_mirror = membership(VOL, MemberRole::Primary, 3, 1, &[]);
+        assert_eq!(
+            admin(&pki, &s1, &drop_mirror).await?,
+            (Status::Ok, Epoch(3))
+        );
+        let data = pattern(4, 65536);
+        assert_eq!(n.write(65536, data.clone()).await?, Status::Ok);
+        assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::Ok);
+        assert_eq!(n.read(65536, 65536).await?.1, data);
+        anyhow::Ok(())
+    })
+}
+
+/// A writer fenced by a newer attachment (request epoch below the writer epoch) gets
+/// `stale epoch`; membership bumps that keep the writer do not break it; a request ahead of
+/// the copy is `not primary`.
+#[test]
+fn fenced_writer_gets_stale_epoch_but_membership_bumps_do_not_break_the_writer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    rt().block_on(async {
+        let mut w = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(w.write(0, pattern(1, 4096)).await?, Status::Ok);
+        // Bumps (a mirror dropped, a promotion elsewhere...) keeping the writer of epoch 1.
+        for e in [2, 3] {
+            let bump = membership(VOL, MemberRole::Primary, e, 1, &[]);
+            assert_eq!(admin(&pki, &storage, &bump).await?, (Status::Ok, Epoch(e)));
+            assert_eq!(w.write(0, pattern(e, 4096)).await?, Status::Ok);
+            assert_eq!(w.simple(Op::Flush, 0, 0).await?, Status::Ok);
+            assert_eq!(w.read(0, 4096).await?, (Status::Ok, pattern(e, 4096)));
+        }
+        // The writer may also move to any epoch up to the copy's.
+        w.epoch = Epoch(3);
+        assert_eq!(w.write(0, pattern(9, 4096)).await?, Status::Ok);
+        w.epoch = Epoch(4);
+        assert_eq!(w.write(0, pattern(10, 4096)).await?, Status::NotPrimary);
+        w.epoch = Epoch(1);
+        // A new writer attaches at epoch 4: the old one is fenced, the new one served.
+        let attach = membership(VOL, MemberRole::Primary, 4, 4, &[]);
+        assert_eq!(
+            admin(&pki, &storage, &attach).await?,
+            (Status::Ok, Epoch(4))
+        );
+        let r = w.req(Op::Write, 0, 4096, pattern(11, 4096));
+        let resp = w.call(r).await?;
+        assert_eq!((resp.status, resp.epoch), (Status::StaleEpoch, Epoch(4)));
+        w.epoch = Epoch(3);
+        assert_eq!(w.simple(Op::Flush, 0, 0).await?, Status::StaleEpoch);
+        let mut n = Client::new(&pki, Role::Node, "n2", &storage).await?;
+        n.epoch = Epoch(4);
+        assert_eq!(
+            n.read(0, 4096).await?,
+            (Status::Ok, pattern(9, 4096)),
+            "the fenced write did not land"
+        );
+        // A later bump with a lower writer epoch does not un-fence the old writer.
+        let bump = membership(VOL, MemberRole::Primary, 5, 1, &[]);
+        assert_eq!(admin(&pki, &storage, &bump).await?, (Status::Ok, Epoch(5)));
+        w.epoch = Epoch(3);
+        assert_eq!(w.write(0, pattern(12, 4096)).await?, Status::StaleEpoch);
+        assert_eq!(n.write(0, pattern(13, 4096)).await?, Status::Ok);
+        anyhow::Ok(())
+    })
+}
+
+/// Set membership's mirror list is validated: a malformed list closes the connection without
+/// an answer (nothing changes); a mirror given a list is refused before sending.
+#[test]
+fn malformed_membership_lists_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    rt().block_on(async {
+        let mut c = Client::new(&pki, Role::Controller, "c1", &storage).await?;
+        let mut r = c.req(Op::SetMembership, 0, MemberRole::Primary as u32, Vec::new());
+        r.epoch = Epoch(2);
+        r.payload = b"127.0.0.1:7500\nnot-an-address".to_vec();
+        r.crc = checksum(&r.payload);
+        c.send(&r).await?;
+        assert!(c.recv().await.is_err(), "no answer to a malformed frame");
+        let bad = AdminRequest::SetMembership {
+            volume: VOL,
+            role: MemberRole::Mirror,
+            epoch: Epoch(2),
+            writer_epoch: Epoch(1),
+            mirrors: vec![storage.addr],
+        };
+        let r = admin_as(&pki, Role::Controller, "c1", &storage, &bad).await?;
+        assert!(matches!(r, Err(AdminError::Invalid(_))), "{r:?}");
+        let mut n = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(
+            n.write(0, pattern(1, 512)).await?,
+            Status::Ok,
+            "epoch unchanged"
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// A mirror that stops answering (SIGSTOP) fails the write after the replication timeout
+/// (1 s by default): `not primary`, not `ok`, and not a hang.
+#[test]
+fn hung_mirror_times_out_into_not_primary() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, s1, s2) = replicated_pair(dir.path())?;
+    let r = rt().block_on(async {
+        let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
+        assert_eq!(n.write(0, pattern(1, 4096)).await?, Status::Ok);
+        s2.pause(true);
+        let started = std::time::Instant::now();
+        let st = tokio::time::timeout(Duration::from_secs(20), n.write(0, pattern(2, 4096)))
+            .await
+            .map_err(|_| anyhow::anyhow!("the write hung"))??;
+        assert_eq!(st, Status::NotPrimary);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        anyhow::Ok(())
+    });
+    s2.pause(false);
+    r
 }

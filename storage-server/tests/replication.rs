@@ -1,0 +1,231 @@
+//! In-process primary and mirror: the mirror-failure handler's answer decides whether an op
+//! whose mirror failed is acknowledged.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::frame::checksum;
+use keel_proto::io::{connect, read_frame, ClientStream};
+use keel_proto::tls::{client_config, server_config, TlsPaths};
+use keel_proto::{Epoch, Frame, Op, Request, Role, Status, VolumeId};
+use keel_storage::copy::CopyRole;
+use keel_storage::replicate::{BoxFuture, MirrorFailure, NewMembership, Refused, Replication};
+use keel_storage::server::{serve, serve_with, Stats};
+use keel_storage::store::Store;
+use tokio::io::AsyncWriteExt;
+
+const VOL: VolumeId = VolumeId(0x77);
+
+/// Plays the controller: drops the mirror from the primary's copy at a new epoch (keeping
+/// the writer), then says so.
+struct DropMirror {
+    primary: Arc<Store>,
+    calls: AtomicUsize,
+    /// Refuse instead (as the controller does when this primary was replaced).
+    refuse: AtomicBool,
+}
+
+impl MirrorFailure for DropMirror {
+    fn mirror_failed(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(Refused {
+                    reason: "this primary was replaced".into(),
+                });
+            }
+            let c = self.primary.get(volume).ok_or(Refused {
+                reason: "no copy".into(),
+            })?;
+            let left: Vec<SocketAddr> = c
+                .mirrors()
+                .iter()
+                .copied()
+                .filter(|&m| m != mirror)
+                .collect();
+            let next = Epoch(epoch.0 + 1);
+            let (store, l) = (self.primary.clone(), left.clone());
+            tokio::task::spawn_blocking(move || {
+                let c = store.get(volume).expect("copy");
+                c.set_membership(CopyRole::Primary, next, c.writer_epoch(), &l)
+            })
+            .await
+            .expect("join")
+            .map_err(|e| Refused {
+                reason: e.to_string(),
+            })?;
+            Ok(NewMembership {
+                epoch: next,
+                mirrors: left,
+            })
+        })
+    }
+}
+
+async fn start(
+    pki: &std::path::Path,
+    id: &str,
+    store: Arc<Store>,
+    replication: Option<Replication>,
+) -> SocketAddr {
+    keel_proto::pki::issue(pki, Role::Storage, id, &[]).expect("issue");
+    let paths = TlsPaths::in_dir(pki, &format!("storage-{id}"));
+    let tls = server_config(&paths).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stats = Arc::new(Stats::default());
+    tokio::spawn(async move {
+        match replication {
+            Some(mut r) => {
+                r.client_tls = Some(client_config(&paths).expect("client tls"));
+                serve_with(listener, store, tls, stats, r).await
+            }
+            None => serve(listener, store, tls, stats).await,
+        }
+    });
+    addr
+}
+
+async fn call(s: &mut ClientStream, r: Request) -> (Status, Epoch) {
+    s.write_all(&Frame::Request(r).to_bytes())
+        .await
+        .expect("send");
+    s.flush().await.expect("flush");
+    let mut buf = Vec::new();
+    match read_frame(s, &mut buf).await.expect("read") {
+        Some(Frame::Response(r)) => (r.status, r.epoch),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn write(id: u64, epoch: u64, offset: u64, data: Vec<u8>) -> Request {
+    let mut r = Request::new(Op::Write, id, VOL, Epoch(epoch));
+    r.offset = offset;
+    r.length = data.len() as u32;
+    r.crc = checksum(&data);
+    r.payload = data;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_mirror_lets_the_op_be_acknowledged_a_refused_one_does_not() {
+    let d = tempfile::tempdir().expect("tmp");
+    let pki = d.path().join("pki");
+    keel_proto::pki::init_ca(&pki).expect("ca");
+    // Two mirrors (no replication of their own) and the primary with the handler.
+    let m1 = Arc::new(Store::open(&d.path().join("m1")).expect("store"));
+    let m2 = Arc::new(Store::open(&d.path().join("m2")).expect("store"));
+    let a1 = start(&pki, "m1", m1.clone(), None).await;
+    let a2 = start(&pki, "m2", m2.clone(), None).await;
+    let primary = Arc::new(Store::open(&d.path().join("p")).expect("store"));
+    let handler = Arc::new(DropMirror {
+        primary: primary.clone(),
+        calls: AtomicUsize::new(0),
+        refuse: AtomicBool::new(false),
+    });
+    let repl = Replication {
+        client_tls: None,
+        timeout: Duration::from_millis(500),
+        failure: handler.clone(),
+    };
+    let paddr = start(&pki, "p", primary.clone(), Some(repl)).await;
+    for m in [&m1, &m2] {
+        m.create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
+            .expect("mirror copy");
+    }
+    let p = primary
+        .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+        .expect("primary copy");
+    p.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &[a1, a2])
+        .expect("membership");
+
+    keel_proto::pki::issue(&pki, Role::Node, "n", &[]).expect("issue");
+    let ncfg = client_config(&TlsPaths::in_dir(&pki, "node-n")).expect("tls");
+    let (mut n, _) = connect(paddr, ncfg, Role::Storage).await.expect("connect");
+    // Both mirrors answer: acknowledged, on both.
+    assert_eq!(
+        call(&mut n, write(1, 1, 0, vec![7; 4096])).await.0,
+        Status::Ok
+    );
+    let read = |s: &Store| {
+        let mut b = vec![0u8; 4096];
+        s.get(VOL).expect("copy").read(0, &mut b).expect("read");
+        b
+    };
+    assert_eq!(read(&m1), vec![7; 4096]);
+    assert_eq!(read(&m2), vec![7; 4096]);
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 0);
+
+    // m2 moves on (epoch 5) without the primary: it refuses the primary's epoch 2. The handler
+    // drops it (epoch 3, same writer), and the write is acknowledged without it.
+    m2.get(VOL)
+        .expect("copy")
+        .set_membership(CopyRole::Mirror, Epoch(5), Epoch(1), &[])
+        .expect("m2 ahead");
+    assert_eq!(
+        call(&mut n, write(2, 1, 0, vec![8; 4096])).await.0,
+        Status::Ok
+    );
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(*p.mirrors(), vec![a1]);
+    assert_eq!(p.epoch(), Epoch(3));
+    assert_eq!(read(&m1), vec![8; 4096]);
+    assert_eq!(
+        read(&m2),
+        vec![7; 4096],
+        "the refused mirror did not take it"
+    );
+
+    // m1 at epoch 3 as well: still replicated (the primary now sends epoch 3).
+    m1.get(VOL)
+        .expect("copy")
+        .set_membership(CopyRole::Mirror, Epoch(3), Epoch(1), &[])
+        .expect("m1 follows");
+    assert_eq!(
+        call(&mut n, write(3, 1, 0, vec![9; 4096])).await.0,
+        Status::Ok
+    );
+    assert_eq!(read(&m1), vec![9; 4096]);
+
+    // A handler that refuses (this primary was replaced): not primary, never ok.
+    handler.refuse.store(true, Ordering::SeqCst);
+    m1.get(VOL)
+        .expect("copy")
+        .set_membership(CopyRole::Mirror, Epoch(9), Epoch(1), &[])
+        .expect("m1 ahead");
+    let flush = Request::new(Op::Flush, 5, VOL, Epoch(1));
+    assert_eq!(
+        call(&mut n, write(4, 1, 0, vec![10; 4096])).await.0,
+        Status::NotPrimary
+    );
+    assert_eq!(call(&mut n, flush).await.0, Status::NotPrimary);
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(*p.mirrors(), vec![a1], "nothing dropped");
+    assert_eq!(p.epoch(), Epoch(3));
+    assert_eq!(read(&m1), vec![9; 4096], "the mirror refused it");
+
+    // A mirror nobody listens at (connection refused): the handler drops it.
+    handler.refuse.store(false, Ordering::SeqCst);
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    p.set_membership(CopyRole::Primary, Epoch(10), Epoch(1), &[gone])
+        .expect("membership");
+    assert_eq!(
+        call(&mut n, write(6, 1, 0, vec![11; 4096])).await.0,
+        Status::Ok
+    );
+    assert!(p.mirrors().is_empty());
+    assert_eq!(p.epoch(), Epoch(11));
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 4);
+}
