@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Milliseconds without a heartbeat after which a server or node is down.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 3000)]
     pub failure_timeout_ms: u64,
     /// Milliseconds a push to a storage server may take.
     #[arg(long, default_value_t = 5000)]

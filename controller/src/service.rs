@@ -59,8 +59,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            failure_timeout: Duration::from_secs(5),
-            reconcile_interval: Duration::from_secs(1),
+            failure_timeout: Duration::from_secs(3),
+            reconcile_interval: Duration::from_millis(500),
         }
     }
 }
@@ -90,6 +90,8 @@ pub struct Controller {
     push: Pusher,
     live: Mutex<Live>,
     cfg: Config,
+    /// When this controller started: it knows nothing of liveness before one failure timeout.
+    started: Instant,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -155,6 +157,7 @@ impl Controller {
             push,
             live: Mutex::new(Live::default()),
             cfg,
+            started: Instant::now(),
         })
     }
 
@@ -937,12 +940,22 @@ impl Controller {
             .filter(|c| c.role == CopyRole::Mirror && c.in_sync)
             .filter_map(|c| addrs.get(&c.server).copied())
             .collect();
+        // In-sync mirrors first, so they refuse an older primary before the new membership
+        // exists anywhere (R2); then the primary; stale mirrors last (they are in no one's
+        // in-sync set). Servers that are down are left to the reconciler: a push to them would
+        // only wait out its timeout while the primary waits for its membership.
         let mut order: Vec<&CopyRecord> = v
             .copies
             .iter()
-            .filter(|c| c.role == CopyRole::Mirror)
+            .filter(|c| c.role == CopyRole::Mirror && c.in_sync)
             .collect();
         order.extend(v.copies.iter().filter(|c| c.role == CopyRole::Primary));
+        order.extend(
+            v.copies
+                .iter()
+                .filter(|c| c.role == CopyRole::Mirror && !c.in_sync),
+        );
+        order.retain(|c| c.role == CopyRole::Primary || self.server_up(&c.server));
         let mut primary_ok = false;
         for c in order {
             let Some(addr) = addrs.get(&c.server) else {
@@ -1173,6 +1186,54 @@ impl Controller {
         self.volume_info(&v)
     }
 
+    /// R6 (docs/replication.md): when the controller itself has not heard from a volume's
+    /// primary server for the failure timeout, and an in-sync mirror's server is up, that
+    /// mirror becomes the primary at a new epoch; the old primary becomes a stale mirror (it
+    /// can never acknowledge again: its in-sync set holds the new primary, which refuses its
+    /// epoch). Never within one failure timeout of this controller's start (it has not heard
+    /// everyone yet), and never from a node's report alone.
+    fn promote_if_primary_failed(
+        &self,
+        v: &VolumeRecord,
+    ) -> Result<Option<VolumeRecord>, ApiError> {
+        if self.started.elapsed() < self.cfg.failure_timeout {
+            return Ok(None);
+        }
+        let Some(p) = v.primary() else {
+            return Ok(None);
+        };
+        if self.server_up(&p.server) {
+            return Ok(None);
+        }
+        let mut promoted = None;
+        let rec =
+            self.update_volume(&v.id, |r| {
+                promoted = None;
+                let Some(pi) = r.copies.iter().position(|c| c.role == CopyRole::Primary) else {
+                    return Ok(false);
+                };
+                if self.server_up(&r.copies[pi].server) {
+                    return Ok(false);
+                }
+                let Some(mi) = r.copies.iter().position(|c| {
+                    c.role == CopyRole::Mirror && c.in_sync && self.server_up(&c.server)
+                }) else {
+                    return Ok(false);
+                };
+                r.copies[pi].role = CopyRole::Mirror;
+                r.copies[pi].in_sync = false;
+                r.copies[mi].role = CopyRole::Primary;
+                r.copies[mi].in_sync = true;
+                r.epoch += 1;
+                promoted = Some((r.copies[pi].server.clone(), r.copies[mi].server.clone()));
+                Ok(true)
+            })?;
+        Ok(promoted.map(|(old, new)| {
+            tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, "primary's server failed: mirror promoted");
+            rec
+        }))
+    }
+
     // ----- reconciler -----
 
     /// Pushes recorded state the servers do not report yet; finishes interrupted creates and
@@ -1223,6 +1284,10 @@ impl Controller {
                     }
                 }
                 VolumeRecordState::Ready => {
+                    if let Some(v) = self.promote_if_primary_failed(&v)? {
+                        let _ = self.push_membership(&v, false).await;
+                        continue;
+                    }
                     // Any copy (on a live server) behind the record: push the whole membership
                     // again, in order (R2); the pushes are idempotent.
                     let (mut small, mut stale) = (false, false);

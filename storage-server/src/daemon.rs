@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
     /// Milliseconds between heartbeats.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
     /// Milliseconds a mirror has to answer a replicated request (connecting included) before
     /// the primary reports it failed.

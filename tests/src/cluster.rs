@@ -363,6 +363,21 @@ pub fn write_vhost_control(path: &Path, size: u64, epoch: u64) -> Result<()> {
     )
 }
 
+/// Writes a keel-vhost `--control-file` naming a storage server too (`{"size", "epoch",
+/// "server": "IP:PORT"}`) atomically. `server` is written as given (a bad one tests refusal).
+pub fn write_vhost_control_server(path: &Path, size: u64, epoch: u64, server: &str) -> Result<()> {
+    let v = serde_json::json!({ "size": size, "epoch": epoch, "server": server });
+    write_atomically(path, format!("{v}\n").as_bytes())
+}
+
+/// The `server` a keel-vhost `--status-file` reports (`None` if the file has none).
+pub fn vhost_status_server(path: &Path) -> Result<Option<String>> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(v.get("server").and_then(|s| s.as_str()).map(str::to_string))
+}
+
 /// Writes `data` to a temporary file next to `path` and renames it over `path`.
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
@@ -435,6 +450,12 @@ impl DataPath {
     /// Writes the control file, sends SIGHUP and waits for the reload.
     pub fn push(&self, size: u64, epoch: u64) -> Result<()> {
         write_vhost_control(&self.control(), size, epoch)?;
+        self.reload()
+    }
+
+    /// Writes the control file with `server` too, sends SIGHUP and waits for the reload.
+    pub fn push_server(&self, size: u64, epoch: u64, server: &str) -> Result<()> {
+        write_vhost_control_server(&self.control(), size, epoch, server)?;
         self.reload()
     }
 

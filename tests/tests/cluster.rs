@@ -979,3 +979,79 @@ fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
     written.verify_all(&mut vmm)?;
     Ok(())
 }
+
+/// R6: the primary's server hangs (SIGSTOP) for longer than the failure timeout under a
+/// writer: the controller promotes the in-sync mirror at a new epoch, the node points
+/// keel-vhost at it, and the write that was in flight completes there — a stall, no error.
+/// Every acknowledged write reads back; the old primary, resumed, is a stale mirror.
+#[test]
+fn a_hung_primary_is_replaced_by_its_mirror_without_guest_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 2, CAPACITY)?;
+    let v = cluster.json(&[
+        "volume",
+        "create",
+        "64MiB",
+        "--name",
+        "fo",
+        "--replicas",
+        "2",
+    ])?;
+    let primary = copies(&v)
+        .into_iter()
+        .find(|c| c.1 == "primary")
+        .map(|c| c.0)
+        .context("no primary")?;
+    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
+        let c = copies(&cluster.describe("fo").ok()?);
+        c.iter()
+            .all(|x| x.2 == "ok" || x.2 == "in_sync")
+            .then_some(())
+    })?;
+    let (sock, _) = cluster.attach("fo", "node1", "vm1", &[])?;
+    let mut vmm = connect(&sock, Duration::from_secs(60))?;
+    let e0 = epoch(&cluster.describe("fo")?);
+    let mut written = Written(Vec::new());
+    for i in 0..16u64 {
+        written.write(&mut vmm, i * 128, 16384, 500 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+
+    let name = format!("storage-{primary}");
+    cluster.signal(&name, libc::SIGSTOP)?;
+    let cont = ContOnDrop(cluster.pid(&name)?);
+    let t = Instant::now();
+    written.write(&mut vmm, 16 * 128, 16384, 999)?;
+    let stall = t.elapsed();
+    eprintln!("guest-visible stall after SIGSTOP of the primary: {stall:?}");
+    flush_ok(&mut vmm)?;
+    let v = cluster.describe("fo")?;
+    let c = copies(&v);
+    ensure!(epoch(&v) > e0, "promotion must bump the epoch: {v}");
+    ensure!(
+        c.iter().any(|x| x.0 != primary && x.1 == "primary"),
+        "the mirror must be the primary now: {v}"
+    );
+    ensure!(
+        c.iter()
+            .any(|x| x.0 == primary && x.1 == "mirror" && x.2 == "stale"),
+        "the old primary must be a stale mirror: {v}"
+    );
+    written.verify_all(&mut vmm)?;
+
+    // The old primary comes back: it stays out of the way (stale mirror), the writer goes on.
+    drop(cont);
+    for i in 17..24u64 {
+        written.write(&mut vmm, i * 128, 16384, 500 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+    written.verify_all(&mut vmm)?;
+    let v = cluster.describe("fo")?;
+    ensure!(
+        copies(&v)
+            .iter()
+            .any(|x| x.0 == primary && x.1 == "mirror" && x.2 == "stale"),
+        "the returned server's copy must stay a stale mirror: {v}"
+    );
+    Ok(())
+}

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use keel_tests::cluster::{control_args, DataPath, Pki, Storage, Vhost, VhostOptions, VhostStatus};
+use keel_tests::cluster::{
+    control_args, vhost_status_server, DataPath, Pki, Storage, Vhost, VhostOptions, VhostStatus,
+};
 use keel_tests::vmm::*;
 
 const SIZE_BYTES: u64 = 64 << 20;
@@ -694,4 +696,93 @@ fn read_only_attachment_waits_for_the_new_epoch() -> Result<()> {
     // Later reads go straight through.
     assert_eq!(vmm.read(0, 8, 4096)?.0, VIRTIO_BLK_S_OK);
     Ok(())
+}
+
+/// A new primary named through the control file (+ SIGHUP): keel-vhost drops its connection to
+/// the old server, connects to the new one and resends the write in flight there. The guest's
+/// write stalls and completes OK; later reads come from the new server. Two independent copies
+/// of the volume stand in for a primary and its promoted mirror.
+#[test]
+fn switching_servers_resends_the_write_in_flight_to_the_new_one() -> Result<()> {
+    // A request timeout far beyond the test's waits: only the switch can complete the write.
+    let c = DataPath::start("abc123:64MiB", "blk.sock", |dir, o| {
+        let mut extra = vec!["--request-timeout-ms".into(), "60000".into()];
+        extra.extend(control_args(dir));
+        VhostOptions { extra, ..o }
+    })?;
+    let s2 = Storage::start(&c.pki, "s2", &c.dir.path().join("data2"), &["abc123:64MiB"])?;
+    let s1_addr = c.storage.addr.to_string();
+    assert_eq!(
+        vhost_status_server(&c.status())?.as_deref(),
+        Some(s1_addr.as_str())
+    );
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            ..opts(1)
+        },
+    )?;
+    let a = pattern(51, 0, 64 << 10);
+    assert_eq!(vmm.write(0, 0, &a)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.read(0, 0, 64 << 10)?, (VIRTIO_BLK_S_OK, a.clone()));
+
+    // s1 frozen: the next write hangs at s1 until keel-vhost is told of s2.
+    c.storage.pause(true);
+    let b = pattern(52, 256, 64 << 10);
+    let started = std::time::Instant::now();
+    let (written, pushed) = std::thread::scope(|sc| {
+        let pusher = sc.spawn(|| -> Result<()> {
+            std::thread::sleep(Duration::from_millis(1500));
+            c.push_server(SIZE_BYTES, 1, &s2.addr.to_string())
+        });
+        let written = vmm.write(0, 256, &b);
+        let pushed = pusher
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the pusher thread panicked")));
+        (written, pushed)
+    });
+    let waited = started.elapsed();
+    let result = (|| -> Result<()> {
+        pushed?;
+        assert_eq!(
+            written?, VIRTIO_BLK_S_OK,
+            "the hung write must complete, not fail"
+        );
+        assert!(
+            waited >= Duration::from_millis(1400),
+            "the write must have waited for the switch (took {waited:?})"
+        );
+        assert!(
+            waited < Duration::from_secs(30),
+            "the switch must resend at once, not after the request timeout (took {waited:?})"
+        );
+        let s2_addr = s2.addr.to_string();
+        assert_eq!(
+            vhost_status_server(&c.status())?.as_deref(),
+            Some(s2_addr.as_str())
+        );
+        // B reads back from s2; A was only ever written to s1, so s2 has zeros there.
+        assert_eq!(vmm.read(0, 256, 64 << 10)?, (VIRTIO_BLK_S_OK, b.clone()));
+        let (status, old) = vmm.read(0, 0, 64 << 10)?;
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        assert!(old.iter().all(|&x| x == 0), "reads must come from s2");
+
+        // A server address that does not parse changes nothing.
+        c.push_server(SIZE_BYTES, 1, "not-an-address")?;
+        assert_eq!(
+            vhost_status_server(&c.status())?.as_deref(),
+            Some(s2_addr.as_str())
+        );
+        let d = pattern(53, 512, 4096);
+        assert_eq!(vmm.write(0, 512, &d)?, VIRTIO_BLK_S_OK);
+        assert_eq!(vmm.read(0, 512, 4096)?, (VIRTIO_BLK_S_OK, d));
+        assert!(
+            VhostStatus::read(&c.status())?.connected,
+            "the session survived"
+        );
+        Ok(())
+    })();
+    c.storage.pause(false);
+    result
 }

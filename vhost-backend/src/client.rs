@@ -16,11 +16,17 @@
 //! from a writer by force and then pushes the new epoch to the readers, so a reader parks the
 //! request and resends it with backoff (50 ms to 2 s) until the new epoch arrives, which resends
 //! every parked request at once.
+//!
+//! **Switching servers.** The storage server is shared and updatable like the epoch
+//! ([`VolumeClient::set_server`]): when the node manager names a new primary, the task drops
+//! the current connection (or abandons a connection attempt or backoff in progress), connects
+//! to the new address with the usual backoff, and resends every request in flight, parked ones
+//! included, exactly as after a broken connection. The guest sees a stall, never an error.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_proto::frame::{checksum, MAX_PAYLOAD};
@@ -54,6 +60,7 @@ pub struct WireOp {
 /// Where and how to reach a volume.
 #[derive(Clone)]
 pub struct ClientConfig {
+    /// The server to connect to at first (see [`VolumeClient::set_server`]).
     pub server: SocketAddr,
     pub volume: VolumeId,
     /// The epoch requests carry at first (see [`VolumeClient::set_epoch`]).
@@ -66,18 +73,27 @@ pub struct ClientConfig {
     pub retry_stale_epoch: bool,
 }
 
-/// The epoch requests carry, shared by the handles and the connection task.
+/// The epoch requests carry and the server they go to, shared by the handles and the
+/// connection task.
 struct EpochCell {
     epoch: AtomicU64,
     /// The attachment was taken away (forced detach or takeover): every request fails.
     revoked: std::sync::atomic::AtomicBool,
     /// Wakes the task to resend parked requests with the new epoch.
     changed: Notify,
+    /// The storage server holding the primary copy.
+    server: Mutex<SocketAddr>,
+    /// Wakes the task to drop its connection and connect to the new server.
+    server_changed: Notify,
 }
 
 impl EpochCell {
     fn get(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    fn server(&self) -> SocketAddr {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn revoked(&self) -> bool {
@@ -100,6 +116,8 @@ impl VolumeClient {
             epoch: AtomicU64::new(cfg.epoch.0),
             revoked: std::sync::atomic::AtomicBool::new(false),
             changed: Notify::new(),
+            server: Mutex::new(cfg.server),
+            server_changed: Notify::new(),
         });
         rt.spawn(run(cfg, epoch.clone(), rx));
         VolumeClient { tx, epoch }
@@ -117,6 +135,25 @@ impl VolumeClient {
         if old != epoch.0 {
             self.epoch.changed.notify_one();
         }
+    }
+
+    /// The storage server requests go to (or will, once connected).
+    pub fn server(&self) -> SocketAddr {
+        self.epoch.server()
+    }
+
+    /// Switches to another storage server (a new primary): the connection task drops its
+    /// connection, connects to `server` with the usual backoff and resends every request in
+    /// flight (parked ones included). Returns whether the address changed.
+    pub fn set_server(&self, server: SocketAddr) -> bool {
+        let old = std::mem::replace(
+            &mut *self.epoch.server.lock().unwrap_or_else(|p| p.into_inner()),
+            server,
+        );
+        if old != server {
+            self.epoch.server_changed.notify_one();
+        }
+        old != server
     }
 
     /// Fails every request from now on with an I/O error, including read-only requests
@@ -261,38 +298,58 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
         id
     };
     'reconnect: loop {
+        let server = t.epoch.server();
         // A server that accepts TCP but does not answer (stopped, overloaded) must not hold
-        // the reconnect forever: the handshake gets the request timeout too.
-        let attempt = tokio::time::timeout(
-            cfg.request_timeout,
-            connect(cfg.server, cfg.tls.clone(), Role::Storage),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(keel_proto::io::FrameIoError::Handshake(
-                "no answer within the request timeout".into(),
-            ))
-        });
+        // the reconnect forever: the handshake gets the request timeout too. A new server
+        // named meanwhile abandons the attempt.
+        let switch = t.epoch.clone();
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(
+                cfg.request_timeout,
+                connect(server, cfg.tls.clone(), Role::Storage),
+            ) => r.unwrap_or_else(|_| {
+                Err(keel_proto::io::FrameIoError::Handshake(
+                    "no answer within the request timeout".into(),
+                ))
+            }),
+            _ = switch.server_changed.notified() => {
+                tracing::info!(from = %server, to = %switch.server(), volume = %cfg.volume, "storage server changed while connecting: switching");
+                backoff = Duration::from_millis(50);
+                continue 'reconnect;
+            }
+        };
         let stream = match attempt {
             Ok((s, peer)) => {
-                tracing::info!(server = %cfg.server, %peer, volume = %cfg.volume, resend = t.inflight.len(), "connected to storage");
+                tracing::info!(%server, %peer, volume = %cfg.volume, resend = t.inflight.len(), "connected to storage");
                 backoff = Duration::from_millis(50);
                 s
             }
             Err(e) => {
-                tracing::warn!(server = %cfg.server, error = %e, retry_in = ?backoff, "cannot reach storage; requests stall until it answers");
+                tracing::warn!(%server, error = %e, retry_in = ?backoff, "cannot reach storage; requests stall until it answers");
                 let sleep = tokio::time::sleep(backoff);
                 tokio::pin!(sleep);
+                let mut switched = false;
                 loop {
                     tokio::select! {
                         op = rx.recv() => match op {
                             Some(op) => { admit(op, &mut t); }
                             None => { fail_all(&mut t.inflight); return; }
                         },
+                        _ = switch.server_changed.notified() => {
+                            if switch.server() != server {
+                                tracing::info!(from = %server, to = %switch.server(), volume = %cfg.volume, "storage server changed: switching");
+                                switched = true;
+                                break;
+                            }
+                        },
                         _ = &mut sleep => break,
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = if switched {
+                    Duration::from_millis(50)
+                } else {
+                    (backoff * 2).min(Duration::from_secs(2))
+                };
                 continue 'reconnect;
             }
         };
@@ -393,6 +450,12 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                         break "write failed";
                     }
                 }
+                _ = epoch.server_changed.notified() => {
+                    if epoch.server() != server {
+                        tracing::info!(from = %server, to = %epoch.server(), volume = %cfg.volume, inflight = t.inflight.len(), "storage server changed: switching and resending");
+                        break "switching to another storage server";
+                    }
+                }
                 _ = tick.tick() => {
                     if t.timed_out(cfg.request_timeout) {
                         break "request timed out";
@@ -401,7 +464,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
             }
         };
         reader.abort();
-        tracing::warn!(server = %cfg.server, volume = %cfg.volume, reason = broken, inflight = t.inflight.len(), "storage connection lost; reconnecting and resending");
+        tracing::warn!(%server, volume = %cfg.volume, reason = broken, inflight = t.inflight.len(), "storage connection lost; reconnecting and resending");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -3,16 +3,22 @@
 //! steers it with two small JSON files:
 //!
 //! * **control file** (`--control-file`, written by the node manager, read by keel-vhost at
-//!   start if present and on every SIGHUP): `{"size": <bytes>, "epoch": <u64>}`.
+//!   start if present and on every SIGHUP): `{"size": <bytes>, "epoch": <u64>,
+//!   "server": "IP:PORT"}` (`server` optional).
 //!   * `epoch` higher than the current one: every request sent from now on carries it
 //!     (resends of requests in flight included). A lower one is refused with a warning.
 //!   * `size` larger than the current one (a multiple of 512): the device's capacity grows, and
 //!     a connected frontend is sent a config-change message so the guest sees the new size at
 //!     once; with no frontend connected it applies to the next session. A smaller size is
 //!     refused with a warning (volumes do not shrink).
+//!   * `server` different from the current one (a new primary): the connection to the old
+//!     server is dropped, keel-vhost connects to the new one (with the usual backoff) and
+//!     resends every request in flight there. The guest sees a stall, never an error. An
+//!     address that does not parse is refused with a warning (the old server stays).
 //!   * A missing or malformed file is logged and changes nothing; keel-vhost keeps serving.
 //! * **status file** (`--status-file`, written by keel-vhost, replaced atomically by rename):
-//!   `{"connected": <bool>, "pid": <u32>, "size": <bytes>, "epoch": <u64>}`, rewritten at start
+//!   `{"connected": <bool>, "pid": <u32>, "size": <bytes>, "epoch": <u64>, "server": "IP:PORT"}`,
+//!   rewritten at start
 //!   (not connected), when a frontend session starts and ends, and after every SIGHUP.
 
 use std::net::SocketAddr;
@@ -78,19 +84,20 @@ pub struct Args {
     /// Write the process id to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// JSON control file `{"size": <bytes>, "epoch": <u64>}`, read at start if present and on
-    /// every SIGHUP: a larger size grows the device (the guest is told), a higher epoch is
-    /// carried by every request from then on.
+    /// JSON control file `{"size": <bytes>, "epoch": <u64>, "server": "IP:PORT"}`, read at
+    /// start if present and on every SIGHUP: a larger size grows the device (the guest is
+    /// told), a higher epoch is carried by every request from then on, a new server gets every
+    /// request from then on (those in flight are resent there).
     #[arg(long)]
     pub control_file: Option<PathBuf>,
-    /// JSON status file `{"connected": <bool>, "pid": <u32>, "size": <bytes>, "epoch": <u64>}`,
+    /// JSON status file `{"connected", "pid", "size", "epoch", "server"}`,
     /// replaced atomically at start, when a frontend connects or leaves, and after a SIGHUP.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
 }
 
 /// The control file's contents (written by the node manager).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlFile {
     /// The volume's size in bytes.
     pub size: u64,
@@ -100,6 +107,10 @@ pub struct ControlFile {
     /// (the guest sees I/O errors, not a hang) until the guest lets go.
     #[serde(default)]
     pub revoked: bool,
+    /// The data-path address (`IP:PORT`) of the storage server holding the primary copy; absent:
+    /// keep the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 impl ControlFile {
@@ -115,7 +126,7 @@ impl ControlFile {
 }
 
 /// The status file's contents (written by keel-vhost).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusFile {
     /// A frontend (the VM) is connected to the socket.
     pub connected: bool,
@@ -124,6 +135,9 @@ pub struct StatusFile {
     pub size: u64,
     /// The epoch requests carry.
     pub epoch: u64,
+    /// The storage server requests go to (`IP:PORT`; empty in files of older versions).
+    #[serde(default)]
+    pub server: String,
 }
 
 impl StatusFile {
@@ -185,6 +199,7 @@ impl Attachment {
             pid: std::process::id(),
             size: st.size,
             epoch: self.client.epoch().0,
+            server: self.client.server().to_string(),
         }
     }
 
@@ -235,6 +250,22 @@ impl Attachment {
     }
 
     fn apply(&self, st: &mut State, ctl: ControlFile) {
+        if let Some(server) = &ctl.server {
+            match server.trim().parse::<SocketAddr>() {
+                Ok(addr) => {
+                    let from = self.client.server();
+                    if self.client.set_server(addr) {
+                        tracing::info!(%from, to = %addr, "storage server changed: requests in flight are resent there");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    server = %server,
+                    error = %e,
+                    current = %self.client.server(),
+                    "the control file's server is not an IP:PORT address: ignored"
+                ),
+            }
+        }
         if ctl.revoked && !self.client.is_revoked() {
             self.client.revoke();
             tracing::warn!(
@@ -472,6 +503,7 @@ mod tests {
                 size: 128 << 20,
                 epoch: 3,
                 revoked: false,
+                server: None,
             }
         );
         for bad in [
@@ -493,19 +525,57 @@ mod tests {
             pid: 42,
             size: 64 << 20,
             epoch: 7,
+            server: "127.0.0.1:7500".into(),
         };
         st.store(&s).expect("store");
         assert_eq!(StatusFile::load(&s).expect("load"), st);
         let text = std::fs::read_to_string(&s).expect("read");
         assert_eq!(
             text.trim(),
-            r#"{"connected":true,"pid":42,"size":67108864,"epoch":7}"#
+            r#"{"connected":true,"pid":42,"size":67108864,"epoch":7,"server":"127.0.0.1:7500"}"#
         );
+        // A status file of an older version (no server) still parses.
+        std::fs::write(&s, br#"{"connected":false,"pid":1,"size":512,"epoch":1}"#).expect("write");
+        assert_eq!(StatusFile::load(&s).expect("load").server, "");
         // Only the status file is left: the temporary was renamed.
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
             .filter_map(|e| e.ok().map(|e| e.file_name()))
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn control_file_with_and_without_a_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = dir.path().join("control.json");
+        std::fs::write(&c, br#"{"size": 512, "epoch": 2}"#).expect("write");
+        assert_eq!(ControlFile::load(&c).expect("load").server, None);
+        std::fs::write(
+            &c,
+            br#"{"size": 512, "epoch": 2, "revoked": false, "server": "10.0.0.7:7500"}"#,
+        )
+        .expect("write");
+        let ctl = ControlFile::load(&c).expect("load");
+        assert_eq!(ctl.server.as_deref(), Some("10.0.0.7:7500"));
+        assert_eq!((ctl.size, ctl.epoch, ctl.revoked), (512, 2, false));
+        // Round trip; without a server the field is left out (older readers see what they did).
+        ctl.store(&c).expect("store");
+        assert_eq!(ControlFile::load(&c).expect("load"), ctl);
+        let none = ControlFile {
+            server: None,
+            ..ctl.clone()
+        };
+        none.store(&c).expect("store");
+        let text = std::fs::read_to_string(&c).expect("read");
+        assert!(!text.contains("server"), "{text}");
+        // The file parses whatever the address says; keel-vhost checks it when applying.
+        std::fs::write(&c, br#"{"size": 512, "epoch": 2, "server": "nowhere"}"#).expect("write");
+        assert_eq!(
+            ControlFile::load(&c).expect("load").server.as_deref(),
+            Some("nowhere")
+        );
+        std::fs::write(&c, br#"{"size": 512, "epoch": 2, "server": 7}"#).expect("write");
+        assert!(ControlFile::load(&c).is_err(), "a server must be a string");
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! * A keel-vhost process outlives a crash of the node manager: guests keep their disks. On
 //!   start the manager adopts the processes recorded in its state directory that still run.
-//! * An attachment whose epoch or size changed gets its control file rewritten and a SIGHUP
-//!   (keel-vhost then sends the new epoch, and shows the guest the new capacity).
+//! * An attachment whose epoch, size or server changed gets its control file rewritten and a
+//!   SIGHUP (keel-vhost then sends the new epoch, shows the guest the new capacity, or switches
+//!   to the new primary and resends what is in flight there). The process is not restarted, so
+//!   the guest's disk session survives; only a change of `read_only` or `socket` (or a dead
+//!   process) restarts it.
 //! * A detached attachment's process gets SIGTERM and its socket is removed.
 //! * Heartbeats report, per attachment, whether a guest is connected (from keel-vhost's status
 //!   file), which the controller uses to refuse detaching a disk in use.
@@ -165,6 +168,7 @@ impl Manager {
             size: spec.size,
             epoch: spec.epoch,
             revoked: false,
+            server: Some(spec.server.clone()),
         }
         .store(&control)?;
         let _ = std::fs::remove_file(&spec.socket);
@@ -244,6 +248,7 @@ impl Manager {
             size: slot.run.spec.size,
             epoch: slot.run.spec.epoch,
             revoked: true,
+            server: Some(slot.run.spec.server.clone()),
         };
         match ctl.store(&control) {
             Ok(()) => {
@@ -314,9 +319,10 @@ impl Manager {
                 None => true,
                 Some(_) if died => true,
                 Some(slot) if slot.revoked => true,
+                // A new server is not a reason: keel-vhost switches on SIGHUP (below), keeping
+                // the guest's session.
                 Some(slot)
-                    if slot.run.spec.server != spec.server
-                        || slot.run.spec.read_only != spec.read_only
+                    if slot.run.spec.read_only != spec.read_only
                         || slot.run.spec.socket != spec.socket =>
                 {
                     true
@@ -333,21 +339,28 @@ impl Manager {
             let Some(slot) = self.slots.get_mut(&k) else {
                 continue;
             };
-            if slot.run.spec.epoch != spec.epoch || slot.run.spec.size != spec.size {
+            if slot.run.spec.epoch != spec.epoch
+                || slot.run.spec.size != spec.size
+                || slot.run.spec.server != spec.server
+            {
                 let pid = slot.run.pid;
-                slot.run.spec = spec.clone();
+                let old_server = std::mem::replace(&mut slot.run.spec, spec.clone()).server;
+                if old_server != spec.server {
+                    tracing::info!(attachment = %k, from = %old_server, to = %spec.server, "primary moved: keel-vhost switches servers without a restart");
+                }
                 let run = slot.run.clone();
                 let write = ControlFile {
                     size: spec.size,
                     epoch: spec.epoch,
                     revoked: false,
+                    server: Some(spec.server.clone()),
                 }
                 .store(&self.control_file(&k))
                 .and_then(|()| write_json_atomically(&self.state_file(&k), &run));
                 match write {
                     Ok(()) => {
                         signal(pid, libc::SIGHUP);
-                        tracing::info!(attachment = %k, epoch = spec.epoch, size = spec.size, "attachment updated");
+                        tracing::info!(attachment = %k, epoch = spec.epoch, size = spec.size, server = %spec.server, "attachment updated");
                     }
                     Err(e) => {
                         tracing::error!(attachment = %k, error = %e, "cannot update attachment")
