@@ -125,6 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/volumes/{id}/attach", post(attach_volume))
         .route("/v1/volumes/{id}/detach", post(detach_volume))
         .route("/v1/volumes/{id}/mirror-failed", post(mirror_failed))
+        .route("/v1/volumes/{id}/mirror-synced", post(mirror_synced))
         .fallback(|| async { ApiError::not_found("no such API path; see /openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -300,6 +301,17 @@ async fn mirror_failed(
 ) -> Answer<keel_api::MembershipInfo> {
     Ok(Json(
         s.controller.mirror_failed(&c, &id, json(&body)?).await?,
+    ))
+}
+
+async fn mirror_synced(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::MembershipInfo> {
+    Ok(Json(
+        s.controller.mirror_synced(&c, &id, json(&body)?).await?,
     ))
 }
 

@@ -58,6 +58,9 @@ pub struct CopyRecord {
     /// Mirrors only: whether it holds every acknowledged write (docs/replication.md, R5).
     #[serde(default = "in_sync_default")]
     pub in_sync: bool,
+    /// Mirrors only: being filled from the primary (R7); joins the in-sync set when done.
+    #[serde(default)]
+    pub rebuilding: bool,
 }
 
 fn in_sync_default() -> bool {

@@ -10,6 +10,18 @@ use keel_proto::{Epoch, MemberRole, VolumeId};
 
 use crate::model::CopyRole;
 
+/// What a copy is told by `set_membership` (docs/replication.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub role: CopyRole,
+    pub epoch: u64,
+    pub writer_epoch: u64,
+    /// A primary's in-sync mirrors (empty for a mirror).
+    pub mirrors: Vec<SocketAddr>,
+    /// A primary's mirrors being rebuilt (empty for a mirror).
+    pub rebuilding: Vec<SocketAddr>,
+}
+
 /// Storage server administration, as this controller (its `controller-<id>` certificate).
 #[derive(Clone)]
 pub struct Pusher {
@@ -74,21 +86,20 @@ impl Pusher {
         .await
     }
 
+    /// Sets a copy's role, epochs and (for a primary) its in-sync and rebuilding mirrors.
     pub async fn set_membership(
         &self,
         addr: SocketAddr,
         volume: &str,
-        r: CopyRole,
-        epoch: u64,
-        writer_epoch: u64,
-        mirrors: Vec<SocketAddr>,
+        m: Membership,
     ) -> Result<(), PushError> {
         let req = AdminRequest::SetMembership {
             volume: vid(volume)?,
-            role: role(r),
-            epoch: Epoch(epoch),
-            writer_epoch: Epoch(writer_epoch),
-            mirrors,
+            role: role(m.role),
+            epoch: Epoch(m.epoch),
+            writer_epoch: Epoch(m.writer_epoch),
+            mirrors: m.mirrors,
+            rebuilding: m.rebuilding,
         };
         self.call(addr, req).await
     }

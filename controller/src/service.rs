@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::model::*;
 use crate::placement::{place, Candidate};
-use crate::push::Pusher;
+use crate::push::{Membership, Pusher};
 use crate::store::{MetaStore, StoreError};
 
 /// Largest volume the API accepts (64 TiB).
@@ -82,6 +82,9 @@ struct NodeLive {
 struct Live {
     servers: HashMap<String, ServerLive>,
     nodes: HashMap<String, NodeLive>,
+    /// (volume, server) -> when that server's copy was dropped or demoted: a rebuild waits
+    /// for a heartbeat from the server after that moment (it was failing then).
+    dropped: HashMap<(String, String), Instant>,
 }
 
 /// The system manager.
@@ -631,7 +634,9 @@ impl Controller {
                 let l = live.servers.get(&c.server);
                 let up = l.is_some_and(|l| l.last_seen.elapsed() < self.cfg.failure_timeout);
                 let reported = l.and_then(|l| l.hb.copies.iter().find(|r| r.volume == v.id));
-                let state = if c.role == CopyRole::Mirror && !c.in_sync {
+                let state = if c.role == CopyRole::Mirror && c.rebuilding {
+                    "rebuilding"
+                } else if c.role == CopyRole::Mirror && !c.in_sync {
                     // Whatever its server does, a dropped mirror holds no guarantee.
                     "stale"
                 } else if !up {
@@ -765,6 +770,7 @@ impl Controller {
                 .map(|(i, s)| CopyRecord {
                     server: s.clone(),
                     in_sync: true,
+                    rebuilding: false,
                     role: if i == 0 {
                         CopyRole::Primary
                     } else {
@@ -944,16 +950,22 @@ impl Controller {
         // exists anywhere (R2); then the primary; stale mirrors last (they are in no one's
         // in-sync set). Servers that are down are left to the reconciler: a push to them would
         // only wait out its timeout while the primary waits for its membership.
+        let rebuilding: Vec<SocketAddr> = v
+            .copies
+            .iter()
+            .filter(|c| c.role == CopyRole::Mirror && !c.in_sync && c.rebuilding)
+            .filter_map(|c| addrs.get(&c.server).copied())
+            .collect();
         let mut order: Vec<&CopyRecord> = v
             .copies
             .iter()
-            .filter(|c| c.role == CopyRole::Mirror && c.in_sync)
+            .filter(|c| c.role == CopyRole::Mirror && (c.in_sync || c.rebuilding))
             .collect();
         order.extend(v.copies.iter().filter(|c| c.role == CopyRole::Primary));
         order.extend(
             v.copies
                 .iter()
-                .filter(|c| c.role == CopyRole::Mirror && !c.in_sync),
+                .filter(|c| c.role == CopyRole::Mirror && !c.in_sync && !c.rebuilding),
         );
         order.retain(|c| c.role == CopyRole::Primary || self.server_up(&c.server));
         let mut primary_ok = false;
@@ -967,16 +979,19 @@ impl Controller {
                     continue;
                 }
             }
-            let list = if c.role == CopyRole::Primary {
-                mirrors.clone()
+            let (list, rebuild) = if c.role == CopyRole::Primary {
+                (mirrors.clone(), rebuilding.clone())
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
-            match self
-                .push
-                .set_membership(*addr, &v.id, c.role, v.epoch, v.writer_floor(), list)
-                .await
-            {
+            let m = Membership {
+                role: c.role,
+                epoch: v.epoch,
+                writer_epoch: v.writer_floor(),
+                mirrors: list,
+                rebuilding: rebuild,
+            };
+            match self.push.set_membership(*addr, &v.id, m).await {
                 Ok(()) => {
                     self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role);
                     primary_ok |= c.role == CopyRole::Primary;
@@ -1033,16 +1048,20 @@ impl Controller {
                     req.mirror, v.id
                 )));
             };
-            if !m.in_sync {
+            if !m.in_sync && !m.rebuilding {
                 return Ok(false);
             }
             m.in_sync = false;
+            m.rebuilding = false;
             v.epoch += 1;
             changed = true;
             Ok(true)
         })?;
         if changed {
             tracing::warn!(volume = %id, mirror = %req.mirror, epoch = v.epoch, "mirror dropped from the in-sync set");
+            if let Some((server, _)) = addrs.iter().find(|(_, a)| a.to_string() == req.mirror) {
+                self.note_dropped(&id, server);
+            }
         }
         if !self.push_membership(&v, false).await {
             return Err(ApiError::unavailable(format!(
@@ -1051,6 +1070,131 @@ impl Controller {
             )));
         }
         Ok(keel_api::MembershipInfo { epoch: v.epoch })
+    }
+
+    /// A rebuilding mirror caught up with its primary (docs/replication.md, R7): it joins the
+    /// in-sync set at a new epoch, pushed before the answer. Same checks as `mirror_failed`.
+    pub async fn mirror_synced(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        req: keel_api::MirrorFailed,
+    ) -> Result<keel_api::MembershipInfo, ApiError> {
+        let Caller::Storage(server) = caller else {
+            return Err(ApiError::forbidden(
+                "only a volume's primary storage server may report a rebuilt mirror",
+            ));
+        };
+        let addrs = self.server_addresses()?;
+        let v = self.resolve(volume)?;
+        let id = v.id.clone();
+        let v = self.update_volume(&id, |v| {
+            if v.primary().map(|p| p.server.as_str()) != Some(server.as_str()) {
+                return Err(ApiError::conflict(format!(
+                    "server {server} is not the primary of volume {}",
+                    v.id
+                )));
+            }
+            if req.epoch != v.epoch {
+                return Err(ApiError::conflict(format!(
+                    "epoch {} is not the volume's epoch {}: the rebuild ran under an old membership",
+                    req.epoch, v.epoch
+                )));
+            }
+            let Some(m) = v.copies.iter_mut().find(|c| {
+                c.role == CopyRole::Mirror
+                    && addrs.get(&c.server).is_some_and(|a| a.to_string() == req.mirror)
+            }) else {
+                return Err(ApiError::not_found(format!(
+                    "{} is not a mirror of volume {}",
+                    req.mirror, v.id
+                )));
+            };
+            if m.in_sync {
+                return Ok(false);
+            }
+            if !m.rebuilding {
+                return Err(ApiError::conflict(format!(
+                    "{} is not being rebuilt for volume {}",
+                    req.mirror, v.id
+                )));
+            }
+            m.rebuilding = false;
+            m.in_sync = true;
+            v.epoch += 1;
+            Ok(true)
+        })?;
+        tracing::info!(volume = %id, mirror = %req.mirror, epoch = v.epoch, "rebuilt mirror joined the in-sync set");
+        if !self.push_membership(&v, false).await {
+            return Err(ApiError::unavailable(format!(
+                "volume {id}: the new membership (epoch {}) did not reach the primary; retry",
+                v.epoch
+            )));
+        }
+        Ok(keel_api::MembershipInfo { epoch: v.epoch })
+    }
+
+    fn note_dropped(&self, volume: &str, server: &str) {
+        self.live()
+            .dropped
+            .insert((volume.to_string(), server.to_string()), Instant::now());
+    }
+
+    /// A server may hold a rebuilt copy of `volume`: it is up and, if its copy was dropped
+    /// while this controller ran, it has heartbeated since.
+    fn rebuild_target(&self, volume: &str, server: &str) -> bool {
+        let live = self.live();
+        let Some(l) = live.servers.get(server) else {
+            return false;
+        };
+        let up = l.last_seen.elapsed() < self.cfg.failure_timeout;
+        let after_drop = live
+            .dropped
+            .get(&(volume.to_string(), server.to_string()))
+            .is_none_or(|t| l.last_seen > *t);
+        up && after_drop
+    }
+
+    /// R7: a stale mirror whose server is up, on a volume whose primary is up, starts being
+    /// rebuilt (one membership change; the primary does the copying).
+    fn start_rebuild_if_possible(
+        &self,
+        v: &VolumeRecord,
+    ) -> Result<Option<VolumeRecord>, ApiError> {
+        let wanted = v.primary().is_some_and(|p| self.server_up(&p.server))
+            && v.copies.iter().any(|c| {
+                c.role == CopyRole::Mirror
+                    && !c.in_sync
+                    && !c.rebuilding
+                    && self.rebuild_target(&v.id, &c.server)
+            });
+        if !wanted {
+            return Ok(None);
+        }
+        let mut started = None;
+        let rec = self.update_volume(&v.id, |r| {
+            started = None;
+            if !r.primary().is_some_and(|p| self.server_up(&p.server)) {
+                return Ok(false);
+            }
+            let id = r.id.clone();
+            let Some(m) = r.copies.iter_mut().find(|c| {
+                c.role == CopyRole::Mirror
+                    && !c.in_sync
+                    && !c.rebuilding
+                    && self.rebuild_target(&id, &c.server)
+            }) else {
+                return Ok(false);
+            };
+            m.rebuilding = true;
+            started = Some(m.server.clone());
+            r.epoch += 1;
+            Ok(true)
+        })?;
+        Ok(started.map(|m| {
+            tracing::info!(volume = %rec.id, mirror = %m, epoch = rec.epoch, "rebuilding a stale mirror");
+            rec
+        }))
     }
 
     pub async fn attach(
@@ -1230,6 +1374,7 @@ impl Controller {
             })?;
         Ok(promoted.map(|(old, new)| {
             tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, "primary's server failed: mirror promoted");
+            self.note_dropped(&rec.id, &old);
             rec
         }))
     }
@@ -1285,6 +1430,10 @@ impl Controller {
                 }
                 VolumeRecordState::Ready => {
                     if let Some(v) = self.promote_if_primary_failed(&v)? {
+                        let _ = self.push_membership(&v, false).await;
+                        continue;
+                    }
+                    if let Some(v) = self.start_rebuild_if_possible(&v)? {
                         let _ = self.push_membership(&v, false).await;
                         continue;
                     }

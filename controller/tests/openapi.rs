@@ -33,6 +33,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/volumes/{id}/attach"),
     ("POST", "/v1/volumes/{id}/detach"),
     ("POST", "/v1/volumes/{id}/mirror-failed"),
+    ("POST", "/v1/volumes/{id}/mirror-synced"),
 ];
 
 /// Routes that need no credentials.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::frame::{checksum, encode_members, DecodeError, Frame, Request, Response};
+use crate::frame::{checksum, encode_membership, DecodeError, Frame, Request, Response};
 use crate::io::{connect, read_frame, FrameIoError};
 use crate::types::{Epoch, MemberRole, Op, Role, Status, VolumeId};
 
@@ -43,13 +43,19 @@ pub enum AdminRequest {
     /// refused `StaleEpoch`, and replicated requests with an epoch other than `epoch` are
     /// refused. `writer_epoch` (at most `epoch`) is the epoch at which the volume's current
     /// writer attached; it travels in the request's `offset`, the mirrors in its payload (one
-    /// `IP:PORT` per line, at most 4 KiB).
+    /// `IP:PORT` per line for each in-sync mirror, one `rebuild IP:PORT` per line for each
+    /// mirror being rebuilt, at most 4 KiB; see [`crate::frame::parse_membership`]).
+    ///
+    /// A primary forwards node mutations to its `rebuilding` mirrors too, without waiting for
+    /// their success, and copies its data to them in the background (R7,
+    /// `docs/replication.md`). An address may not be in both lists; a mirror has neither.
     SetMembership {
         volume: VolumeId,
         role: MemberRole,
         epoch: Epoch,
         writer_epoch: Epoch,
         mirrors: Vec<SocketAddr>,
+        rebuilding: Vec<SocketAddr>,
     },
     /// Grow the copy to `size` bytes (a multiple of 512); shrinking is `BadRequest`.
     Resize { volume: VolumeId, size: u64 },
@@ -89,12 +95,13 @@ impl AdminRequest {
                 epoch,
                 writer_epoch,
                 mirrors,
+                rebuilding,
                 ..
             } => (
                 *epoch,
                 writer_epoch.0,
                 *role as u32,
-                encode_members(mirrors),
+                encode_membership(mirrors, rebuilding),
             ),
             AdminRequest::Resize { size, .. } => (Epoch(0), *size, 0, Vec::new()),
         };
@@ -251,6 +258,7 @@ mod unit_tests {
                     epoch: Epoch(7),
                     writer_epoch: Epoch(5),
                     mirrors: Vec::new(),
+                    rebuilding: Vec::new(),
                 },
                 (Op::SetMembership, Epoch(7), 5, 0),
             ),
@@ -283,6 +291,7 @@ mod unit_tests {
             epoch: Epoch(9),
             writer_epoch: Epoch(9),
             mirrors: mirrors.clone(),
+            rebuilding: Vec::new(),
         };
         req.validate().expect("valid");
         let r = req.to_request(4);
@@ -292,7 +301,29 @@ mod unit_tests {
             crate::frame::parse_members(&r.payload).expect("parse"),
             mirrors
         );
-        // A writer epoch above the epoch, or mirrors on a mirror, are refused before sending.
+        // Mirrors being rebuilt follow, marked.
+        let r3: SocketAddr = "10.1.0.3:7500".parse().expect("addr");
+        let req = AdminRequest::SetMembership {
+            volume: v,
+            role: MemberRole::Primary,
+            epoch: Epoch(9),
+            writer_epoch: Epoch(9),
+            mirrors: mirrors.clone(),
+            rebuilding: vec![r3],
+        };
+        req.validate().expect("valid");
+        let r = req.to_request(5);
+        assert_eq!(
+            r.payload,
+            b"10.1.0.1:7500\n10.1.0.2:7500\nrebuild 10.1.0.3:7500".to_vec()
+        );
+        assert!(r.crc_ok());
+        assert_eq!(
+            crate::frame::parse_membership(&r.payload).expect("parse"),
+            (mirrors.clone(), vec![r3])
+        );
+        // A writer epoch above the epoch, mirrors on a mirror, or an address both in sync and
+        // being rebuilt are refused before sending.
         for bad in [
             AdminRequest::SetMembership {
                 volume: v,
@@ -300,6 +331,7 @@ mod unit_tests {
                 epoch: Epoch(3),
                 writer_epoch: Epoch(4),
                 mirrors: Vec::new(),
+                rebuilding: Vec::new(),
             },
             AdminRequest::SetMembership {
                 volume: v,
@@ -307,6 +339,23 @@ mod unit_tests {
                 epoch: Epoch(3),
                 writer_epoch: Epoch(3),
                 mirrors: mirrors.clone(),
+                rebuilding: Vec::new(),
+            },
+            AdminRequest::SetMembership {
+                volume: v,
+                role: MemberRole::Mirror,
+                epoch: Epoch(3),
+                writer_epoch: Epoch(3),
+                mirrors: Vec::new(),
+                rebuilding: vec![r3],
+            },
+            AdminRequest::SetMembership {
+                volume: v,
+                role: MemberRole::Primary,
+                epoch: Epoch(3),
+                writer_epoch: Epoch(3),
+                mirrors: mirrors.clone(),
+                rebuilding: vec![mirrors[1]],
             },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");

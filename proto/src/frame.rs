@@ -387,7 +387,7 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         if let Some(reason) = membership_fields_error(epoch, offset, length, &payload, crc) {
             return invalid(reason);
         }
-        parse_members(&payload)?;
+        parse_membership(&payload)?;
     } else if op.is_admin() {
         if let Some(reason) = admin_fields_error(op, offset, length, payload.len(), crc) {
             return invalid(reason);
@@ -453,9 +453,22 @@ fn membership_fields_error(
     None
 }
 
-/// Parses a membership list: UTF-8 text, one `IP:PORT` per line (a final newline is allowed),
-/// at most [`MAX_MEMBERSHIP_PAYLOAD`] bytes. An empty payload is an empty list.
+/// Parses a membership list and returns its in-sync mirrors (see [`parse_membership`], which
+/// also returns the mirrors being rebuilt).
 pub fn parse_members(payload: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
+    parse_membership(payload).map(|(in_sync, _)| in_sync)
+}
+
+/// The line prefix marking a mirror being rebuilt in a membership list.
+pub const REBUILD_PREFIX: &str = "rebuild ";
+
+/// Parses a membership list: UTF-8 text, one entry per line (a final newline is allowed), at
+/// most [`MAX_MEMBERSHIP_PAYLOAD`] bytes; an empty payload is an empty list. An entry is
+/// `IP:PORT` (an in-sync mirror) or `rebuild IP:PORT` (a mirror being rebuilt, R7). No address
+/// may appear twice, in the same list or in both. Returns `(in_sync, rebuilding)`, each in
+/// the order given.
+#[allow(clippy::type_complexity)]
+pub fn parse_membership(payload: &[u8]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), DecodeError> {
     let bad = |line: usize, reason: String| DecodeError::InvalidMembership { line, reason };
     if payload.len() > MAX_MEMBERSHIP_PAYLOAD {
         return Err(bad(
@@ -468,27 +481,46 @@ pub fn parse_members(payload: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
     }
     let text = std::str::from_utf8(payload).map_err(|e| bad(0, format!("not UTF-8 text: {e}")))?;
     let text = text.strip_suffix('\n').unwrap_or(text);
+    let (mut in_sync, mut rebuilding): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        (Vec::new(), Vec::new());
     if text.is_empty() {
-        return Ok(Vec::new());
+        return Ok((in_sync, rebuilding));
     }
-    let mut out: Vec<SocketAddr> = Vec::new();
     for (i, l) in text.split('\n').enumerate() {
-        let a: SocketAddr = l
-            .parse()
-            .map_err(|_| bad(i + 1, format!("{l:?} is not an IP:PORT address")))?;
-        if out.contains(&a) {
+        let (addr, rebuild) = match l.strip_prefix(REBUILD_PREFIX) {
+            Some(rest) => (rest, true),
+            None => (l, false),
+        };
+        let a: SocketAddr = addr.parse().map_err(|_| {
+            bad(
+                i + 1,
+                format!("{l:?} is not an IP:PORT or rebuild IP:PORT entry"),
+            )
+        })?;
+        if in_sync.contains(&a) || rebuilding.contains(&a) {
             return Err(bad(i + 1, format!("{a} is listed twice")));
         }
-        out.push(a);
+        if rebuild {
+            rebuilding.push(a);
+        } else {
+            in_sync.push(a);
+        }
     }
-    Ok(out)
+    Ok((in_sync, rebuilding))
 }
 
-/// Encodes a membership list for an [`Op::SetMembership`] payload: one `IP:PORT` per line.
+/// Encodes a membership list of in-sync mirrors only: one `IP:PORT` per line.
 pub fn encode_members(members: &[SocketAddr]) -> Vec<u8> {
-    members
+    encode_membership(members, &[])
+}
+
+/// Encodes a membership list for an [`Op::SetMembership`] payload: one `IP:PORT` per line for
+/// each in-sync mirror, then one `rebuild IP:PORT` per line for each mirror being rebuilt.
+pub fn encode_membership(in_sync: &[SocketAddr], rebuilding: &[SocketAddr]) -> Vec<u8> {
+    in_sync
         .iter()
         .map(|a| a.to_string())
+        .chain(rebuilding.iter().map(|a| format!("{REBUILD_PREFIX}{a}")))
         .collect::<Vec<_>>()
         .join("\n")
         .into_bytes()
@@ -950,6 +982,51 @@ mod unit_tests {
             Some("membership list longer than 4 KiB")
         );
         assert!(parse_members(&long).is_err());
+        // Mirrors being rebuilt: `rebuild IP:PORT` lines, never also in sync or listed twice.
+        let c: SocketAddr = "10.0.0.3:7500".parse().expect("addr");
+        assert_eq!(
+            encode_membership(&[a], &[b, c]),
+            b"10.0.0.1:7500\nrebuild [fd00::2]:7501\nrebuild 10.0.0.3:7500".to_vec()
+        );
+        let text = encode_membership(&[a], &[b, c]);
+        let r = decode_membership(membership(MemberRole::Primary, &text)).expect("valid");
+        assert_eq!(
+            parse_membership(&r.payload).expect("parse"),
+            (vec![a], vec![b, c])
+        );
+        assert_eq!(parse_members(&text).expect("parse"), vec![a]);
+        assert_eq!(
+            parse_membership(b"rebuild 10.0.0.1:7500\n").expect("parse"),
+            (vec![], vec![a])
+        );
+        for (text, line) in [
+            (&b"10.0.0.1:7500\nrebuild 10.0.0.1:7500"[..], 2),
+            (b"rebuild 10.0.0.1:7500\n10.0.0.1:7500", 2),
+            (b"rebuild 10.0.0.1:7500\nrebuild 10.0.0.1:7500", 2),
+            (b"rebuild", 1),
+            (b"rebuild  10.0.0.1:7500", 1),
+            (b"rebuild:10.0.0.1:7500", 1),
+            (b"REBUILD 10.0.0.1:7500", 1),
+        ] {
+            match decode_membership(membership(MemberRole::Primary, text)) {
+                Err(DecodeError::InvalidMembership { line: l, .. }) => assert_eq!(l, line),
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(text)),
+            }
+        }
+        assert_eq!(
+            reason_of(membership(MemberRole::Mirror, b"rebuild 10.0.0.1:7500")),
+            Some("a mirror has no membership list")
+        );
+        let mut long = Vec::new();
+        let mut port = 1u16;
+        while long.len() <= MAX_MEMBERSHIP_PAYLOAD {
+            long.extend_from_slice(format!("rebuild 10.0.0.1:{port}\n").as_bytes());
+            port += 1;
+        }
+        assert_eq!(
+            reason_of(membership(MemberRole::Primary, &long)),
+            Some("membership list longer than 4 KiB")
+        );
         // A mirror has no list; the checksum must match; the writer epoch is at most the epoch.
         assert_eq!(
             reason_of(membership(MemberRole::Mirror, b"10.0.0.1:7500")),

@@ -22,9 +22,10 @@
 //! change that keeps the writer does not disturb it. A replicated request (from another storage
 //! server) is accepted only by a mirror, and only at exactly the mirror's epoch.
 //!
-//! **Membership list.** A primary keeps the data-path addresses of its in-sync mirrors in
-//! `<id>.members` next to the copy (one `IP:PORT` per line), replaced atomically before the
-//! membership change that carries it is published.
+//! **Membership list.** A primary keeps the data-path addresses of its in-sync mirrors and of
+//! its mirrors being rebuilt in `<id>.members` next to the copy (one `IP:PORT` or
+//! `rebuild IP:PORT` per line), replaced atomically before the membership change that carries
+//! it is published.
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -43,6 +44,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const SLOT_SIZE: u64 = 4096;
 pub const DATA_OFFSET: u64 = 1 << 20;
 pub const CHUNK_SIZE: u32 = 4 << 20;
+
+/// Shards of a copy's per-chunk rebuild locks ([`Copy::chunk_lock`]).
+const CHUNK_LOCK_SHARDS: usize = 64;
 pub const SECTOR: u64 = 512;
 /// Bytes of the header this build writes: the first layout plus `writer_epoch`.
 const HEADER_LEN: usize = OLD_HEADER_LEN + 8;
@@ -146,6 +150,8 @@ pub struct Admitted<'a> {
     pub epoch: Epoch,
     /// The in-sync mirrors at admission (empty unless the copy is primary).
     pub mirrors: Arc<Vec<SocketAddr>>,
+    /// The mirrors being rebuilt at admission (empty unless the copy is primary).
+    pub rebuilding: Arc<Vec<SocketAddr>>,
 }
 
 /// The header's content.
@@ -261,6 +267,11 @@ pub struct Copy {
     /// A primary's in-sync mirrors (empty for a mirror), as in `<id>.members`. Replaced under
     /// the gate, like the epoch.
     mirrors: RwLock<Arc<Vec<SocketAddr>>>,
+    /// A primary's mirrors being rebuilt (R7; empty for a mirror), also in `<id>.members`.
+    rebuilding: RwLock<Arc<Vec<SocketAddr>>>,
+    /// Orders a rebuild's chunk copies with node writes to the same chunks (R7): sharded by
+    /// chunk index, shared by replicated node mutations, exclusive for one chunk's copy.
+    chunk_locks: Vec<Arc<tokio::sync::RwLock<()>>>,
     /// `CopyRole as u8`, mirrored from the header for the per-request check.
     role: AtomicU8,
     /// Shared by admitted data requests for their I/O, exclusive for publishing membership
@@ -319,7 +330,7 @@ impl Copy {
         drop(f);
         // A list left behind by an earlier copy of the volume (deleted, with a crash before
         // its list went) does not belong to this one.
-        write_members(&members_path(path), &[])?;
+        write_members(&members_path(path), &[], &[])?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Some(dir) = path.parent() {
             File::open(dir)
@@ -362,10 +373,10 @@ impl Copy {
         if len < want {
             file.set_len(want).map_err(io_err(path))?;
         }
-        let mirrors = if header.role == CopyRole::Primary {
+        let (mirrors, rebuilding) = if header.role == CopyRole::Primary {
             read_members(&members_path(path))?
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         Ok(Copy {
             path: path.to_owned(),
@@ -375,6 +386,10 @@ impl Copy {
             epoch: AtomicU64::new(header.epoch.0),
             writer_epoch: AtomicU64::new(header.writer_epoch.0),
             mirrors: RwLock::new(Arc::new(mirrors)),
+            rebuilding: RwLock::new(Arc::new(rebuilding)),
+            chunk_locks: (0..CHUNK_LOCK_SHARDS)
+                .map(|_| Arc::new(tokio::sync::RwLock::new(())))
+                .collect(),
             role: AtomicU8::new(header.role as u8),
             header: Mutex::new(header),
             gate: RwLock::new(()),
@@ -417,6 +432,52 @@ impl Copy {
             .clone()
     }
 
+    /// A primary's mirrors being rebuilt (empty for a mirror).
+    pub fn rebuilding(&self) -> Arc<Vec<SocketAddr>> {
+        self.rebuilding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The lock ordering chunk `chunk` (of [`CHUNK_SIZE`] bytes) between a rebuild's copy of
+    /// it and node writes to it (R7). Chunks share locks (sharded), so holders must take
+    /// several in ascending [`Copy::chunk_lock_shards`] order.
+    pub fn chunk_lock(&self, shard: usize) -> Arc<tokio::sync::RwLock<()>> {
+        self.chunk_locks[shard % self.chunk_locks.len()].clone()
+    }
+
+    /// The lock shards (ascending, distinct) covering `[offset, offset + len)`.
+    pub fn chunk_lock_shards(&self, offset: u64, len: u64) -> Vec<usize> {
+        let n = self.chunk_locks.len() as u64;
+        let first = offset / u64::from(CHUNK_SIZE);
+        let last = (offset + len.max(1) - 1) / u64::from(CHUNK_SIZE);
+        if last - first + 1 >= n {
+            return (0..n as usize).collect();
+        }
+        let mut v: Vec<usize> = (first..=last).map(|c| (c % n) as usize).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Where the data of `[offset, offset + len)` may be: `false` only if the range is
+    /// certainly a hole (reads as zeros), from `SEEK_DATA`.
+    pub fn may_have_data(&self, offset: u64, len: u64) -> bool {
+        let start = self.data_offset + offset;
+        let Ok(off) = libc::off_t::try_from(start) else {
+            return true;
+        };
+        // SAFETY: lseek on a descriptor we own, with plain integer arguments. The file
+        // position it moves is never used (all I/O is positioned).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if r < 0 {
+            // ENXIO: no data at or after `start`; anything else: assume data.
+            return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+        }
+        (r as u64) < start + len
+    }
+
     /// A snapshot of the current header.
     pub fn header(&self) -> Header {
         match self.header.lock() {
@@ -453,6 +514,19 @@ impl Copy {
         writer_epoch: Epoch,
         mirrors: &[SocketAddr],
     ) -> Result<(), CopyError> {
+        self.set_membership_rebuilding(role, epoch, writer_epoch, mirrors, &[])
+    }
+
+    /// [`Copy::set_membership`] with a primary's mirrors being rebuilt (R7) as well; both
+    /// lists are durable in `<id>.members`. A mirror has neither.
+    pub fn set_membership_rebuilding(
+        &self,
+        role: CopyRole,
+        epoch: Epoch,
+        writer_epoch: Epoch,
+        mirrors: &[SocketAddr],
+        rebuilding: &[SocketAddr],
+    ) -> Result<(), CopyError> {
         let mut h = self.lock_header();
         if self.deleted.load(Ordering::Acquire) {
             return Err(CopyError::Deleted);
@@ -464,12 +538,12 @@ impl Copy {
             });
         }
         let writer_epoch = writer_epoch.max(h.writer_epoch).min(epoch);
-        let mirrors: Vec<SocketAddr> = match role {
-            CopyRole::Primary => mirrors.to_vec(),
-            CopyRole::Mirror => Vec::new(),
+        let (mirrors, rebuilding): (Vec<SocketAddr>, Vec<SocketAddr>) = match role {
+            CopyRole::Primary => (mirrors.to_vec(), rebuilding.to_vec()),
+            CopyRole::Mirror => (Vec::new(), Vec::new()),
         };
         let header_same = epoch == h.epoch && role == h.role && writer_epoch == h.writer_epoch;
-        let mirrors_same = *self.mirrors() == mirrors;
+        let mirrors_same = *self.mirrors() == mirrors && *self.rebuilding() == rebuilding;
         if header_same && mirrors_same {
             return Ok(());
         }
@@ -477,7 +551,7 @@ impl Copy {
         // list, whose mirrors (already at the new epoch) refuse the old epoch, which makes the
         // primary ask the controller rather than acknowledge without them.
         if !mirrors_same {
-            write_members(&members_path(&self.path), &mirrors)?;
+            write_members(&members_path(&self.path), &mirrors, &rebuilding)?;
         }
         if !header_same {
             let mut next = h.clone();
@@ -496,6 +570,7 @@ impl Copy {
         self.epoch.store(epoch.0, Ordering::Release);
         self.writer_epoch.store(writer_epoch.0, Ordering::Release);
         *self.mirrors.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mirrors);
+        *self.rebuilding.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rebuilding);
         Ok(())
     }
 
@@ -569,6 +644,7 @@ impl Copy {
             _gate: gate,
             epoch: self.epoch(),
             mirrors: self.mirrors(),
+            rebuilding: self.rebuilding(),
         })
     }
 
@@ -730,14 +806,18 @@ pub fn members_path(copy: &Path) -> PathBuf {
     copy.with_extension("members")
 }
 
-/// Reads a membership list; a missing file is an empty list.
-fn read_members(path: &Path) -> Result<Vec<SocketAddr>, CopyError> {
+/// In-sync mirrors and mirrors being rebuilt.
+type MemberLists = (Vec<SocketAddr>, Vec<SocketAddr>);
+
+/// Reads a membership list (in-sync mirrors, mirrors being rebuilt); a missing file is two
+/// empty lists.
+fn read_members(path: &Path) -> Result<MemberLists, CopyError> {
     match std::fs::read(path) {
-        Ok(b) => keel_proto::frame::parse_members(&b).map_err(|e| CopyError::BadMembers {
+        Ok(b) => keel_proto::frame::parse_membership(&b).map_err(|e| CopyError::BadMembers {
             path: path.to_owned(),
             reason: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Vec::new(), Vec::new())),
         Err(source) => Err(CopyError::Io {
             path: path.to_owned(),
             source,
@@ -747,8 +827,12 @@ fn read_members(path: &Path) -> Result<Vec<SocketAddr>, CopyError> {
 
 /// Replaces a membership list durably: a temporary file, fsync, rename, fsync of the
 /// directory. An empty list removes the file (and fsyncs the directory).
-fn write_members(path: &Path, mirrors: &[SocketAddr]) -> Result<(), CopyError> {
-    if mirrors.is_empty() {
+fn write_members(
+    path: &Path,
+    mirrors: &[SocketAddr],
+    rebuilding: &[SocketAddr],
+) -> Result<(), CopyError> {
+    if mirrors.is_empty() && rebuilding.is_empty() {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -756,7 +840,7 @@ fn write_members(path: &Path, mirrors: &[SocketAddr]) -> Result<(), CopyError> {
         }
     } else {
         let tmp = path.with_extension("members-tmp");
-        let mut text = keel_proto::frame::encode_members(mirrors);
+        let mut text = keel_proto::frame::encode_membership(mirrors, rebuilding);
         text.push(b'\n');
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all_at(&text, 0).map_err(io_err(&tmp))?;
@@ -1153,6 +1237,60 @@ mod unit_tests {
             HEADER_LEN
         );
         assert_eq!(HEADER_LEN, 86);
+    }
+
+    #[test]
+    fn rebuilding_mirrors_are_durable_and_chunk_locks_cover_ranges() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        let a: SocketAddr = "127.0.0.1:7501".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:7502".parse().expect("addr");
+        c.set_membership_rebuilding(CopyRole::Primary, Epoch(2), Epoch(1), &[a], &[b])
+            .expect("membership");
+        assert_eq!(
+            (c.mirrors().to_vec(), c.rebuilding().to_vec()),
+            (vec![a], vec![b])
+        );
+        let adm = c.admit(Epoch(1), Role::Node).expect("admit");
+        assert_eq!(adm.rebuilding.to_vec(), vec![b]);
+        drop(adm);
+        assert_eq!(
+            std::fs::read_to_string(members_path(c.path())).expect("members file"),
+            "127.0.0.1:7501\nrebuild 127.0.0.1:7502\n"
+        );
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(
+            (c.mirrors().to_vec(), c.rebuilding().to_vec()),
+            (vec![a], vec![b])
+        );
+        // Only rebuilding: still a list; a plain set_membership clears it.
+        c.set_membership_rebuilding(CopyRole::Primary, Epoch(3), Epoch(1), &[], &[b])
+            .expect("membership");
+        assert_eq!(
+            std::fs::read_to_string(members_path(c.path())).expect("members file"),
+            "rebuild 127.0.0.1:7502\n"
+        );
+        c.set_membership(CopyRole::Primary, Epoch(3), Epoch(1), &[a])
+            .expect("membership");
+        assert!(c.rebuilding().is_empty());
+        // A mirror has neither list.
+        c.set_membership_rebuilding(CopyRole::Mirror, Epoch(4), Epoch(1), &[a], &[b])
+            .expect("membership");
+        assert!(c.mirrors().is_empty() && c.rebuilding().is_empty());
+        assert!(!members_path(c.path()).exists());
+        // Chunk lock shards: ascending, distinct, covering the range.
+        let ch = u64::from(CHUNK_SIZE);
+        assert_eq!(c.chunk_lock_shards(0, 512), vec![0]);
+        assert_eq!(c.chunk_lock_shards(ch - 512, 1024), vec![0, 1]);
+        assert_eq!(c.chunk_lock_shards(65 * ch, ch), vec![1]);
+        assert_eq!(c.chunk_lock_shards(63 * ch, 2 * ch), vec![0, 63]);
+        assert_eq!(c.chunk_lock_shards(0, 1 << 40).len(), CHUNK_LOCK_SHARDS);
+        // Holes: a fresh copy has no data; a written chunk has.
+        let size = c.size();
+        assert!(!c.may_have_data(0, size.min(ch)) || cfg!(not(target_os = "linux")));
+        c.write(0, &[1u8; 4096]).expect("write");
+        assert!(c.may_have_data(0, 4096));
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub struct Args {
     /// the primary reports it failed.
     #[arg(long, default_value_t = 1000)]
     pub replication_timeout_ms: u64,
+    /// Rebuilds (copying a primary's data to a new or returning mirror) run at once.
+    #[arg(long, default_value_t = crate::replicate::DEFAULT_REBUILD_CONCURRENCY)]
+    pub rebuild_concurrency: usize,
+    /// Bandwidth for rebuilds, in MiB/s, shared by all of them (0: unlimited).
+    #[arg(long, default_value_t = 200)]
+    pub rebuild_mbps: u64,
 }
 
 /// Free bytes of the filesystem holding `dir`.
@@ -128,6 +134,8 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
         client_tls: Some(client_tls),
         timeout: std::time::Duration::from_millis(args.replication_timeout_ms.max(1)),
         failure,
+        rebuild_concurrency: args.rebuild_concurrency.max(1),
+        rebuild_bytes_per_sec: args.rebuild_mbps.saturating_mul(1 << 20),
     };
     let store = Arc::new(
         Store::open(&args.data_dir)

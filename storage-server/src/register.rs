@@ -97,7 +97,8 @@ pub async fn run(r: Registration, store: Arc<Store>, stats: Arc<Stats>) {
 
 /// The controller-backed [`MirrorFailure`] handler: asks the controller to drop the mirror
 /// (`POST /v1/volumes/{id}/mirror-failed`), which answers only after it pushed the new
-/// membership to this server (docs/replication.md, R5).
+/// membership to this server (docs/replication.md, R5); and to put a rebuilt mirror in sync
+/// (`POST /v1/volumes/{id}/mirror-synced`, R7).
 pub struct ControllerMirrorFailure {
     pub api: ApiClient,
 }
@@ -127,6 +128,38 @@ impl MirrorFailure for ControllerMirrorFailure {
                 }),
                 Err(e) => Err(Refused {
                     reason: format!("the controller did not drop mirror {mirror}: {e}"),
+                }),
+            }
+        })
+    }
+
+    /// Asks the controller to put a rebuilt mirror in sync
+    /// (`POST /v1/volumes/{id}/mirror-synced`, `{"mirror": "IP:PORT", "epoch": N}`, answered
+    /// `{"epoch": M}`); the controller then pushes the new membership (R7).
+    fn mirror_synced(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            let path = format!("/v1/volumes/{:016x}/mirror-synced", volume.0);
+            // Same shape as the failure report.
+            let body = keel_api::MirrorFailed {
+                mirror: mirror.to_string(),
+                epoch: epoch.0,
+            };
+            match self
+                .api
+                .post::<_, keel_api::MembershipInfo>(&path, &body)
+                .await
+            {
+                Ok(m) => Ok(NewMembership {
+                    epoch: Epoch(m.epoch),
+                    mirrors: Vec::new(),
+                }),
+                Err(e) => Err(Refused {
+                    reason: format!("the controller did not put mirror {mirror} in sync: {e}"),
                 }),
             }
         })

@@ -16,6 +16,16 @@
 //! handler succeeds (the controller dropped the mirror at a new epoch and the new membership
 //! was applied to this copy), the op is acknowledged without that mirror; otherwise the node is
 //! answered `not primary`.
+//!
+//! **Rebuild (R7).** Mirrors the membership lists as being rebuilt get every replicated op as
+//! well, but their failures never block the acknowledgement: they void the mirror's current
+//! copy pass, which starts again from the beginning after a backoff. A background task per
+//! rebuilding mirror ([`Replicator::reconcile_rebuilds`]) copies the volume chunk by chunk at
+//! the primary's epoch, each chunk under its lock ([`Copy::chunk_lock`]) held exclusively from
+//! the local read until the mirror acknowledged it (node mutations hold the same locks shared
+//! around their local I/O and forwarding), throttled per server (concurrency, bandwidth). A
+//! clean pass ends with [`MirrorFailure::mirror_synced`]; progress is
+//! [`Replicator::rebuild_progress`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +33,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_proto::io::{connect, read_frame};
 use keel_proto::{Epoch, Frame, Request, Response, Role, Status, VolumeId};
@@ -31,10 +41,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls::ClientConfig;
 
-use crate::copy::{Copy, CopyRole};
+use crate::copy::{Copy, CopyRole, CHUNK_SIZE};
 
 /// Default time a mirror has to answer one replicated request (connecting included).
 pub const DEFAULT_REPLICATION_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Default number of rebuilds a server runs at once.
+pub const DEFAULT_REBUILD_CONCURRENCY: usize = 1;
+
+/// Default rebuild bandwidth per server: 200 MiB/s.
+pub const DEFAULT_REBUILD_BYTES_PER_SEC: u64 = 200 << 20;
 
 /// The membership a primary copy runs at after a [`MirrorFailure`] handler dropped a mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +86,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 ///
 /// Calls for one server are serialised; a mirror already dropped by an earlier call is not
 /// reported again.
+///
+/// `mirror_synced(volume, mirror, epoch)` (R7): the primary copy of `volume`, at `epoch`, has
+/// copied all its data to `mirror` (one of its mirrors being rebuilt) and forwarded every write
+/// since. An implementation asks the controller to move the mirror into the in-sync set (the
+/// controller bumps the epoch and pushes the new membership, mirrors first). `Err` (no
+/// controller, the epoch moved on, ...) leaves the mirror being rebuilt: it keeps receiving
+/// forwarded writes and the primary asks again later. The default refuses.
 pub trait MirrorFailure: Send + Sync {
     fn mirror_failed(
         &self,
@@ -77,6 +100,21 @@ pub trait MirrorFailure: Send + Sync {
         mirror: SocketAddr,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<NewMembership, Refused>>;
+
+    fn mirror_synced(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            Err(Refused {
+                reason: format!(
+                    "no controller to put rebuilt mirror {mirror} of volume {volume} in sync at epoch {epoch}"
+                ),
+            })
+        })
+    }
 }
 
 /// The handler of a server without a controller: always refuses, so a failing mirror makes
@@ -111,8 +149,13 @@ pub struct Replication {
     pub client_tls: Option<Arc<ClientConfig>>,
     /// How long a mirror has to answer one request (connecting included).
     pub timeout: Duration,
-    /// Called when a mirror fails.
+    /// Called when a mirror fails (and when a rebuilt mirror is in sync).
     pub failure: Arc<dyn MirrorFailure>,
+    /// How many rebuilds (R7) this server runs at once (at least 1).
+    pub rebuild_concurrency: usize,
+    /// Bandwidth for rebuild copies, in bytes per second, shared by all rebuilds (0:
+    /// unlimited).
+    pub rebuild_bytes_per_sec: u64,
 }
 
 impl Default for Replication {
@@ -121,6 +164,8 @@ impl Default for Replication {
             client_tls: None,
             timeout: DEFAULT_REPLICATION_TIMEOUT,
             failure: Arc::new(RefuseMirrorFailure),
+            rebuild_concurrency: DEFAULT_REBUILD_CONCURRENCY,
+            rebuild_bytes_per_sec: DEFAULT_REBUILD_BYTES_PER_SEC,
         }
     }
 }
@@ -132,14 +177,24 @@ pub struct Replicator {
     /// Serialises failure handling (rare), so concurrent failures of one mirror are reported
     /// once.
     failures: tokio::sync::Mutex<()>,
+    /// Running rebuilds, by volume and mirror.
+    rebuilds: Mutex<HashMap<(VolumeId, SocketAddr), Arc<RebuildState>>>,
+    /// Rebuild copy passes running at once.
+    rebuild_slots: Arc<tokio::sync::Semaphore>,
+    /// When the rebuild bandwidth is next free (a token bucket without burst).
+    rebuild_bucket: tokio::sync::Mutex<Instant>,
 }
 
 impl Replicator {
     pub fn new(cfg: Replication) -> Replicator {
+        let slots = cfg.rebuild_concurrency.max(1);
         Replicator {
             cfg,
             mirrors: Mutex::new(HashMap::new()),
             failures: tokio::sync::Mutex::new(()),
+            rebuilds: Mutex::new(HashMap::new()),
+            rebuild_slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            rebuild_bucket: tokio::sync::Mutex::new(Instant::now()),
         }
     }
 
@@ -394,6 +449,278 @@ impl MirrorConn {
                 }
                 Err(format!("no answer within {timeout:?}"))
             }
+        }
+    }
+}
+
+/// Progress of one rebuild (R7), for reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub volume: VolumeId,
+    pub mirror: SocketAddr,
+    /// The epoch of the current copy pass.
+    pub epoch: Epoch,
+    /// Bytes of the volume copied (or found to be holes) in the current pass.
+    pub copied: u64,
+    /// The volume's size.
+    pub total: u64,
+    /// Every byte copied and every later write forwarded: waiting to be put in sync.
+    pub done: bool,
+}
+
+/// One rebuild's shared state: the copy task updates it, replicated writes flag failures.
+#[derive(Debug, Default)]
+struct RebuildState {
+    epoch: AtomicU64,
+    copied: AtomicU64,
+    total: AtomicU64,
+    done: AtomicBool,
+    /// A forwarded write failed on the mirror in the current pass: the mirror missed it, so
+    /// the pass is void and starts again (forwarding pauses until then).
+    failed: AtomicBool,
+}
+
+impl Replicator {
+    /// The rebuilds running now.
+    pub fn rebuild_progress(&self) -> Vec<RebuildProgress> {
+        let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<RebuildProgress> = map
+            .iter()
+            .map(|(&(volume, mirror), st)| RebuildProgress {
+                volume,
+                mirror,
+                epoch: Epoch(st.epoch.load(Ordering::Acquire)),
+                copied: st.copied.load(Ordering::Acquire),
+                total: st.total.load(Ordering::Acquire),
+                done: st.done.load(Ordering::Acquire),
+            })
+            .collect();
+        v.sort_by_key(|p| (p.volume.0, p.mirror));
+        v
+    }
+
+    /// Whether a forwarded op should go to the rebuilding `mirror` (not while its pass is
+    /// void: the next pass copies everything anyway).
+    pub fn forward_to_rebuilding(&self, volume: VolumeId, mirror: SocketAddr) -> bool {
+        let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(volume, mirror))
+            .is_none_or(|st| !st.failed.load(Ordering::Acquire))
+    }
+
+    /// A forwarded op admitted at `epoch` failed on the rebuilding `mirror`: its current pass
+    /// (if at `epoch` or older) is void and starts again. Never blocks an acknowledgement.
+    pub fn rebuild_forward_failed(&self, volume: VolumeId, mirror: SocketAddr, epoch: Epoch) {
+        let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(st) = map.get(&(volume, mirror)) {
+            if epoch.0 >= st.epoch.load(Ordering::Acquire) {
+                st.failed.store(true, Ordering::Release);
+                st.done.store(false, Ordering::Release);
+                tracing::warn!(%volume, %mirror, %epoch, "rebuilding mirror missed a forwarded write; its rebuild starts again");
+            }
+        }
+    }
+
+    /// Starts a rebuild task for every mirror `copy` is rebuilding that has none (after a
+    /// membership change, and at startup). A task ends when its mirror leaves the list.
+    pub fn reconcile_rebuilds(self: &Arc<Self>, copy: &Arc<Copy>) {
+        if copy.is_deleted() || copy.role() != CopyRole::Primary {
+            return;
+        }
+        let mut map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        for &m in copy.rebuilding().iter() {
+            let key = (copy.volume(), m);
+            if map.contains_key(&key) {
+                continue;
+            }
+            let st = Arc::new(RebuildState::default());
+            map.insert(key, st.clone());
+            let (repl, copy) = (self.clone(), copy.clone());
+            tokio::spawn(async move { repl.rebuild_task(copy, m, st).await });
+        }
+    }
+
+    fn still_rebuilding(copy: &Copy, mirror: SocketAddr) -> bool {
+        !copy.is_deleted()
+            && copy.role() == CopyRole::Primary
+            && copy.rebuilding().contains(&mirror)
+    }
+
+    async fn rebuild_task(
+        self: Arc<Self>,
+        copy: Arc<Copy>,
+        mirror: SocketAddr,
+        st: Arc<RebuildState>,
+    ) {
+        let volume = copy.volume();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if !Self::still_rebuilding(&copy, mirror) {
+                // Under the map lock, so a membership adding it back either sees this task
+                // or starts a new one.
+                let mut map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+                if !Self::still_rebuilding(&copy, mirror) {
+                    if map
+                        .get(&(volume, mirror))
+                        .is_some_and(|x| Arc::ptr_eq(x, &st))
+                    {
+                        map.remove(&(volume, mirror));
+                    }
+                    tracing::info!(%volume, %mirror, "rebuild ended: the mirror is no longer being rebuilt");
+                    return;
+                }
+            }
+            let Ok(_slot) = self.rebuild_slots.clone().acquire_owned().await else {
+                return;
+            };
+            if !Self::still_rebuilding(&copy, mirror) {
+                continue;
+            }
+            let epoch = copy.epoch();
+            st.epoch.store(epoch.0, Ordering::Release);
+            st.copied.store(0, Ordering::Release);
+            st.total.store(copy.size(), Ordering::Release);
+            st.done.store(false, Ordering::Release);
+            st.failed.store(false, Ordering::Release);
+            tracing::info!(%volume, %mirror, %epoch, size = copy.size(), "rebuild started");
+            let started = Instant::now();
+            let pass = self.copy_pass(&copy, mirror, &st, epoch).await;
+            drop(_slot);
+            let clean = pass.is_ok() && !st.failed.load(Ordering::Acquire) && copy.epoch() == epoch;
+            if !clean {
+                let why = pass
+                    .err()
+                    .unwrap_or_else(|| "membership changed or a forwarded write failed".into());
+                tracing::warn!(%volume, %mirror, %epoch, error = %why, retry_in = ?backoff, "rebuild pass failed; starting again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            st.done.store(true, Ordering::Release);
+            let secs = started.elapsed().as_secs_f64();
+            let mib = copy.size() as f64 / f64::from(1u32 << 20);
+            tracing::info!(%volume, %mirror, %epoch, seconds = secs, mib_per_sec = mib / secs.max(1e-9), "rebuild copy complete");
+            // Ask to be put in sync; while the answer is no, keep forwarding and ask again.
+            let mut ask_in = Duration::ZERO;
+            loop {
+                tokio::time::sleep(ask_in).await;
+                if copy.epoch() != epoch
+                    || st.failed.load(Ordering::Acquire)
+                    || !Self::still_rebuilding(&copy, mirror)
+                {
+                    break;
+                }
+                if ask_in.is_zero() || ask_in >= Duration::from_secs(5) {
+                    match self.cfg.failure.mirror_synced(volume, mirror, epoch).await {
+                        Ok(m) => {
+                            tracing::info!(%volume, %mirror, new_epoch = %m.epoch, "rebuilt mirror put in sync")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%volume, %mirror, %epoch, error = %e, "rebuilt mirror not put in sync yet; it stays rebuilding")
+                        }
+                    }
+                    ask_in = Duration::from_millis(100);
+                    continue;
+                }
+                ask_in = (ask_in * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Waits until `bytes` may be sent under the rebuild bandwidth.
+    async fn throttle(&self, bytes: u64) {
+        let rate = self.cfg.rebuild_bytes_per_sec;
+        if rate == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let start = {
+            let mut next = self.rebuild_bucket.lock().await;
+            let start = (*next).max(Instant::now());
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
+
+    /// Copies every chunk of `copy` to `mirror` at `epoch`, each under its chunk lock held
+    /// exclusively from the local read until the mirror acknowledged it.
+    async fn copy_pass(
+        &self,
+        copy: &Arc<Copy>,
+        mirror: SocketAddr,
+        st: &RebuildState,
+        epoch: Epoch,
+    ) -> Result<(), String> {
+        let Some(tls) = self.cfg.client_tls.clone() else {
+            return Err("this server cannot replicate (no client certificate)".into());
+        };
+        let conn = self.conn(mirror, &tls);
+        let size = copy.size();
+        let chunk = u64::from(CHUNK_SIZE);
+        let mut off = 0u64;
+        let mut id = 0u64;
+        while off < size {
+            if copy.epoch() != epoch || st.failed.load(Ordering::Acquire) || copy.is_deleted() {
+                return Err("membership changed or a forwarded write failed".into());
+            }
+            let len = (size - off).min(chunk);
+            let data = copy.may_have_data(off, len);
+            if data {
+                self.throttle(len).await;
+            }
+            let shard = copy.chunk_lock_shards(off, len)[0];
+            let lock = copy.chunk_lock(shard);
+            let guard = lock.write_owned().await;
+            id += 1;
+            let mut req = Request::new(
+                if data {
+                    keel_proto::Op::Write
+                } else {
+                    keel_proto::Op::WriteZeroes
+                },
+                id,
+                copy.volume(),
+                epoch,
+            );
+            req.offset = off;
+            req.length = len as u32;
+            if data {
+                let c = copy.clone();
+                let buf = tokio::task::spawn_blocking(move || {
+                    let mut b = vec![0u8; len as usize];
+                    c.read(off, &mut b).map(|()| b)
+                })
+                .await
+                .map_err(|e| format!("read task failed: {e}"))?
+                .map_err(|e| format!("reading chunk at {off}: {e}"))?;
+                req.crc = keel_proto::frame::checksum(&buf);
+                req.payload = buf;
+            }
+            let timeout = self.cfg.timeout.max(Duration::from_secs(10));
+            match conn.call(req, timeout).await {
+                Ok(r) if r.status == Status::Ok => {}
+                Ok(r) => {
+                    return Err(format!(
+                        "mirror answered {} (mirror epoch {}) at offset {off}",
+                        r.status, r.epoch
+                    ))
+                }
+                Err(e) => return Err(format!("at offset {off}: {e}")),
+            }
+            drop(guard);
+            off += len;
+            st.copied.store(off, Ordering::Release);
+        }
+        // Make the copy durable on the mirror before it counts as in sync.
+        let req = Request::new(keel_proto::Op::Flush, id + 1, copy.volume(), epoch);
+        match conn
+            .call(req, self.cfg.timeout.max(Duration::from_secs(10)))
+            .await
+        {
+            Ok(r) if r.status == Status::Ok => Ok(()),
+            Ok(r) => Err(format!("mirror answered flush with {}", r.status)),
+            Err(e) => Err(format!("flush: {e}")),
         }
     }
 }

@@ -132,8 +132,30 @@ pub async fn serve_with(
     stats: Arc<Stats>,
     replication: Replication,
 ) -> std::io::Result<()> {
+    serve_shared(
+        listener,
+        store,
+        tls,
+        stats,
+        Arc::new(Replicator::new(replication)),
+    )
+    .await
+}
+
+/// [`serve_with`] with a replicator the caller keeps (e.g. to report rebuild progress with
+/// [`Replicator::rebuild_progress`]). Rebuilds recorded in the copies' membership lists start
+/// at once.
+pub async fn serve_shared(
+    listener: TcpListener,
+    store: Arc<Store>,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    stats: Arc<Stats>,
+    repl: Arc<Replicator>,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
-    let repl = Arc::new(Replicator::new(replication));
+    for c in store.list() {
+        repl.reconcile_rebuilds(&c);
+    }
     loop {
         let (tcp, addr) = listener.accept().await?;
         let store = store.clone();
@@ -220,9 +242,23 @@ async fn serve_conn(
             }
             Ok(Next::Admin) => {
                 // Admin ops fsync: always on the blocking pool.
-                let (tx, store) = (tx.clone(), store.clone());
-                tokio::task::spawn_blocking(move || {
-                    let resp = administer(&store, &req);
+                let (tx, store, repl) = (tx.clone(), store.clone(), repl.clone());
+                let (volume, request_id) = (req.volume, req.request_id);
+                tokio::spawn(async move {
+                    let st = store.clone();
+                    let resp = tokio::task::spawn_blocking(move || administer(&st, &req)).await;
+                    let resp = match resp {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(%volume, error = %e, "admin task failed");
+                            Response::status(Status::IoError, request_id, Epoch(0))
+                        }
+                    };
+                    if op == Op::SetMembership && resp.status == Status::Ok {
+                        if let Some(c) = store.get(volume) {
+                            repl.reconcile_rebuilds(&c);
+                        }
+                    }
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -340,7 +376,10 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
     if req.op == Op::Write && !req.crc_ok() {
         return fail(Status::ChecksumMismatch, epoch);
     }
-    if peer.role == Role::Node && replicated_op(req.op) && !copy.mirrors().is_empty() {
+    if peer.role == Role::Node
+        && replicated_op(req.op)
+        && (!copy.mirrors().is_empty() || !copy.rebuilding().is_empty())
+    {
         return Ok(Next::Replicate(copy));
     }
     Ok(Next::Data(copy))
@@ -349,14 +388,27 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
 /// Whether an op admitted on the local path only must be refused because the copy gained
 /// mirrors after [`check`] (a membership change in between): the node resends it and it then
 /// takes the replicated path.
-fn needs_mirrors(req: &Request, peer: Role, mirrors: &[std::net::SocketAddr]) -> bool {
-    peer == Role::Node && replicated_op(req.op) && !mirrors.is_empty()
+fn needs_mirrors(req: &Request, peer: Role, a: &crate::copy::Admitted<'_>) -> bool {
+    peer == Role::Node
+        && replicated_op(req.op)
+        && (!a.mirrors.is_empty() || !a.rebuilding.is_empty())
 }
 
 /// Runs a node's mutation or flush on a primary and on its mirrors (in parallel), and answers
 /// `ok` only if the local op and every mirror succeeded, or every failed mirror was dropped by
 /// the failure handler; `not primary` if a failed mirror could not be dropped.
+///
+/// Mirrors being rebuilt (R7) get the op too, but their failures never block the answer: the
+/// rebuild is voided and starts again. The op holds its chunks' rebuild locks (shared) from
+/// before the local I/O until every mirror answered, so a rebuild's copy of a chunk is never
+/// older than a write forwarded to the same chunk.
 async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response {
+    let mut chunk_guards = Vec::new();
+    if req.op.has_range() {
+        for shard in copy.chunk_lock_shards(req.offset, u64::from(req.length)) {
+            chunk_guards.push(copy.chunk_lock(shard).read_owned().await);
+        }
+    }
     let mut mirror_req = req.clone();
     let (snap_tx, snap_rx) = tokio::sync::oneshot::channel();
     let local_copy = copy.clone();
@@ -365,18 +417,37 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
             Err(r) => refusal(&req, r),
             Ok(admitted) => {
                 // What the mirrors get: the membership this op was admitted under.
-                let _ = snap_tx.send((admitted.epoch, admitted.mirrors.clone()));
+                let _ = snap_tx.send((
+                    admitted.epoch,
+                    admitted.mirrors.clone(),
+                    admitted.rebuilding.clone(),
+                ));
                 let resp = perform(&local_copy, req);
                 drop(admitted);
                 resp
             }
         });
     let (epoch, failed) = match snap_rx.await {
-        Ok((epoch, mirrors)) if !mirrors.is_empty() => {
+        Ok((epoch, mirrors, rebuilding)) => {
+            let rebuilding: Vec<_> = rebuilding
+                .iter()
+                .copied()
+                .filter(|&m| repl.forward_to_rebuilding(copy.volume(), m))
+                .collect();
+            let targets: Vec<_> = mirrors.iter().chain(rebuilding.iter()).copied().collect();
             mirror_req.epoch = epoch;
-            (epoch, repl.send_all(&mirrors, &mirror_req).await)
+            let failed = if targets.is_empty() {
+                Vec::new()
+            } else {
+                repl.send_all(&targets, &mirror_req).await
+            };
+            let (rebuild_failed, failed): (Vec<_>, Vec<_>) =
+                failed.into_iter().partition(|m| rebuilding.contains(m));
+            for m in rebuild_failed {
+                repl.rebuild_forward_failed(copy.volume(), m, epoch);
+            }
+            (epoch, failed)
         }
-        Ok((epoch, _)) => (epoch, Vec::new()),
         Err(_) => (Epoch(0), Vec::new()),
     };
     let resp = match local.await {
@@ -386,6 +457,7 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
             Response::status(Status::IoError, mirror_req.request_id, copy.epoch())
         }
     };
+    drop(chunk_guards);
     if resp.status != Status::Ok {
         return resp;
     }
@@ -412,7 +484,7 @@ fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request
     let _admitted = match copy.try_admit(req.epoch, peer) {
         None => return Err(req),
         Some(Err(r)) => return Ok(refusal(&req, r)),
-        Some(Ok(a)) if needs_mirrors(&req, peer, &a.mirrors) => {
+        Some(Ok(a)) if needs_mirrors(&req, peer, &a) => {
             return Ok(Response::status(
                 Status::NotPrimary,
                 req.request_id,
@@ -450,7 +522,7 @@ fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request
 /// Admits a checked request on its copy and runs it (blocking).
 fn execute(copy: &Copy, req: Request, peer: Role) -> Response {
     match copy.admit(req.epoch, peer) {
-        Ok(a) if needs_mirrors(&req, peer, &a.mirrors) => {
+        Ok(a) if needs_mirrors(&req, peer, &a) => {
             Response::status(Status::NotPrimary, req.request_id, a.epoch)
         }
         Ok(_admitted) => perform(copy, req),
@@ -552,7 +624,13 @@ fn administer(store: &Store, req: &Request) -> Response {
                     // An existing copy of the same size moves to the requested membership,
                     // unless that is older than its own (a late retry): then it stays.
                     // A new copy has no mirrors; an existing one keeps its list.
-                    match c.set_membership(role, req.epoch, req.epoch, &c.mirrors()) {
+                    match c.set_membership_rebuilding(
+                        role,
+                        req.epoch,
+                        req.epoch,
+                        &c.mirrors(),
+                        &c.rebuilding(),
+                    ) {
                         Ok(()) | Err(CopyError::StaleEpoch { .. }) => Ok(c),
                         Err(e) => Err(e),
                     }
@@ -577,13 +655,13 @@ fn administer(store: &Store, req: &Request) -> Response {
                 return Response::status(Status::UnknownVolume, req.request_id, Epoch(0));
             };
             // The decoder checked the list; a list it refused never gets here.
-            let mirrors = match keel_proto::frame::parse_members(&req.payload) {
+            let (mirrors, rebuilding) = match keel_proto::frame::parse_membership(&req.payload) {
                 Ok(m) => m,
                 Err(_) => return Response::status(Status::BadRequest, req.request_id, current()),
             };
-            c.set_membership(role, req.epoch, Epoch(req.offset), &mirrors)
+            c.set_membership_rebuilding(role, req.epoch, Epoch(req.offset), &mirrors, &rebuilding)
                 .map(|()| {
-                    tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, writer_epoch = %c.writer_epoch(), mirrors = ?mirrors, "membership set");
+                    tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, writer_epoch = %c.writer_epoch(), mirrors = ?mirrors, rebuilding = ?rebuilding, "membership set");
                     ok(&c)
                 })
         }

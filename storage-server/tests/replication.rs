@@ -136,6 +136,7 @@ async fn a_dropped_mirror_lets_the_op_be_acknowledged_a_refused_one_does_not() {
         client_tls: None,
         timeout: Duration::from_millis(500),
         failure: handler.clone(),
+        ..Replication::default()
     };
     let paddr = start(&pki, "p", primary.clone(), Some(repl)).await;
     for m in [&m1, &m2] {

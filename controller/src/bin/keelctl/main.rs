@@ -75,7 +75,7 @@ enum Cmd {
     #[command(hide = true)]
     Daemon {
         #[command(subcommand)]
-        which: DaemonCmd,
+        which: Box<DaemonCmd>,
     },
 }
 
@@ -224,7 +224,7 @@ fn main() {
             .with_writer(std::io::stderr)
             .with_ansi(false)
             .init();
-        let r = match which {
+        let r = match *which {
             DaemonCmd::Controller(a) => keel_controller::daemon::run(a),
             DaemonCmd::Storage(a) => keel_storage::daemon::run(a),
             DaemonCmd::Vhost(a) => keel_vhost::daemon::run(a),
