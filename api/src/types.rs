@@ -62,6 +62,21 @@ pub struct ServerHeartbeat {
     pub copies: Vec<CopyReport>,
     #[serde(default)]
     pub counters: ServerCounters,
+    /// Rebuilds this server runs as a primary (docs/replication.md, R7).
+    #[serde(default)]
+    pub rebuilds: Vec<RebuildReport>,
+}
+
+/// One mirror a primary is filling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildReport {
+    pub volume: String,
+    /// The mirror's data-path address.
+    pub mirror: String,
+    /// Bytes copied (or found to be holes) in the current pass.
+    pub copied: u64,
+    /// The volume's size.
+    pub total: u64,
 }
 
 /// Liveness as the controller sees it.
@@ -186,6 +201,9 @@ pub struct CopyInfo {
     pub address: String,
     /// `primary` or `mirror`.
     pub role: String,
+    /// For a `rebuilding` mirror: percent copied, as its primary last reported.
+    #[serde(default)]
+    pub rebuild_percent: Option<u8>,
     /// `ok` (primary) or `in_sync` (mirror) when the server last reported this copy at the
     /// volume's size and epoch, `stale` for a mirror dropped from the in-sync set,
     /// `pending` while the controller still has to push a change, `server_down` when its

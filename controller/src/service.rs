@@ -650,7 +650,22 @@ impl Controller {
                         Some(_) => "ok",
                     }
                 };
+                let rebuild_percent = (state == "rebuilding")
+                    .then(|| {
+                        let primary = v.primary()?;
+                        let addr = servers.get(&c.server)?.address.clone();
+                        let r = live
+                            .servers
+                            .get(&primary.server)?
+                            .hb
+                            .rebuilds
+                            .iter()
+                            .find(|r| r.volume == v.id && r.mirror == addr)?;
+                        Some((r.copied.min(r.total) * 100 / r.total.max(1)) as u8)
+                    })
+                    .flatten();
                 CopyInfo {
+                    rebuild_percent,
                     server: c.server.clone(),
                     address: servers
                         .get(&c.server)

@@ -457,7 +457,7 @@ fn check_field_schema(at: &str, ty: &str, s: &Value) {
         None => (ty, false),
     };
     let json_type = match ty {
-        "u64" | "u32" => Some("integer"),
+        "u64" | "u32" | "u8" => Some("integer"),
         "String" => Some("string"),
         "bool" => Some("boolean"),
         _ => None,
@@ -692,6 +692,7 @@ fn sample_cases() -> Vec<Value> {
             server: "s1".into(),
             address: "127.0.0.1:7000".into(),
             role: "primary".into(),
+            rebuild_percent: None,
             state: "ok".into(),
         }],
         attachments: vec![AttachmentInfo {
@@ -733,6 +734,12 @@ fn sample_cases() -> Vec<Value> {
                     role: "primary".into(),
                 }],
                 counters: counters.clone(),
+                rebuilds: vec![keel_api::RebuildReport {
+                    volume: "8f3a0c1d2e4b5a69".into(),
+                    mirror: "127.0.0.1:7001".into(),
+                    copied: 1 << 20,
+                    total: 1 << 30,
+                }],
             },
         ),
         case(

@@ -137,6 +137,7 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
         rebuild_concurrency: args.rebuild_concurrency.max(1),
         rebuild_bytes_per_sec: args.rebuild_mbps.saturating_mul(1 << 20),
     };
+    let repl = Arc::new(crate::replicate::Replicator::new(replication));
     let store = Arc::new(
         Store::open(&args.data_dir)
             .with_context(|| format!("opening data directory {}", args.data_dir.display()))?,
@@ -180,10 +181,15 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
                 capacity_bytes: capacity,
                 interval: std::time::Duration::from_millis(args.heartbeat_ms),
             };
-            tokio::spawn(crate::register::run(reg, store.clone(), stats.clone()));
+            tokio::spawn(crate::register::run(
+                reg,
+                store.clone(),
+                stats.clone(),
+                repl.clone(),
+            ));
         }
         let server =
-            crate::server::serve_with(listener, store.clone(), tls, stats.clone(), replication);
+            crate::server::serve_shared(listener, store.clone(), tls, stats.clone(), repl.clone());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = server => r.context("accept loop")?,

@@ -12,7 +12,7 @@ use keel_api::{ApiClient, CopyReport, ServerCounters, ServerHeartbeat, ServerReg
 use keel_proto::{Epoch, VolumeId};
 
 use crate::copy::CopyRole;
-use crate::replicate::{BoxFuture, MirrorFailure, NewMembership, Refused};
+use crate::replicate::{BoxFuture, MirrorFailure, NewMembership, Refused, Replicator};
 use crate::server::Stats;
 use crate::store::Store;
 
@@ -53,9 +53,19 @@ async fn register(r: &Registration) {
     }
 }
 
-fn heartbeat(store: &Store, stats: &Stats) -> ServerHeartbeat {
+fn heartbeat(store: &Store, stats: &Stats, repl: &Replicator) -> ServerHeartbeat {
     let s = stats.snapshot();
     ServerHeartbeat {
+        rebuilds: repl
+            .rebuild_progress()
+            .into_iter()
+            .map(|r| keel_api::RebuildReport {
+                volume: format!("{:016x}", r.volume.0),
+                mirror: r.mirror.to_string(),
+                copied: r.copied,
+                total: r.total,
+            })
+            .collect(),
         used_bytes: store.used_bytes(),
         copies: store
             .list()
@@ -81,11 +91,11 @@ fn heartbeat(store: &Store, stats: &Stats) -> ServerHeartbeat {
 }
 
 /// Registers, then heartbeats forever.
-pub async fn run(r: Registration, store: Arc<Store>, stats: Arc<Stats>) {
+pub async fn run(r: Registration, store: Arc<Store>, stats: Arc<Stats>, repl: Arc<Replicator>) {
     register(&r).await;
     let path = format!("/v1/servers/{}/heartbeat", r.id);
     loop {
-        let hb = heartbeat(&store, &stats);
+        let hb = heartbeat(&store, &stats, &repl);
         match r.api.post::<_, serde_json::Value>(&path, &hb).await {
             Ok(_) => {}
             Err(e) if e.status() == Some(404) => register(&r).await,

@@ -180,7 +180,10 @@ pub fn volume(f: Format, v: &VolumeInfo) -> anyhow::Result<()> {
                     format!("  {}", c.server),
                     c.address.clone(),
                     c.role.clone(),
-                    c.state.clone(),
+                    match c.rebuild_percent {
+                        Some(p) => format!("{} {p}%", c.state),
+                        None => c.state.clone(),
+                    },
                 ]
             })
             .collect(),
