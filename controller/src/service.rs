@@ -1170,6 +1170,80 @@ impl Controller {
         up && after_drop
     }
 
+    /// Creates, at the volume's epoch, the copies the record places on live servers that do not
+    /// report them (a re-placed mirror's new home; the rebuild then fills it).
+    async fn create_missing_copies(&self, v: &VolumeRecord, addrs: &HashMap<String, SocketAddr>) {
+        for c in v
+            .copies
+            .iter()
+            .filter(|c| c.role == CopyRole::Mirror && c.rebuilding)
+        {
+            let missing = {
+                let live = self.live();
+                live.servers.get(&c.server).is_some_and(|l| {
+                    l.last_seen.elapsed() < self.cfg.failure_timeout
+                        && !l.hb.copies.iter().any(|r| r.volume == v.id)
+                })
+            };
+            if !missing {
+                continue;
+            }
+            let Some(addr) = addrs.get(&c.server) else {
+                continue;
+            };
+            // Created at the writer epoch W (a copy's writer epoch starts at its creation epoch
+            // and never goes down); the membership push that follows raises its epoch to E with
+            // W unchanged, so the current writer is not fenced by its new copy.
+            let w = v.writer_floor();
+            match self.push.create_copy(*addr, &v.id, v.size, c.role, w).await {
+                Ok(()) => self.note_copy(&c.server, &v.id, v.size, w, c.role),
+                Err(e) => {
+                    tracing::warn!(volume = %v.id, server = %c.server, error = %e, "creating the re-placed copy failed; retrying")
+                }
+            }
+        }
+    }
+
+    /// Deletes copies live servers report for ready volumes whose record does not place a
+    /// copy there any more (a mirror re-placed while its server was away).
+    async fn delete_orphans(&self, vols: &[VolumeRecord], addrs: &HashMap<String, SocketAddr>) {
+        let reported: Vec<(String, String)> = {
+            let live = self.live();
+            live.servers
+                .iter()
+                .filter(|(_, l)| l.last_seen.elapsed() < self.cfg.failure_timeout)
+                .flat_map(|(s, l)| {
+                    l.hb.copies
+                        .iter()
+                        .map(move |r| (s.clone(), r.volume.clone()))
+                })
+                .collect()
+        };
+        for (server, volume) in reported {
+            let Some(v) = vols.iter().find(|v| v.id == volume) else {
+                continue;
+            };
+            if v.state != VolumeRecordState::Ready || v.copies.iter().any(|c| c.server == server) {
+                continue;
+            }
+            let Some(addr) = addrs.get(&server) else {
+                continue;
+            };
+            match self.push.delete_copy(*addr, &volume).await {
+                Ok(()) => {
+                    tracing::info!(volume = %volume, server = %server, "deleted a copy the volume no longer places there");
+                    let mut live = self.live();
+                    if let Some(l) = live.servers.get_mut(&server) {
+                        l.hb.copies.retain(|r| r.volume != volume);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %volume, server = %server, error = %e, "deleting an orphan copy failed")
+                }
+            }
+        }
+    }
+
     /// R7: a stale mirror whose server is up, on a volume whose primary is up, starts being
     /// rebuilt (one membership change; the primary does the copying).
     fn start_rebuild_if_possible(
@@ -1345,6 +1419,83 @@ impl Controller {
         self.volume_info(&v)
     }
 
+    /// A mirror whose server is down for longer than the failure timeout is re-placed on
+    /// another server (up, room for the volume, not holding a copy of it; preferring a zone the
+    /// volume does not use): the copy entry moves there as `rebuilding` at a new epoch and the
+    /// primary fills it (R7). The old server's copy, if it ever returns, is deleted.
+    fn replace_lost_mirror(&self, v: &VolumeRecord) -> Result<Option<VolumeRecord>, ApiError> {
+        if self.started.elapsed() < self.cfg.failure_timeout {
+            return Ok(None);
+        }
+        if !v.primary().is_some_and(|p| self.server_up(&p.server)) {
+            return Ok(None);
+        }
+        if !v
+            .copies
+            .iter()
+            .any(|c| c.role == CopyRole::Mirror && !self.server_up(&c.server))
+        {
+            return Ok(None);
+        }
+        let alloc = self.allocations()?;
+        let candidates: Vec<Candidate> = self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .filter(|(s, _)| !v.copies.iter().any(|c| c.server == s.id))
+            .map(|(s, _)| Candidate {
+                up: self.server_up(&s.id),
+                allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
+                id: s.id,
+                zone: s.zone,
+                capacity_bytes: s.capacity_bytes,
+            })
+            .collect();
+        let used_zones: Vec<String> = {
+            let servers: HashMap<String, ServerRecord> = self
+                .list::<ServerRecord>(SERVER_PREFIX)?
+                .into_iter()
+                .map(|(s, _)| (s.id.clone(), s))
+                .collect();
+            v.copies
+                .iter()
+                .filter(|c| self.server_up(&c.server))
+                .filter_map(|c| servers.get(&c.server).map(|s| s.zone.clone()))
+                .collect()
+        };
+        // Prefer a zone the surviving copies do not use, else any server with room.
+        let fresh: Vec<Candidate> = candidates
+            .iter()
+            .filter(|c| !used_zones.contains(&c.zone))
+            .cloned()
+            .collect();
+        let Ok(chosen) = place(&fresh, v.size, 1).or_else(|_| place(&candidates, v.size, 1)) else {
+            return Ok(None);
+        };
+        let Some(target) = chosen.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut moved = None;
+        let rec = self.update_volume(&v.id, |r| {
+            moved = None;
+            let Some(m) = r
+                .copies
+                .iter_mut()
+                .find(|c| c.role == CopyRole::Mirror && !self.server_up(&c.server))
+            else {
+                return Ok(false);
+            };
+            moved = Some(std::mem::replace(&mut m.server, target.clone()));
+            m.in_sync = false;
+            m.rebuilding = true;
+            r.epoch += 1;
+            Ok(true)
+        })?;
+        Ok(moved.map(|old| {
+            tracing::warn!(volume = %rec.id, from = %old, to = %target, epoch = rec.epoch, "mirror's server lost: copy re-placed, rebuilding");
+            rec
+        }))
+    }
+
     /// R6 (docs/replication.md): when the controller itself has not heard from a volume's
     /// primary server for the failure timeout, and an in-sync mirror's server is up, that
     /// mirror becomes the primary at a new epoch; the old primary becomes a stale mirror (it
@@ -1409,7 +1560,15 @@ impl Controller {
 
     pub async fn reconcile_once(&self) -> Result<(), ApiError> {
         let addrs = self.server_addresses()?;
-        for (v, _) in self.list::<VolumeRecord>(VOLUME_PREFIX)? {
+        let vols: Vec<VolumeRecord> = self
+            .list::<VolumeRecord>(VOLUME_PREFIX)?
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        if self.started.elapsed() >= self.cfg.failure_timeout {
+            self.delete_orphans(&vols, &addrs).await;
+        }
+        for v in vols {
             match v.state {
                 VolumeRecordState::Deleting => {
                     self.finish_delete(&v).await?;
@@ -1448,10 +1607,16 @@ impl Controller {
                         let _ = self.push_membership(&v, false).await;
                         continue;
                     }
+                    if let Some(v) = self.replace_lost_mirror(&v)? {
+                        self.create_missing_copies(&v, &addrs).await;
+                        let _ = self.push_membership(&v, false).await;
+                        continue;
+                    }
                     if let Some(v) = self.start_rebuild_if_possible(&v)? {
                         let _ = self.push_membership(&v, false).await;
                         continue;
                     }
+                    self.create_missing_copies(&v, &addrs).await;
                     // Any copy (on a live server) behind the record: push the whole membership
                     // again, in order (R2); the pushes are idempotent.
                     let (mut small, mut stale) = (false, false);

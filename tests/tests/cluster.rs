@@ -1131,3 +1131,110 @@ fn a_killed_primary_restarts_under_a_writer_without_guest_errors() -> Result<()>
     );
     Ok(())
 }
+
+/// A server silent for longer than the failure timeout loses its copies: with three servers
+/// and two copies, the mirror on a hung server is re-placed on the third server and rebuilt
+/// from the primary while the writer goes on; the hung server's copy is deleted when it comes
+/// back; the re-placed copy, made primary, serves every acknowledged write.
+#[test]
+fn a_lost_mirror_is_rebuilt_on_another_server() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::up(&dir.path().join("keel"), 3, CAPACITY)?;
+    let v = cluster.json(&[
+        "volume",
+        "create",
+        "64MiB",
+        "--name",
+        "rr",
+        "--replicas",
+        "2",
+    ])?;
+    let id = v["id"].as_str().context("no id")?.to_string();
+    let c = copies(&v);
+    let lost = c
+        .iter()
+        .find(|x| x.1 == "mirror")
+        .map(|x| x.0.clone())
+        .context("no mirror")?;
+    let (sock, _) = cluster.attach("rr", "node1", "vm1", &[])?;
+    let mut vmm = connect(&sock, Duration::from_secs(60))?;
+    let mut written = Written(Vec::new());
+    for i in 0..32u64 {
+        written.write(&mut vmm, i * 64, 8192, 900 + i)?;
+    }
+    flush_ok(&mut vmm)?;
+
+    let name = format!("storage-{lost}");
+    cluster.signal(&name, libc::SIGSTOP)?;
+    let cont = ContOnDrop(cluster.pid(&name)?);
+    let t = Instant::now();
+    let mut i = 32u64;
+    let new_home = loop {
+        written.write(&mut vmm, (i % 200) * 64, 8192, 900 + i)?;
+        i += 1;
+        let v = cluster.describe("rr")?;
+        let c = copies(&v);
+        if let Some(m) = c
+            .iter()
+            .find(|x| x.1 == "mirror" && x.0 != lost && x.2 == "in_sync")
+        {
+            break m.0.clone();
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the lost mirror was not rebuilt elsewhere within 60 s: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "mirror re-placed on {new_home} and in sync after {:?}",
+        t.elapsed()
+    );
+    flush_ok(&mut vmm)?;
+    written.verify_all(&mut vmm)?;
+
+    // The lost server returns: its copy of the volume is deleted.
+    drop(cont);
+    let data = dir.path().join("keel").join("storage").join(&lost);
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "the returned server's copy to be deleted",
+        || {
+            let left = std::fs::read_dir(&data)
+                .ok()?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(&id));
+            (!left).then_some(())
+        },
+    )?;
+
+    // The rebuilt copy holds everything: hang the primary so it is promoted, read back.
+    let primary = copies(&cluster.describe("rr")?)
+        .into_iter()
+        .find(|x| x.1 == "primary")
+        .map(|x| x.0)
+        .context("no primary")?;
+    let pname = format!("storage-{primary}");
+    cluster.signal(&pname, libc::SIGSTOP)?;
+    let pcont = ContOnDrop(cluster.pid(&pname)?);
+    written
+        .write(&mut vmm, 250 * 64, 8192, 31337)
+        .with_context(|| {
+            format!(
+                "write after the primary hung; node1:\n{}\ncontroller:\n{}",
+                cluster.log_grep("node1", "", 30),
+                cluster.log_grep("controller", "", 30)
+            )
+        })?;
+    flush_ok(&mut vmm)?;
+    let v = cluster.describe("rr")?;
+    ensure!(
+        copies(&v)
+            .iter()
+            .any(|x| x.0 == new_home && x.1 == "primary"),
+        "the re-placed copy must have been promoted: {v}"
+    );
+    written.verify_all(&mut vmm)?;
+    drop(pcont);
+    Ok(())
+}
