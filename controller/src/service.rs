@@ -1019,6 +1019,40 @@ impl Controller {
         primary_ok
     }
 
+    /// The mirror a primary reports on (`mirror-failed`, `mirror-synced`), after checking the
+    /// caller is the volume's primary and names its current epoch.
+    fn reported_mirror<'a>(
+        v: &'a mut VolumeRecord,
+        server: &str,
+        req: &keel_api::MirrorFailed,
+        addrs: &HashMap<String, SocketAddr>,
+    ) -> Result<&'a mut CopyRecord, ApiError> {
+        if v.primary().map(|p| p.server.as_str()) != Some(server) {
+            return Err(ApiError::conflict(format!(
+                "server {server} is not the primary of volume {}",
+                v.id
+            )));
+        }
+        if req.epoch != v.epoch {
+            return Err(ApiError::conflict(format!(
+                "epoch {} is not the volume's epoch {}: the primary's view is old",
+                req.epoch, v.epoch
+            )));
+        }
+        let id = v.id.clone();
+        v.copies
+            .iter_mut()
+            .find(|c| {
+                c.role == CopyRole::Mirror
+                    && addrs
+                        .get(&c.server)
+                        .is_some_and(|a| a.to_string() == req.mirror)
+            })
+            .ok_or_else(|| {
+                ApiError::not_found(format!("{} is not a mirror of volume {id}", req.mirror))
+            })
+    }
+
     /// A primary could not replicate to one of its in-sync mirrors (docs/replication.md, R5):
     /// drop that mirror at a new epoch and push the new membership, so the primary may
     /// acknowledge without it. Refused when the caller is not the volume's primary or names an
@@ -1040,29 +1074,7 @@ impl Controller {
         let mut changed = false;
         let v = self.update_volume(&id, |v| {
             changed = false;
-            if v.primary().map(|p| p.server.as_str()) != Some(server.as_str()) {
-                return Err(ApiError::conflict(format!(
-                    "server {server} is not the primary of volume {}",
-                    v.id
-                )));
-            }
-            if req.epoch != v.epoch {
-                return Err(ApiError::conflict(format!(
-                    "epoch {} is not the volume's epoch {}: this primary's view is old",
-                    req.epoch, v.epoch
-                )));
-            }
-            let Some(m) = v.copies.iter_mut().find(|c| {
-                c.role == CopyRole::Mirror
-                    && addrs
-                        .get(&c.server)
-                        .is_some_and(|a| a.to_string() == req.mirror)
-            }) else {
-                return Err(ApiError::not_found(format!(
-                    "{} is not a mirror of volume {}",
-                    req.mirror, v.id
-                )));
-            };
+            let m = Self::reported_mirror(v, server, &req, &addrs)?;
             if !m.in_sync && !m.rebuilding {
                 return Ok(false);
             }
@@ -1104,27 +1116,7 @@ impl Controller {
         let v = self.resolve(volume)?;
         let id = v.id.clone();
         let v = self.update_volume(&id, |v| {
-            if v.primary().map(|p| p.server.as_str()) != Some(server.as_str()) {
-                return Err(ApiError::conflict(format!(
-                    "server {server} is not the primary of volume {}",
-                    v.id
-                )));
-            }
-            if req.epoch != v.epoch {
-                return Err(ApiError::conflict(format!(
-                    "epoch {} is not the volume's epoch {}: the rebuild ran under an old membership",
-                    req.epoch, v.epoch
-                )));
-            }
-            let Some(m) = v.copies.iter_mut().find(|c| {
-                c.role == CopyRole::Mirror
-                    && addrs.get(&c.server).is_some_and(|a| a.to_string() == req.mirror)
-            }) else {
-                return Err(ApiError::not_found(format!(
-                    "{} is not a mirror of volume {}",
-                    req.mirror, v.id
-                )));
-            };
+            let m = Self::reported_mirror(v, server, &req, &addrs)?;
             if m.in_sync {
                 return Ok(false);
             }

@@ -113,6 +113,38 @@ pub struct ControllerMirrorFailure {
     pub api: ApiClient,
 }
 
+impl ControllerMirrorFailure {
+    /// `POST /v1/volumes/{volume}/{action}` with `{"mirror", "epoch"}`; the controller answers
+    /// `{"epoch"}` once it pushed the new membership to this server.
+    async fn report(
+        &self,
+        action: &str,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> Result<NewMembership, Refused> {
+        let path = format!("/v1/volumes/{:016x}/{action}", volume.0);
+        let body = keel_api::MirrorFailed {
+            mirror: mirror.to_string(),
+            epoch: epoch.0,
+        };
+        match self
+            .api
+            .post::<_, keel_api::MembershipInfo>(&path, &body)
+            .await
+        {
+            Ok(m) => Ok(NewMembership {
+                epoch: Epoch(m.epoch),
+                // The copy's own lists (pushed by the controller) are what count.
+                mirrors: Vec::new(),
+            }),
+            Err(e) => Err(Refused {
+                reason: format!("the controller refused {action} for mirror {mirror}: {e}"),
+            }),
+        }
+    }
+}
+
 impl MirrorFailure for ControllerMirrorFailure {
     fn mirror_failed(
         &self,
@@ -120,58 +152,16 @@ impl MirrorFailure for ControllerMirrorFailure {
         mirror: SocketAddr,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
-        Box::pin(async move {
-            let path = format!("/v1/volumes/{:016x}/mirror-failed", volume.0);
-            let body = keel_api::MirrorFailed {
-                mirror: mirror.to_string(),
-                epoch: epoch.0,
-            };
-            match self
-                .api
-                .post::<_, keel_api::MembershipInfo>(&path, &body)
-                .await
-            {
-                Ok(m) => Ok(NewMembership {
-                    epoch: Epoch(m.epoch),
-                    // The copy's own list (pushed by the controller) is what counts.
-                    mirrors: Vec::new(),
-                }),
-                Err(e) => Err(Refused {
-                    reason: format!("the controller did not drop mirror {mirror}: {e}"),
-                }),
-            }
-        })
+        Box::pin(self.report("mirror-failed", volume, mirror, epoch))
     }
 
-    /// Asks the controller to put a rebuilt mirror in sync
-    /// (`POST /v1/volumes/{id}/mirror-synced`, `{"mirror": "IP:PORT", "epoch": N}`, answered
-    /// `{"epoch": M}`); the controller then pushes the new membership (R7).
+    /// Asks the controller to put a rebuilt mirror in sync (R7).
     fn mirror_synced(
         &self,
         volume: VolumeId,
         mirror: SocketAddr,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
-        Box::pin(async move {
-            let path = format!("/v1/volumes/{:016x}/mirror-synced", volume.0);
-            // Same shape as the failure report.
-            let body = keel_api::MirrorFailed {
-                mirror: mirror.to_string(),
-                epoch: epoch.0,
-            };
-            match self
-                .api
-                .post::<_, keel_api::MembershipInfo>(&path, &body)
-                .await
-            {
-                Ok(m) => Ok(NewMembership {
-                    epoch: Epoch(m.epoch),
-                    mirrors: Vec::new(),
-                }),
-                Err(e) => Err(Refused {
-                    reason: format!("the controller did not put mirror {mirror} in sync: {e}"),
-                }),
-            }
-        })
+        Box::pin(self.report("mirror-synced", volume, mirror, epoch))
     }
 }

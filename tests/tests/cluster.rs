@@ -877,6 +877,44 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
     Ok(())
 }
 
+/// Stops (SIGSTOP) a storage server until the guard is dropped.
+fn hang(cluster: &Cluster, server: &str) -> Result<ContOnDrop> {
+    let name = format!("storage-{server}");
+    cluster.signal(&name, libc::SIGSTOP)?;
+    Ok(ContOnDrop(cluster.pid(&name)?))
+}
+
+/// Creates a two-copy volume, waits until both copies report, attaches it read-write to
+/// node1/vm1 and connects a test VMM; returns the primary's and the mirror's servers.
+fn two_copies(cluster: &Cluster, volume: &str) -> Result<(String, String, TestVmm)> {
+    let v = cluster.json(&[
+        "volume",
+        "create",
+        "64MiB",
+        "--name",
+        volume,
+        "--replicas",
+        "2",
+    ])?;
+    let c = copies(&v);
+    let find = |role: &str| {
+        c.iter()
+            .find(|x| x.1 == role)
+            .map(|x| x.0.clone())
+            .with_context(|| format!("no {role}: {v}"))
+    };
+    let (primary, mirror) = (find("primary")?, find("mirror")?);
+    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
+        copies(&cluster.describe(volume).ok()?)
+            .iter()
+            .all(|x| x.2 == "ok" || x.2 == "in_sync")
+            .then_some(())
+    })?;
+    let (sock, _) = cluster.attach(volume, "node1", "vm1", &[])?;
+    let vmm = connect(&sock, Duration::from_secs(60))?;
+    Ok((primary, mirror, vmm))
+}
+
 /// The copies of `describe` as `(server, role, state)`.
 fn copies(v: &Value) -> Vec<(String, String, String)> {
     v["copies"]
@@ -900,31 +938,7 @@ fn copies(v: &Value) -> Vec<(String, String, String)> {
 fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 2, CAPACITY)?;
-    let v = cluster.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        "two",
-        "--replicas",
-        "2",
-    ])?;
-    let c = copies(&v);
-    ensure!(c.len() == 2, "two copies: {v}");
-    let mirror_server = c
-        .iter()
-        .find(|(_, r, _)| r == "mirror")
-        .map(|(s, _, _)| s.clone())
-        .context("no mirror")?;
-    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
-        let v = cluster.describe("two").ok()?;
-        let c = copies(&v);
-        (c.iter().any(|x| x.1 == "primary" && x.2 == "ok")
-            && c.iter().any(|x| x.1 == "mirror" && x.2 == "in_sync"))
-        .then_some(())
-    })?;
-    let (sock, _) = cluster.attach("two", "node1", "vm1", &[])?;
-    let mut vmm = connect(&sock, Duration::from_secs(30))?;
+    let (_, mirror_server, mut vmm) = two_copies(&cluster, "two")?;
     let e0 = epoch(&cluster.describe("two")?);
     let mut written = Written(Vec::new());
     for i in 0..32u64 {
@@ -934,9 +948,7 @@ fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
 
     // The mirror's server hangs (SIGSTOP) for longer than the replication timeout: the
     // primary's next write cannot reach it.
-    let name = format!("storage-{mirror_server}");
-    cluster.signal(&name, libc::SIGSTOP)?;
-    let cont = ContOnDrop(cluster.pid(&name)?);
+    let cont = hang(&cluster, &mirror_server)?;
     for i in 32..64u64 {
         written.write(&mut vmm, i * 64, 8192, 100 + i)?;
     }
@@ -987,9 +999,7 @@ fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
         .find(|c| c.1 == "primary")
         .map(|c| c.0)
         .context("no primary")?;
-    let pname = format!("storage-{primary_server}");
-    cluster.signal(&pname, libc::SIGSTOP)?;
-    let pcont = ContOnDrop(cluster.pid(&pname)?);
+    let pcont = hang(&cluster, &primary_server)?;
     written.write(&mut vmm, 300 * 64, 8192, 4242)?;
     flush_ok(&mut vmm)?;
     let v = cluster.describe("two")?;
@@ -1012,28 +1022,7 @@ fn a_failed_mirror_is_dropped_and_writes_continue() -> Result<()> {
 fn a_hung_primary_is_replaced_by_its_mirror_without_guest_errors() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 2, CAPACITY)?;
-    let v = cluster.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        "fo",
-        "--replicas",
-        "2",
-    ])?;
-    let primary = copies(&v)
-        .into_iter()
-        .find(|c| c.1 == "primary")
-        .map(|c| c.0)
-        .context("no primary")?;
-    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
-        let c = copies(&cluster.describe("fo").ok()?);
-        c.iter()
-            .all(|x| x.2 == "ok" || x.2 == "in_sync")
-            .then_some(())
-    })?;
-    let (sock, _) = cluster.attach("fo", "node1", "vm1", &[])?;
-    let mut vmm = connect(&sock, Duration::from_secs(60))?;
+    let (primary, _, mut vmm) = two_copies(&cluster, "fo")?;
     let e0 = epoch(&cluster.describe("fo")?);
     let mut written = Written(Vec::new());
     for i in 0..16u64 {
@@ -1041,9 +1030,7 @@ fn a_hung_primary_is_replaced_by_its_mirror_without_guest_errors() -> Result<()>
     }
     flush_ok(&mut vmm)?;
 
-    let name = format!("storage-{primary}");
-    cluster.signal(&name, libc::SIGSTOP)?;
-    let cont = ContOnDrop(cluster.pid(&name)?);
+    let cont = hang(&cluster, &primary)?;
     let t = Instant::now();
     written.write(&mut vmm, 16 * 128, 16384, 999)?;
     let stall = t.elapsed();
@@ -1092,22 +1079,7 @@ fn a_hung_primary_is_replaced_by_its_mirror_without_guest_errors() -> Result<()>
 fn a_killed_primary_restarts_under_a_writer_without_guest_errors() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 2, CAPACITY)?;
-    let v = cluster.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        "kl",
-        "--replicas",
-        "2",
-    ])?;
-    let primary = copies(&v)
-        .into_iter()
-        .find(|c| c.1 == "primary")
-        .map(|c| c.0)
-        .context("no primary")?;
-    let (sock, _) = cluster.attach("kl", "node1", "vm1", &[])?;
-    let mut vmm = connect(&sock, Duration::from_secs(60))?;
+    let (primary, _, mut vmm) = two_copies(&cluster, "kl")?;
     let mut written = Written(Vec::new());
     for i in 0..16u64 {
         written.write(&mut vmm, i * 128, 16384, 700 + i)?;
@@ -1140,33 +1112,18 @@ fn a_killed_primary_restarts_under_a_writer_without_guest_errors() -> Result<()>
 fn a_lost_mirror_is_rebuilt_on_another_server() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::up(&dir.path().join("keel"), 3, CAPACITY)?;
-    let v = cluster.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        "rr",
-        "--replicas",
-        "2",
-    ])?;
-    let id = v["id"].as_str().context("no id")?.to_string();
-    let c = copies(&v);
-    let lost = c
-        .iter()
-        .find(|x| x.1 == "mirror")
-        .map(|x| x.0.clone())
-        .context("no mirror")?;
-    let (sock, _) = cluster.attach("rr", "node1", "vm1", &[])?;
-    let mut vmm = connect(&sock, Duration::from_secs(60))?;
+    let (_, lost, mut vmm) = two_copies(&cluster, "rr")?;
+    let id = cluster.describe("rr")?["id"]
+        .as_str()
+        .context("no id")?
+        .to_string();
     let mut written = Written(Vec::new());
     for i in 0..32u64 {
         written.write(&mut vmm, i * 64, 8192, 900 + i)?;
     }
     flush_ok(&mut vmm)?;
 
-    let name = format!("storage-{lost}");
-    cluster.signal(&name, libc::SIGSTOP)?;
-    let cont = ContOnDrop(cluster.pid(&name)?);
+    let cont = hang(&cluster, &lost)?;
     let t = Instant::now();
     let mut i = 32u64;
     let new_home = loop {
@@ -1214,9 +1171,7 @@ fn a_lost_mirror_is_rebuilt_on_another_server() -> Result<()> {
         .find(|x| x.1 == "primary")
         .map(|x| x.0)
         .context("no primary")?;
-    let pname = format!("storage-{primary}");
-    cluster.signal(&pname, libc::SIGSTOP)?;
-    let pcont = ContOnDrop(cluster.pid(&pname)?);
+    let pcont = hang(&cluster, &primary)?;
     written
         .write(&mut vmm, 250 * 64, 8192, 31337)
         .with_context(|| {
