@@ -17,6 +17,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::types::ErrorBody;
 
+/// Largest answer body accepted from the controller (a volume list of many thousands of
+/// volumes fits).
+pub const MAX_RESPONSE: usize = 64 << 20;
+
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -223,8 +227,9 @@ impl ApiClient {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
+        // A controller's answer is small JSON; a bounded read keeps a bad peer from making
+        // the caller allocate without limit.
+        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?

@@ -30,6 +30,9 @@ use crate::service::{Caller, Controller};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
+/// Largest heartbeat: one entry per copy or attachment, so it grows with the daemon's load
+/// (about 100 bytes a copy: 8 MiB is some 80,000 copies).
+pub const MAX_HEARTBEAT: usize = 8 << 20;
 /// Longest long poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -112,9 +115,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/health", get(health))
         .route("/v1/servers", get(list_servers).post(register_server))
-        .route("/v1/servers/{id}/heartbeat", post(server_heartbeat))
+        .route(
+            "/v1/servers/{id}/heartbeat",
+            post(server_heartbeat).layer(DefaultBodyLimit::max(MAX_HEARTBEAT)),
+        )
         .route("/v1/nodes", get(list_nodes).post(register_node))
-        .route("/v1/nodes/{id}/heartbeat", post(node_heartbeat))
+        .route(
+            "/v1/nodes/{id}/heartbeat",
+            post(node_heartbeat).layer(DefaultBodyLimit::max(MAX_HEARTBEAT)),
+        )
         .route("/v1/nodes/{id}/attachments", get(node_attachments))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(

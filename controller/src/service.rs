@@ -47,6 +47,29 @@ pub enum Caller {
     Node(String),
 }
 
+impl Caller {
+    /// An admin may register anything; a daemon (`kind`: "storage server" or "node") only
+    /// itself, under the id in its certificate.
+    fn may_register(&self, kind: &str, id: &str) -> Result<(), ApiError> {
+        let (caller_kind, caller_id) = match self {
+            Caller::Admin(_) => return Ok(()),
+            Caller::Storage(c) => ("storage server", c),
+            Caller::Node(c) => ("node", c),
+        };
+        if caller_kind != kind {
+            return Err(ApiError::forbidden(format!(
+                "a {caller_kind} cannot register a {kind}"
+            )));
+        }
+        if caller_id != id {
+            return Err(ApiError::forbidden(format!(
+                "certificate is for {kind} {caller_id}, not {id}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Timing knobs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -271,19 +294,7 @@ impl Controller {
         caller: &Caller,
         reg: ServerRegistration,
     ) -> Result<ServerInfo, ApiError> {
-        match caller {
-            Caller::Storage(id) if *id == reg.id => {}
-            Caller::Admin(_) => {}
-            Caller::Storage(id) => {
-                return Err(ApiError::forbidden(format!(
-                    "certificate is for storage server {id}, not {}",
-                    reg.id
-                )))
-            }
-            Caller::Node(_) => {
-                return Err(ApiError::forbidden("nodes cannot register storage servers"))
-            }
-        }
+        caller.may_register("storage server", &reg.id)?;
         check_name("server id", &reg.id)?;
         let address: SocketAddr = reg.address.parse().map_err(|_| {
             ApiError::bad_request(format!("address {:?} is not IP:PORT", reg.address))
@@ -431,19 +442,7 @@ impl Controller {
         caller: &Caller,
         reg: NodeRegistration,
     ) -> Result<NodeInfo, ApiError> {
-        match caller {
-            Caller::Node(id) if *id == reg.id => {}
-            Caller::Admin(_) => {}
-            Caller::Node(id) => {
-                return Err(ApiError::forbidden(format!(
-                    "certificate is for node {id}, not {}",
-                    reg.id
-                )))
-            }
-            Caller::Storage(_) => {
-                return Err(ApiError::forbidden("storage servers cannot register nodes"))
-            }
-        }
+        caller.may_register("node", &reg.id)?;
         check_name("node id", &reg.id)?;
         if !reg.socket_dir.starts_with('/') {
             return Err(ApiError::bad_request(format!(
