@@ -307,3 +307,30 @@ pub struct MirrorFailed {
 pub struct MembershipInfo {
     pub epoch: u64,
 }
+
+/// A node's report that a volume's primary did not answer keel-vhost within its timeout
+/// (`POST /v1/volumes/{id}/primary-unreachable`, node certificate or admin token). The
+/// controller probes the primary itself before it promotes a mirror, so one node's broken
+/// link cannot flap the volume (docs/replication.md, R6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryUnreachable {
+    /// The data-path address (`IP:PORT`) keel-vhost was sending to.
+    pub server: String,
+    /// The epoch keel-vhost's requests carried.
+    pub epoch: u64,
+    /// How long the oldest request had gone unanswered, in milliseconds.
+    pub unanswered_ms: u64,
+}
+
+/// The controller's answer to [`PrimaryUnreachable`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryReport {
+    /// `promoted` (a mirror took over), `primary_answers` (the controller's probe reached the
+    /// primary: nothing changed), `already_moved` (the named server is no longer the primary),
+    /// or `no_in_sync_mirror` (nothing to promote: the volume waits for its primary).
+    pub outcome: String,
+    /// The volume's epoch after the report.
+    pub epoch: u64,
+    /// The primary's data-path address after the report, if it has one.
+    pub primary: Option<String>,
+}
