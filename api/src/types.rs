@@ -145,7 +145,7 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateVolume {
     pub size: SizeInput,
-    /// Copies to keep (1 until replication lands; at most the number of servers).
+    /// Copies to keep on distinct servers, 1 to 3 (2 when absent: a primary and one mirror).
     #[serde(default)]
     pub replicas: Option<u32>,
     #[serde(default)]

@@ -36,6 +36,10 @@ pub struct Args {
     /// Milliseconds without a heartbeat after which a server or node is down.
     #[arg(long, default_value_t = 3000)]
     pub failure_timeout_ms: u64,
+    /// Milliseconds the controller's own probe of a primary a node reported unreachable may
+    /// take before the report is taken as confirmed (docs/replication.md, R6).
+    #[arg(long, default_value_t = 500)]
+    pub probe_timeout_ms: u64,
     /// Milliseconds a push to a storage server may take.
     #[arg(long, default_value_t = 5000)]
     pub push_timeout_ms: u64,
@@ -78,6 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Pusher::new(push_tls, Duration::from_millis(args.push_timeout_ms)),
             Config {
                 failure_timeout: Duration::from_millis(args.failure_timeout_ms),
+                probe_timeout: Duration::from_millis(args.probe_timeout_ms),
                 ..Config::default()
             },
         );

@@ -65,3 +65,13 @@ impl IntoResponse for ApiError {
         (self.status, axum::Json(body)).into_response()
     }
 }
+
+impl From<crate::membership::Refusal> for ApiError {
+    fn from(r: crate::membership::Refusal) -> ApiError {
+        if r.is_not_found() {
+            ApiError::not_found(r.to_string())
+        } else {
+            ApiError::conflict(r.to_string())
+        }
+    }
+}

@@ -135,6 +135,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/volumes/{id}/detach", post(detach_volume))
         .route("/v1/volumes/{id}/mirror-failed", post(mirror_failed))
         .route("/v1/volumes/{id}/mirror-synced", post(mirror_synced))
+        .route(
+            "/v1/volumes/{id}/primary-unreachable",
+            post(primary_unreachable),
+        )
         .fallback(|| async { ApiError::not_found("no such API path; see /openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -321,6 +325,21 @@ async fn mirror_synced(
 ) -> Answer<keel_api::MembershipInfo> {
     Ok(Json(
         s.controller.mirror_synced(&c, &id, json(&body)?).await?,
+    ))
+}
+
+/// A node's report that keel-vhost got no answer from a volume's primary (R6): nodes holding
+/// an attachment of the volume and admins only (checked by the controller).
+async fn primary_unreachable(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<keel_api::PrimaryReport> {
+    Ok(Json(
+        s.controller
+            .primary_unreachable(&c, &id, json(&body)?)
+            .await?,
     ))
 }
 

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod error;
 pub mod http;
+pub mod membership;
 pub mod model;
 pub mod openapi;
 pub mod placement;

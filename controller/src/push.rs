@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_proto::admin::{admin_call_with_timeout, AdminError, AdminRequest};
-use keel_proto::{Epoch, MemberRole, VolumeId};
+use keel_proto::frame::{Frame, Request};
+use keel_proto::io::{connect, read_frame};
+use keel_proto::{Epoch, MemberRole, Op, Role, VolumeId};
+use tokio::io::AsyncWriteExt;
 
 use crate::model::CopyRole;
 
@@ -36,6 +39,10 @@ pub enum PushError {
     BadId(String),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("ping of {addr} not answered within {after:?}")]
+    PingTimeout { addr: SocketAddr, after: Duration },
+    #[error("ping of {addr} failed: {why}")]
+    Ping { addr: SocketAddr, why: String },
 }
 
 fn vid(id: &str) -> Result<VolumeId, PushError> {
@@ -113,5 +120,41 @@ impl Pusher {
             },
         )
         .await
+    }
+
+    /// The controller's own probe of a storage server (docs/replication.md, R6): a data-path
+    /// `Ping` on a fresh TLS connection, answered within `limit`. A hung (stopped) server
+    /// accepts the TCP connection in its kernel but never completes the handshake.
+    pub async fn ping(
+        &self,
+        addr: SocketAddr,
+        volume: &str,
+        limit: Duration,
+    ) -> Result<(), PushError> {
+        let volume = vid(volume)?;
+        let tls = self.tls.clone();
+        let exchange = async move {
+            let (mut s, _peer) = connect(addr, tls, Role::Storage)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let bytes = Frame::Request(Request::new(Op::Ping, 1, volume, Epoch(0))).to_bytes();
+            s.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            match read_frame(&mut s, &mut buf).await {
+                Ok(Some(Frame::Response(r))) if r.request_id == 1 => {
+                    let _ = s.shutdown().await;
+                    Ok(())
+                }
+                Ok(Some(_)) => Err("unexpected frame in answer to a ping".to_string()),
+                Ok(None) => Err("connection closed without an answer".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(PushError::Ping { addr, why }),
+            Err(_) => Err(PushError::PingTimeout { addr, after: limit }),
+        }
     }
 }

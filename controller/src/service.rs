@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::membership::{self, Change, Promotion};
 use crate::model::*;
 use crate::placement::{place, Candidate};
 use crate::push::{Membership, Pusher};
@@ -35,6 +36,8 @@ use crate::store::{MetaStore, StoreError};
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 /// Most copies a volume may ask for.
 pub const MAX_REPLICAS: u32 = 3;
+/// Copies of a volume created without `replicas`: a primary and one mirror.
+pub const DEFAULT_REPLICAS: u32 = 2;
 
 /// Who is calling, from its client certificate or bearer token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +80,12 @@ pub struct Config {
     pub failure_timeout: Duration,
     /// How often the reconciler runs.
     pub reconcile_interval: Duration,
+    /// How long the controller's own probe of a primary a node reported unreachable may take
+    /// (R6): no answer within it confirms the report.
+    pub probe_timeout: Duration,
+    /// A probe's result answers further reports of the same primary for this long (one
+    /// probe per volume at a time, at most one per interval).
+    pub report_interval: Duration,
 }
 
 impl Default for Config {
@@ -84,6 +93,8 @@ impl Default for Config {
         Config {
             failure_timeout: Duration::from_secs(3),
             reconcile_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_millis(500),
+            report_interval: Duration::from_secs(1),
         }
     }
 }
@@ -118,6 +129,31 @@ pub struct Controller {
     cfg: Config,
     /// When this controller started: it knows nothing of liveness before one failure timeout.
     started: Instant,
+    /// Per volume: the last probe of its primary after a node's report (R6). Its lock is held
+    /// while probing, so concurrent reports wait for and share one probe.
+    probes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LastProbe>>>>>,
+}
+
+/// The result of the controller's probe of a reported primary.
+#[derive(Debug, Clone)]
+struct LastProbe {
+    /// The probed server's id.
+    server: String,
+    at: Instant,
+    answered: bool,
+}
+
+impl LastProbe {
+    /// Whether this probe answers a report about `primary` whose oldest request has waited
+    /// `waited`: a failed probe within `interval`; a successful one only if it is also newer
+    /// than the node's wait (the report then holds no news). So concurrent and repeated reports
+    /// share one probe, and a report of a primary that hung after the last probe is probed
+    /// again. `Some(answered)` when it does.
+    fn reusable(&self, primary: &str, interval: Duration, waited: Duration) -> Option<bool> {
+        let age = self.at.elapsed();
+        (self.server == primary && age < interval && (!self.answered || age < waited))
+            .then_some(self.answered)
+    }
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -184,6 +220,7 @@ impl Controller {
             live: Mutex::new(Live::default()),
             cfg,
             started: Instant::now(),
+            probes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -732,7 +769,7 @@ impl Controller {
 
     pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeInfo, ApiError> {
         let size = check_size(&req.size)?;
-        let replicas = req.replicas.unwrap_or(1);
+        let replicas = req.replicas.unwrap_or(DEFAULT_REPLICAS);
         if replicas == 0 || replicas > MAX_REPLICAS {
             return Err(ApiError::bad_request(format!(
                 "replicas must be between 1 and {MAX_REPLICAS}, not {replicas}"
@@ -767,8 +804,14 @@ impl Controller {
                 capacity_bytes: s.capacity_bytes,
             })
             .collect();
-        let chosen = place(&candidates, size, replicas as usize)
-            .map_err(|e| ApiError::insufficient(e.to_string()))?;
+        let chosen = place(&candidates, size, replicas as usize).map_err(|e| {
+            let hint = if req.replicas.is_none() {
+                format!(" (volumes get {DEFAULT_REPLICAS} copies unless `replicas` says otherwise; pass --replicas 1 for an unreplicated volume)")
+            } else {
+                String::new()
+            };
+            ApiError::insufficient(format!("{e}{hint}"))
+        })?;
         let id = new_volume_id();
         let rec = VolumeRecord {
             id: id.clone(),
@@ -868,6 +911,10 @@ impl Controller {
             all &= ok;
         }
         if all {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&v.id);
             if let Some((cur, ver)) = self.load::<VolumeRecord>(&volume_key(&v.id))? {
                 if cur.state == VolumeRecordState::Deleting {
                     match self.cas::<VolumeRecord>(&volume_key(&v.id), ver, None) {
@@ -951,6 +998,17 @@ impl Controller {
     /// (docs/replication.md, R2). Returns whether the primary took it; other failures are left
     /// to the reconciler.
     async fn push_membership(&self, v: &VolumeRecord, resize: bool) -> bool {
+        self.push_membership_except(v, resize, None).await
+    }
+
+    /// [`Controller::push_membership`], skipping server `skip` (one the controller's own probe
+    /// just found not answering: the reconciler pushes to it once it heartbeats again).
+    async fn push_membership_except(
+        &self,
+        v: &VolumeRecord,
+        resize: bool,
+        skip: Option<&str>,
+    ) -> bool {
         let Ok(addrs) = self.server_addresses() else {
             return false;
         };
@@ -981,7 +1039,10 @@ impl Controller {
                 .iter()
                 .filter(|c| c.role == CopyRole::Mirror && !c.in_sync && !c.rebuilding),
         );
-        order.retain(|c| c.role == CopyRole::Primary || self.server_up(&c.server));
+        order.retain(|c| {
+            (c.role == CopyRole::Primary || self.server_up(&c.server))
+                && Some(c.server.as_str()) != skip
+        });
         let mut primary_ok = false;
         for c in order {
             let Some(addr) = addrs.get(&c.server) else {
@@ -1018,38 +1079,12 @@ impl Controller {
         primary_ok
     }
 
-    /// The mirror a primary reports on (`mirror-failed`, `mirror-synced`), after checking the
-    /// caller is the volume's primary and names its current epoch.
-    fn reported_mirror<'a>(
-        v: &'a mut VolumeRecord,
-        server: &str,
-        req: &keel_api::MirrorFailed,
-        addrs: &HashMap<String, SocketAddr>,
-    ) -> Result<&'a mut CopyRecord, ApiError> {
-        if v.primary().map(|p| p.server.as_str()) != Some(server) {
-            return Err(ApiError::conflict(format!(
-                "server {server} is not the primary of volume {}",
-                v.id
-            )));
-        }
-        if req.epoch != v.epoch {
-            return Err(ApiError::conflict(format!(
-                "epoch {} is not the volume's epoch {}: the primary's view is old",
-                req.epoch, v.epoch
-            )));
-        }
-        let id = v.id.clone();
-        v.copies
-            .iter_mut()
-            .find(|c| {
-                c.role == CopyRole::Mirror
-                    && addrs
-                        .get(&c.server)
-                        .is_some_and(|a| a.to_string() == req.mirror)
-            })
-            .ok_or_else(|| {
-                ApiError::not_found(format!("{} is not a mirror of volume {id}", req.mirror))
-            })
+    /// The id of the server whose data-path address is `addr` (`IP:PORT`), if any.
+    fn server_at<'a>(addrs: &'a HashMap<String, SocketAddr>, addr: &str) -> Option<&'a str> {
+        addrs
+            .iter()
+            .find(|(_, a)| a.to_string() == addr)
+            .map(|(s, _)| s.as_str())
     }
 
     /// A primary could not replicate to one of its in-sync mirrors (docs/replication.md, R5):
@@ -1070,24 +1105,21 @@ impl Controller {
         let addrs = self.server_addresses()?;
         let v = self.resolve(volume)?;
         let id = v.id.clone();
-        let mut changed = false;
+        let mirror = Self::server_at(&addrs, &req.mirror);
+        let mut dropped = None;
         let v = self.update_volume(&id, |v| {
-            changed = false;
-            let m = Self::reported_mirror(v, server, &req, &addrs)?;
-            if !m.in_sync && !m.rebuilding {
-                return Ok(false);
+            dropped = None;
+            match membership::drop_mirror(v, server, req.epoch, mirror, &req.mirror)? {
+                Change::Unchanged => Ok(false),
+                Change::Changed(m) => {
+                    dropped = Some(m);
+                    Ok(true)
+                }
             }
-            m.in_sync = false;
-            m.rebuilding = false;
-            v.epoch += 1;
-            changed = true;
-            Ok(true)
         })?;
-        if changed {
+        if let Some(m) = dropped {
             tracing::warn!(volume = %id, mirror = %req.mirror, epoch = v.epoch, "mirror dropped from the in-sync set");
-            if let Some((server, _)) = addrs.iter().find(|(_, a)| a.to_string() == req.mirror) {
-                self.note_dropped(&id, server);
-            }
+            self.note_dropped(&id, &m);
         }
         if !self.push_membership(&v, false).await {
             return Err(ApiError::unavailable(format!(
@@ -1114,21 +1146,12 @@ impl Controller {
         let addrs = self.server_addresses()?;
         let v = self.resolve(volume)?;
         let id = v.id.clone();
+        let mirror = Self::server_at(&addrs, &req.mirror);
         let v = self.update_volume(&id, |v| {
-            let m = Self::reported_mirror(v, server, &req, &addrs)?;
-            if m.in_sync {
-                return Ok(false);
-            }
-            if !m.rebuilding {
-                return Err(ApiError::conflict(format!(
-                    "{} is not being rebuilt for volume {}",
-                    req.mirror, v.id
-                )));
-            }
-            m.rebuilding = false;
-            m.in_sync = true;
-            v.epoch += 1;
-            Ok(true)
+            Ok(matches!(
+                membership::mirror_synced(v, server, req.epoch, mirror, &req.mirror)?,
+                Change::Changed(_)
+            ))
         })?;
         tracing::info!(volume = %id, mirror = %req.mirror, epoch = v.epoch, "rebuilt mirror joined the in-sync set");
         if !self.push_membership(&v, false).await {
@@ -1138,6 +1161,118 @@ impl Controller {
             )));
         }
         Ok(keel_api::MembershipInfo { epoch: v.epoch })
+    }
+
+    /// A node reports that keel-vhost got no answer from the volume's primary (R6). The
+    /// controller checks its own view first: a report naming another server than the primary
+    /// is `already_moved`; otherwise it probes the primary itself (one probe per volume at a
+    /// time, reused for `report_interval`) and only when that fails promotes an in-sync mirror
+    /// whose server is up, pushing the new membership (R2) before answering `promoted`. One
+    /// node's broken link cannot flap the volume.
+    pub async fn primary_unreachable(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        req: keel_api::PrimaryUnreachable,
+    ) -> Result<keel_api::PrimaryReport, ApiError> {
+        let reported: SocketAddr = req.server.parse().map_err(|_| {
+            ApiError::bad_request(format!("server {:?} is not IP:PORT", req.server))
+        })?;
+        let v = self.resolve(volume)?;
+        let id = v.id.clone();
+        match caller {
+            Caller::Admin(_) => {}
+            Caller::Node(n) if v.attachments.iter().any(|a| &a.node == n) => {}
+            Caller::Node(n) => {
+                return Err(ApiError::forbidden(format!(
+                    "node {n} holds no attachment of volume {id}; only a node the volume is attached to (or an admin) may report its primary unreachable"
+                )))
+            }
+            Caller::Storage(s) => {
+                return Err(ApiError::forbidden(format!(
+                    "storage server {s} may not report a primary unreachable; nodes with an attachment of the volume do"
+                )))
+            }
+        }
+        Self::ready(&v)?;
+        let slot = {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            probes.entry(id.clone()).or_default().clone()
+        };
+        let mut last = slot.lock().await;
+        // The record as it is now (a report waiting for another's probe sees its outcome).
+        let v = self.resolve(&id)?;
+        let addrs = self.server_addresses()?;
+        let answer = |v: &VolumeRecord, outcome: &str| keel_api::PrimaryReport {
+            outcome: outcome.into(),
+            epoch: v.epoch,
+            primary: v
+                .primary()
+                .and_then(|p| addrs.get(&p.server))
+                .map(|a| a.to_string()),
+        };
+        let Some(primary) = v
+            .primary()
+            .map(|p| p.server.clone())
+            .filter(|p| addrs.get(p) == Some(&reported))
+        else {
+            tracing::info!(volume = %id, server = %req.server, epoch = req.epoch, "primary reported unreachable, but it is no longer the primary");
+            return Ok(answer(&v, "already_moved"));
+        };
+        let reuse = last.as_ref().and_then(|l| {
+            l.reusable(
+                &primary,
+                self.cfg.report_interval,
+                Duration::from_millis(req.unanswered_ms),
+            )
+        });
+        let answered = match reuse {
+            Some(answered) => answered,
+            None => {
+                let answered = self
+                    .push
+                    .ping(reported, &id, self.cfg.probe_timeout)
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!(volume = %id, server = %primary, error = %e, "probe of a reported primary failed")
+                    })
+                    .is_ok();
+                *last = Some(LastProbe {
+                    server: primary.clone(),
+                    at: Instant::now(),
+                    answered,
+                });
+                answered
+            }
+        };
+        if answered {
+            tracing::info!(volume = %id, server = %primary, unanswered_ms = req.unanswered_ms, epoch = v.epoch, "primary reported unreachable, but it answers the controller: nothing changes");
+            return Ok(answer(&v, "primary_answers"));
+        }
+        let mut promoted = None;
+        let mut moved = false;
+        let rec = self.update_volume(&id, |r| {
+            promoted = None;
+            moved = r.primary().map(|p| p.server.as_str()) != Some(primary.as_str());
+            if moved {
+                return Ok(false);
+            }
+            promoted = membership::promote(r, |s| s != primary && self.server_up(s)).ok();
+            Ok(promoted.is_some())
+        })?;
+        if moved {
+            return Ok(answer(&rec, "already_moved"));
+        }
+        let Some(Promotion { old, new }) = promoted else {
+            tracing::warn!(volume = %id, server = %primary, epoch = rec.epoch, "primary unreachable and no in-sync mirror is up: nothing to promote");
+            return Ok(answer(&rec, "no_in_sync_mirror"));
+        };
+        tracing::warn!(volume = %id, %old, %new, epoch = rec.epoch, unanswered_ms = req.unanswered_ms, "primary reported unreachable and unanswered to the controller's probe: mirror promoted");
+        self.note_dropped(&id, &old);
+        if !self.push_membership_except(&rec, false, Some(&old)).await {
+            tracing::warn!(volume = %id, %new, epoch = rec.epoch, "the promoted primary did not take its membership yet; the reconciler retries");
+        }
+        Ok(answer(&rec, "promoted"))
     }
 
     fn note_dropped(&self, volume: &str, server: &str) {
@@ -1253,23 +1388,14 @@ impl Controller {
         }
         let mut started = None;
         let rec = self.update_volume(&v.id, |r| {
-            started = None;
-            if !r.primary().is_some_and(|p| self.server_up(&p.server)) {
-                return Ok(false);
-            }
             let id = r.id.clone();
-            let Some(m) = r.copies.iter_mut().find(|c| {
-                c.role == CopyRole::Mirror
-                    && !c.in_sync
-                    && !c.rebuilding
-                    && self.rebuild_target(&id, &c.server)
-            }) else {
-                return Ok(false);
-            };
-            m.rebuilding = true;
-            started = Some(m.server.clone());
-            r.epoch += 1;
-            Ok(true)
+            started = membership::start_rebuild(
+                r,
+                |s| self.server_up(s),
+                |s| self.rebuild_target(&id, s),
+            )
+            .ok();
+            Ok(started.is_some())
         })?;
         Ok(started.map(|m| {
             tracing::info!(volume = %rec.id, mirror = %m, epoch = rec.epoch, "rebuilding a stale mirror");
@@ -1311,41 +1437,21 @@ impl Controller {
             bumped = false;
             fenced = None;
             Self::ready(v)?;
-            if let Some(a) = v.attachments.iter().find(|a| a.node == req.node && a.instance == req.instance) {
-                if a.mode == mode {
-                    return Ok(false);
-                }
-                return Err(ApiError::conflict(format!(
-                    "volume {} is already attached {} to instance {} on node {}; detach it first",
-                    v.id,
-                    a.mode.as_str().replace('_', "-"),
-                    a.instance,
-                    a.node
-                )));
-            }
-            if mode == Mode::ReadWrite {
-                if let Some(w) = v.writer().cloned() {
-                    if !req.force {
-                        return Err(ApiError::conflict(format!(
-                            "volume {} is attached read-write to instance {} on node {}; detach it there, or force the takeover (--force) to fence that writer",
-                            v.id, w.instance, w.node
-                        )));
-                    }
-                    v.attachments.retain(|a| a != &w);
-                    fenced = Some(w);
-                }
-                v.epoch += 1;
-                v.writer_epoch = v.epoch;
-                bumped = true;
-            }
-            v.attachments.push(AttachmentRecord {
+            let a = AttachmentRecord {
                 node: req.node.clone(),
                 instance: req.instance.clone(),
                 mode,
                 socket: socket.clone(),
                 attached_at_unix: now_unix(),
-            });
-            Ok(true)
+            };
+            match membership::attach(v, a, req.force)? {
+                Change::Unchanged => Ok(false),
+                Change::Changed(x) => {
+                    bumped = x.bumped;
+                    fenced = x.fenced;
+                    Ok(true)
+                }
+            }
         })?;
         if bumped {
             let _ = self.push_membership(&v, false).await;
@@ -1368,17 +1474,7 @@ impl Controller {
         let mut bumped = false;
         let v = self.update_volume(&id, |v| {
             bumped = false;
-            let Some(a) = v
-                .attachments
-                .iter()
-                .find(|a| a.node == req.node && a.instance == req.instance)
-                .cloned()
-            else {
-                return Err(ApiError::not_found(format!(
-                    "volume {} is not attached to instance {} on node {}",
-                    v.id, req.instance, req.node
-                )));
-            };
+            let a = membership::find_attachment(v, &req.node, &req.instance)?;
             match connected {
                 _ if req.force => {}
                 Some(true) => {
@@ -1395,12 +1491,7 @@ impl Controller {
                     )))
                 }
             }
-            v.attachments.retain(|x| x != &a);
-            if req.force && a.mode == Mode::ReadWrite {
-                v.epoch += 1;
-                v.writer_epoch = v.epoch;
-                bumped = true;
-            }
+            bumped = membership::detach(v, &a, req.force);
             Ok(true)
         })?;
         if bumped {
@@ -1467,19 +1558,8 @@ impl Controller {
         };
         let mut moved = None;
         let rec = self.update_volume(&v.id, |r| {
-            moved = None;
-            let Some(m) = r
-                .copies
-                .iter_mut()
-                .find(|c| c.role == CopyRole::Mirror && !self.server_up(&c.server))
-            else {
-                return Ok(false);
-            };
-            moved = Some(std::mem::replace(&mut m.server, target.clone()));
-            m.in_sync = false;
-            m.rebuilding = true;
-            r.epoch += 1;
-            Ok(true)
+            moved = membership::replace_lost_mirror(r, |s| self.server_up(s), &target).ok();
+            Ok(moved.is_some())
         })?;
         Ok(moved.map(|old| {
             tracing::warn!(volume = %rec.id, from = %old, to = %target, epoch = rec.epoch, "mirror's server lost: copy re-placed, rebuilding");
@@ -1507,29 +1587,11 @@ impl Controller {
             return Ok(None);
         }
         let mut promoted = None;
-        let rec =
-            self.update_volume(&v.id, |r| {
-                promoted = None;
-                let Some(pi) = r.copies.iter().position(|c| c.role == CopyRole::Primary) else {
-                    return Ok(false);
-                };
-                if self.server_up(&r.copies[pi].server) {
-                    return Ok(false);
-                }
-                let Some(mi) = r.copies.iter().position(|c| {
-                    c.role == CopyRole::Mirror && c.in_sync && self.server_up(&c.server)
-                }) else {
-                    return Ok(false);
-                };
-                r.copies[pi].role = CopyRole::Mirror;
-                r.copies[pi].in_sync = false;
-                r.copies[mi].role = CopyRole::Primary;
-                r.copies[mi].in_sync = true;
-                r.epoch += 1;
-                promoted = Some((r.copies[pi].server.clone(), r.copies[mi].server.clone()));
-                Ok(true)
-            })?;
-        Ok(promoted.map(|(old, new)| {
+        let rec = self.update_volume(&v.id, |r| {
+            promoted = membership::promote(r, |s| self.server_up(s)).ok();
+            Ok(promoted.is_some())
+        })?;
+        Ok(promoted.map(|Promotion { old, new }| {
             tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, "primary's server failed: mirror promoted");
             self.note_dropped(&rec.id, &old);
             rec
@@ -1631,5 +1693,46 @@ impl Controller {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn probe(server: &str, ago_ms: u64, answered: bool) -> LastProbe {
+        LastProbe {
+            server: server.into(),
+            at: Instant::now()
+                .checked_sub(Duration::from_millis(ago_ms))
+                .expect("monotonic clock far enough from its origin"),
+            answered,
+        }
+    }
+
+    #[test]
+    fn a_probe_is_reused_only_for_the_same_primary_within_the_interval() {
+        let i = Duration::from_secs(1);
+        let w = Duration::from_secs(1);
+        assert_eq!(probe("s1", 100, true).reusable("s1", i, w), Some(true));
+        assert_eq!(probe("s1", 100, false).reusable("s1", i, w), Some(false));
+        assert_eq!(probe("s2", 100, true).reusable("s1", i, w), None);
+        assert_eq!(probe("s1", 1500, true).reusable("s1", i, w), None);
+        assert_eq!(probe("s1", 1500, false).reusable("s1", i, w), None);
+    }
+
+    #[test]
+    fn a_successful_probe_older_than_the_nodes_wait_is_not_reused() {
+        let i = Duration::from_secs(1);
+        // The node has waited 300 ms; the primary answered 600 ms ago: it may have hung since.
+        assert_eq!(
+            probe("s1", 600, true).reusable("s1", i, Duration::from_millis(300)),
+            None
+        );
+        // A failed probe is reused however long the node waited.
+        assert_eq!(
+            probe("s1", 600, false).reusable("s1", i, Duration::from_millis(300)),
+            Some(false)
+        );
     }
 }

@@ -34,6 +34,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/volumes/{id}/detach"),
     ("POST", "/v1/volumes/{id}/mirror-failed"),
     ("POST", "/v1/volumes/{id}/mirror-synced"),
+    ("POST", "/v1/volumes/{id}/primary-unreachable"),
 ];
 
 /// Routes that need no credentials.
@@ -862,6 +863,40 @@ fn sample_cases() -> Vec<Value> {
                 id: "8f3a0c1d2e4b5a69".into(),
                 complete: false,
             },
+        ),
+        case(
+            "PrimaryUnreachable",
+            &keel_api::PrimaryUnreachable {
+                server: "127.0.0.1:7000".into(),
+                epoch: 4,
+                unanswered_ms: 1000,
+            },
+        ),
+        case(
+            "PrimaryReport",
+            &keel_api::PrimaryReport {
+                outcome: "promoted".into(),
+                epoch: 5,
+                primary: Some("127.0.0.1:7001".into()),
+            },
+        ),
+        case(
+            "PrimaryReport",
+            &keel_api::PrimaryReport {
+                outcome: "no_in_sync_mirror".into(),
+                epoch: 4,
+                primary: None,
+            },
+        ),
+        raw(
+            "PrimaryReport",
+            json!({ "outcome": "maybe", "epoch": 1, "primary": null }),
+            false,
+        ),
+        raw(
+            "PrimaryUnreachable",
+            json!({ "server": "127.0.0.1:1" }),
+            false,
         ),
         raw("Empty", json!({}), true),
         // Requests as people write them: defaults left out.

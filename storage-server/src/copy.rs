@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 
 use keel_proto::{Epoch, Role, VolumeId};
 
+use crate::dirty::{CopyIdentity, DirtyTracker};
 use crate::sync::GroupSync;
 
 pub const MAGIC: [u8; 8] = *b"KEELCOPY";
@@ -48,8 +49,10 @@ pub const CHUNK_SIZE: u32 = 4 << 20;
 /// Shards of a copy's per-chunk rebuild locks ([`Copy::chunk_lock`]).
 const CHUNK_LOCK_SHARDS: usize = 64;
 pub const SECTOR: u64 = 512;
-/// Bytes of the header this build writes: the first layout plus `writer_epoch`.
-const HEADER_LEN: usize = OLD_HEADER_LEN + 8;
+/// Bytes of the header this build writes: the writer-epoch layout plus `incarnation`.
+const HEADER_LEN: usize = WRITER_HEADER_LEN + 8;
+/// Bytes of the second layout: the first plus `writer_epoch` (no `incarnation`).
+const WRITER_HEADER_LEN: usize = OLD_HEADER_LEN + 8;
 /// Bytes of the first header layout (no `writer_epoch`; it opens as the header's epoch).
 const OLD_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 1 + 1 + 8 + 8 + 4;
 
@@ -167,6 +170,10 @@ pub struct Header {
     /// The epoch at which the volume's current writer attached: node requests below it are
     /// fenced. A header of the first layout opens with its `epoch` here.
     pub writer_epoch: Epoch,
+    /// Random, chosen when the copy is created: a deleted and recreated copy has another, so a
+    /// primary's dirty-chunk map of the old one is never used for it. 0 in headers written
+    /// before it existed (the copy then picks one when opened, written by its next update).
+    pub incarnation: u64,
 }
 
 impl Header {
@@ -185,6 +192,7 @@ impl Header {
         b.extend_from_slice(&self.epoch.0.to_le_bytes());
         b.extend_from_slice(&self.data_offset.to_le_bytes());
         b.extend_from_slice(&self.writer_epoch.0.to_le_bytes());
+        b.extend_from_slice(&self.incarnation.to_le_bytes());
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b.resize(SLOT_SIZE as usize, 0);
@@ -200,10 +208,10 @@ impl Header {
             return Ok(None);
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        // header_len: the first layout, or this one (a later one appends fields before the
-        // CRC, which always comes last).
+        // header_len: the first layout, or the writer-epoch one or longer (a later layout
+        // appends fields before the CRC, which always comes last).
         let len = u32_at(12) as usize;
-        if len != OLD_HEADER_LEN && len < HEADER_LEN {
+        if len != OLD_HEADER_LEN && len < WRITER_HEADER_LEN {
             return Ok(None);
         }
         let Some(b) = slot.get(..len) else {
@@ -246,6 +254,7 @@ impl Header {
             } else {
                 Epoch(u64_at(74))
             },
+            incarnation: if len >= HEADER_LEN { u64_at(82) } else { 0 },
         }))
     }
 }
@@ -264,6 +273,8 @@ pub struct Copy {
     epoch: AtomicU64,
     /// Mirrored from the header: node requests below it are fenced.
     writer_epoch: AtomicU64,
+    /// Mirrored from the header (read without the header lock, which fsyncs).
+    incarnation: u64,
     /// A primary's in-sync mirrors (empty for a mirror), as in `<id>.members`. Replaced under
     /// the gate, like the epoch.
     mirrors: RwLock<Arc<Vec<SocketAddr>>>,
@@ -283,6 +294,16 @@ pub struct Copy {
     /// The filesystem refused an `RWF_NOWAIT` write once: don't try again.
     nowait_write_unsupported: AtomicBool,
     sync: GroupSync,
+    /// A primary's dirty-chunk maps of its mirrors (in memory only; see [`crate::dirty`]).
+    dirty: DirtyTracker,
+    /// Created empty as a primary by this process and primary ever since: a mirror put in
+    /// sync while this holds was never written apart from it, so its map starts clean.
+    fresh: AtomicBool,
+    /// 1 + the epoch of the last membership the controller set on this copy in this process
+    /// (0: none since it was opened). Until a primary has been told its current epoch's
+    /// membership, it cannot know whether a mirror it is rebuilding was put in sync while it
+    /// was down, so a forward that mirror misses must go through the controller (R7).
+    membership_known: AtomicU64,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CopyError + '_ {
@@ -322,6 +343,7 @@ impl Copy {
             epoch,
             data_offset: DATA_OFFSET,
             writer_epoch: epoch,
+            incarnation: random_nonzero(),
         };
         f.write_all_at(&header.encode(), (header.sequence % 2) * SLOT_SIZE)
             .map_err(io_err(&tmp))?;
@@ -337,7 +359,11 @@ impl Copy {
                 .and_then(|d| d.sync_all())
                 .map_err(io_err(dir))?;
         }
-        Copy::open(path)
+        let c = Copy::open(path)?;
+        c.fresh.store(role == CopyRole::Primary, Ordering::Release);
+        // Created by the controller with this membership.
+        c.membership_known.store(epoch.0 + 1, Ordering::Release);
+        Ok(c)
     }
 
     /// Opens an existing copy, choosing the newest valid header slot.
@@ -352,7 +378,7 @@ impl Copy {
         slots.truncate(n);
         let a = Header::decode(slots.get(..SLOT_SIZE as usize).unwrap_or(&[]), path)?;
         let b = Header::decode(slots.get(SLOT_SIZE as usize..).unwrap_or(&[]), path)?;
-        let header = match (a, b) {
+        let mut header = match (a, b) {
             (Some(a), Some(b)) => {
                 if b.sequence > a.sequence {
                     b
@@ -373,6 +399,12 @@ impl Copy {
         if len < want {
             file.set_len(want).map_err(io_err(path))?;
         }
+        if header.incarnation == 0 {
+            // A copy from before incarnations: one for this opening, durable with the next
+            // header update (until then a restart picks another: a full resync, never a wrong
+            // incremental one).
+            header.incarnation = random_nonzero();
+        }
         let (mirrors, rebuilding) = if header.role == CopyRole::Primary {
             read_members(&members_path(path))?
         } else {
@@ -385,6 +417,7 @@ impl Copy {
             data_offset: header.data_offset,
             epoch: AtomicU64::new(header.epoch.0),
             writer_epoch: AtomicU64::new(header.writer_epoch.0),
+            incarnation: header.incarnation,
             mirrors: RwLock::new(Arc::new(mirrors)),
             rebuilding: RwLock::new(Arc::new(rebuilding)),
             chunk_locks: (0..CHUNK_LOCK_SHARDS)
@@ -397,6 +430,9 @@ impl Copy {
             failed: AtomicBool::new(false),
             nowait_write_unsupported: AtomicBool::new(false),
             sync: GroupSync::new(),
+            dirty: DirtyTracker::default(),
+            fresh: AtomicBool::new(false),
+            membership_known: AtomicU64::new(0),
             file,
         })
     }
@@ -478,6 +514,31 @@ impl Copy {
         (r as u64) < start + len
     }
 
+    /// The primary's dirty-chunk maps of its mirrors.
+    pub fn dirty(&self) -> &DirtyTracker {
+        &self.dirty
+    }
+
+    /// Whether this process created the copy empty as a primary and it stayed primary.
+    /// Whether the controller set this copy's membership at `epoch` since it was opened (see
+    /// the field).
+    pub fn membership_known_at(&self, epoch: Epoch) -> bool {
+        self.membership_known.load(Ordering::Acquire) == epoch.0 + 1
+    }
+
+    pub fn fresh(&self) -> bool {
+        self.fresh.load(Ordering::Acquire)
+    }
+
+    /// What identifies this copy to a primary tracking it: its incarnation and this machine's
+    /// boot.
+    pub fn identity(&self) -> CopyIdentity {
+        CopyIdentity {
+            incarnation: self.incarnation,
+            instance: instance_id(),
+        }
+    }
+
     /// A snapshot of the current header.
     pub fn header(&self) -> Header {
         match self.header.lock() {
@@ -545,6 +606,8 @@ impl Copy {
         let header_same = epoch == h.epoch && role == h.role && writer_epoch == h.writer_epoch;
         let mirrors_same = *self.mirrors() == mirrors && *self.rebuilding() == rebuilding;
         if header_same && mirrors_same {
+            self.membership_known
+                .fetch_max(epoch.0 + 1, Ordering::AcqRel);
             return Ok(());
         }
         // The list first: a crash before the header leaves the old membership with the new
@@ -566,9 +629,23 @@ impl Copy {
             *h = next;
         }
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        if role != CopyRole::Primary {
+            // Another copy is (or will be) primary: its writes reach the mirrors without this
+            // copy's maps, which are void.
+            self.fresh.store(false, Ordering::Release);
+            self.dirty.forget_all();
+        } else if self.fresh.load(Ordering::Acquire) {
+            // In sync since both copies were created empty: a clean map, in place before any
+            // write admitted under this membership can fail on the mirror.
+            for &m in &mirrors {
+                self.dirty.track_clean(m, h.size);
+            }
+        }
         self.role.store(role as u8, Ordering::Release);
         self.epoch.store(epoch.0, Ordering::Release);
         self.writer_epoch.store(writer_epoch.0, Ordering::Release);
+        self.membership_known
+            .fetch_max(epoch.0 + 1, Ordering::AcqRel);
         *self.mirrors.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mirrors);
         *self.rebuilding.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rebuilding);
         Ok(())
@@ -616,6 +693,7 @@ impl Copy {
         let _h = self.lock_header();
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.deleted.store(true, Ordering::Release);
+        self.dirty.forget_all();
     }
 
     /// Whether the copy was deleted.
@@ -799,6 +877,37 @@ impl Copy {
             }
         }
     }
+}
+
+/// A random non-zero u64 (from the kernel's generator; the time and pid if that fails).
+fn random_nonzero() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most `b.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let mut x = u64::from_le_bytes(b);
+    if n != 8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        x = t ^ (u64::from(std::process::id()) << 32);
+    }
+    x.max(1)
+}
+
+/// This machine's boot (from the kernel's boot id): writes a mirror acknowledged but had not
+/// flushed do not survive a reboot, so a primary's map of it is void after one. Without a boot
+/// id, a random value per process (any restart then looks like a reboot).
+fn instance_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|s| u128::from_str_radix(&s.trim().replace('-', ""), 16).ok())
+            .map(|v| (v as u64) ^ ((v >> 64) as u64))
+            .filter(|&v| v != 0)
+            .unwrap_or_else(random_nonzero)
+    })
 }
 
 /// Where a copy's membership list lives: `<id>.members` next to `<id>.keel`.
@@ -1236,7 +1345,51 @@ mod unit_tests {
             u32::from_le_bytes([slot[12], slot[13], slot[14], slot[15]]) as usize,
             HEADER_LEN
         );
-        assert_eq!(HEADER_LEN, 86);
+        assert_eq!(HEADER_LEN, 94);
+        assert_ne!(h.incarnation, 0, "an old copy gets an incarnation");
+        assert_eq!(c.identity().incarnation, h.incarnation);
+    }
+
+    /// Each created copy has its own incarnation, kept across reopening; a fresh primary's
+    /// in-sync mirrors get clean maps, and every map goes when the copy stops being primary.
+    #[test]
+    fn incarnation_is_per_creation_and_maps_follow_the_role() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        let inc = c.identity().incarnation;
+        assert_ne!(inc, 0);
+        assert!(c.fresh());
+        let a: SocketAddr = "127.0.0.1:7501".parse().expect("addr");
+        c.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &[a])
+            .expect("membership");
+        assert_eq!(c.dirty().dirty_count(a), Some(0), "tracked from the start");
+        c.dirty().mark_unacked(0, 512, &[]);
+        assert_eq!(c.dirty().dirty_count(a), Some(1));
+        c.set_membership(CopyRole::Mirror, Epoch(3), Epoch(1), &[])
+            .expect("demoted");
+        assert_eq!(
+            c.dirty().dirty_count(a),
+            None,
+            "maps are void once not primary"
+        );
+        assert!(!c.fresh());
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(c.identity().incarnation, inc);
+        assert_eq!(c.header().incarnation, inc);
+        assert!(!c.fresh(), "opened, not created here");
+        std::fs::remove_file(d.path().join("v.keel")).expect("rm");
+        let again = new_copy(d.path());
+        assert_ne!(
+            again.identity().incarnation,
+            inc,
+            "recreated: another incarnation"
+        );
+        assert_eq!(
+            again.identity().instance,
+            c.identity().instance,
+            "same machine"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! * [`copy`]: one copy's on-disk format and its I/O (see `docs/format.md`).
 //! * [`sync`]: group commit of fdatasync for flushes and FUA writes.
+//! * [`dirty`]: a primary's dirty-chunk maps of its mirrors, for incremental resync.
 //! * [`store`]: the copies in a data directory.
 //! * [`server`]: the mutual-TLS request server (data path and copy administration).
 //! * [`replicate`]: synchronous primary → mirror replication and the mirror-failure hook.
@@ -10,6 +11,7 @@
 
 pub mod copy;
 pub mod daemon;
+pub mod dirty;
 pub mod register;
 pub mod replicate;
 pub mod server;

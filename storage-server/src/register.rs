@@ -155,6 +155,10 @@ impl MirrorFailure for ControllerMirrorFailure {
         Box::pin(self.report("mirror-failed", volume, mirror, epoch))
     }
 
+    fn syncs(&self) -> bool {
+        true
+    }
+
     /// Asks the controller to put a rebuilt mirror in sync (R7).
     fn mirror_synced(
         &self,

@@ -18,14 +18,16 @@
 //! answered `not primary`.
 //!
 //! **Rebuild (R7).** Mirrors the membership lists as being rebuilt get every replicated op as
-//! well, but their failures never block the acknowledgement: they void the mirror's current
-//! copy pass, which starts again from the beginning after a backoff. A background task per
-//! rebuilding mirror ([`Replicator::reconcile_rebuilds`]) copies the volume chunk by chunk at
-//! the primary's epoch, each chunk under its lock ([`Copy::chunk_lock`]) held exclusively from
-//! the local read until the mirror acknowledged it (node mutations hold the same locks shared
-//! around their local I/O and forwarding), throttled per server (concurrency, bandwidth). A
-//! clean pass ends with [`MirrorFailure::mirror_synced`]; progress is
-//! [`Replicator::rebuild_progress`].
+//! well, but their failures never block the acknowledgement: they mark the op's chunks dirty
+//! and void the mirror's current copy pass, which starts again over the dirty chunks after a
+//! backoff. A background task per rebuilding mirror ([`Replicator::reconcile_rebuilds`])
+//! copies chunks at the primary's epoch, each under its lock ([`Copy::chunk_lock`]) held
+//! exclusively from the local read until the mirror acknowledged it (node mutations hold the
+//! same locks shared around their local I/O, forwarding and dirty marking), throttled per
+//! server (concurrency, bandwidth). Which chunks: the copy's dirty-chunk map of the mirror
+//! ([`crate::dirty`]) if the mirror still holds the copy the map was started for (asked with a
+//! ping at the start and again after the final flush), every chunk otherwise. A clean pass
+//! ends with [`MirrorFailure::mirror_synced`]; progress is [`Replicator::rebuild_progress`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls::ClientConfig;
 
 use crate::copy::{Copy, CopyRole, CHUNK_SIZE};
+use crate::dirty::CopyIdentity;
 
 /// Default time a mirror has to answer one replicated request (connecting included).
 pub const DEFAULT_REPLICATION_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -100,6 +103,14 @@ pub trait MirrorFailure: Send + Sync {
         mirror: SocketAddr,
         epoch: Epoch,
     ) -> BoxFuture<'_, Result<NewMembership, Refused>>;
+
+    /// Whether [`MirrorFailure::mirror_synced`] can put a mirror in sync (a controller is
+    /// asked). While a primary asks, a write at that epoch is acknowledged only if the mirror
+    /// acknowledged it too (the controller may already have put the mirror in sync). The
+    /// default (no controller) is false.
+    fn syncs(&self) -> bool {
+        false
+    }
 
     fn mirror_synced(
         &self,
@@ -215,8 +226,22 @@ impl Replicator {
 
     /// Sends `req` to every mirror in parallel; returns the mirrors that did not answer `ok`.
     pub async fn send_all(&self, mirrors: &[SocketAddr], req: &Request) -> Vec<SocketAddr> {
+        self.send_all_status(mirrors, req)
+            .await
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect()
+    }
+
+    /// [`Replicator::send_all`], with the status each failed mirror answered (`None`: no
+    /// answer).
+    pub async fn send_all_status(
+        &self,
+        mirrors: &[SocketAddr],
+        req: &Request,
+    ) -> Vec<(SocketAddr, Option<Status>)> {
         let Some(tls) = self.cfg.client_tls.clone() else {
-            return mirrors.to_vec();
+            return mirrors.iter().map(|&m| (m, None)).collect();
         };
         let timeout = self.cfg.timeout;
         let calls: Vec<_> = mirrors
@@ -232,14 +257,17 @@ impl Replicator {
             .collect();
         let mut failed = Vec::new();
         for (m, h) in calls {
-            let outcome = match h.await {
+            let (outcome, status) = match h.await {
                 Ok(Ok(resp)) if resp.status == Status::Ok => continue,
-                Ok(Ok(resp)) => format!("answered {} (mirror epoch {})", resp.status, resp.epoch),
-                Ok(Err(e)) => e,
-                Err(e) => format!("task failed: {e}"),
+                Ok(Ok(resp)) => (
+                    format!("answered {} (mirror epoch {})", resp.status, resp.epoch),
+                    Some(resp.status),
+                ),
+                Ok(Err(e)) => (e, None),
+                Err(e) => (format!("task failed: {e}"), None),
             };
             tracing::warn!(volume = %req.volume, mirror = %m, op = ?req.op, epoch = %req.epoch, error = %outcome, "mirror failed a replicated request");
-            failed.push(m);
+            failed.push((m, status));
         }
         failed
     }
@@ -416,7 +444,19 @@ impl MirrorConn {
 
     /// Sends one request and waits for its answer, all within `timeout`. On a timeout the
     /// connection is dropped (it is stuck, or the mirror is), so the next call reconnects.
-    async fn call(&self, mut req: Request, timeout: Duration) -> Result<Response, String> {
+    async fn call(&self, req: Request, timeout: Duration) -> Result<Response, String> {
+        self.call_with(req, timeout, true).await
+    }
+
+    /// [`MirrorConn::call`]; `kill_on_timeout` false leaves the connection alone after a
+    /// timeout (a background query must not fail the writes sharing it early: they have
+    /// timeouts of their own).
+    async fn call_with(
+        &self,
+        mut req: Request,
+        timeout: Duration,
+        kill_on_timeout: bool,
+    ) -> Result<Response, String> {
         let attempt = async {
             let s = self.session().await?;
             let id = s.next_id.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +482,9 @@ impl MirrorConn {
             Ok(r) => r,
             Err(_) => {
                 // Drop the connection unless another caller is busy making a new one.
+                if !kill_on_timeout {
+                    return Err(format!("no answer within {timeout:?}"));
+                }
                 if let Ok(mut slot) = self.session.try_lock() {
                     if let Some(s) = slot.take() {
                         s.kill();
@@ -460,12 +503,20 @@ pub struct RebuildProgress {
     pub mirror: SocketAddr,
     /// The epoch of the current copy pass.
     pub epoch: Epoch,
-    /// Bytes of the volume copied (or found to be holes) in the current pass.
+    /// Bytes of the volume copied (or found to be holes, or, in an incremental pass, already
+    /// on the mirror) in the current pass: the pass walks the volume in order.
     pub copied: u64,
     /// The volume's size.
     pub total: u64,
     /// Every byte copied and every later write forwarded: waiting to be put in sync.
     pub done: bool,
+    /// The current pass copies only the chunks dirtied since the mirror's copy last held the
+    /// primary's data (its dirty-chunk map), not every chunk.
+    pub incremental: bool,
+    /// Chunks the current pass must copy (all of them in a full pass).
+    pub chunks_to_copy: u64,
+    /// Of those, chunks copied so far.
+    pub chunks_copied: u64,
 }
 
 /// One rebuild's shared state: the copy task updates it, replicated writes flag failures.
@@ -475,9 +526,25 @@ struct RebuildState {
     copied: AtomicU64,
     total: AtomicU64,
     done: AtomicBool,
-    /// A forwarded write failed on the mirror in the current pass: the mirror missed it, so
-    /// the pass is void and starts again (forwarding pauses until then).
+    /// A forwarded write failed on the mirror in the current pass: the mirror missed it (its
+    /// chunks are dirty), so the pass stops and starts again over the dirty chunks (forwarding
+    /// pauses until then; writes not sent mark their chunks dirty).
     failed: AtomicBool,
+    incremental: AtomicBool,
+    /// 1 + the epoch at which this primary asked to put the mirror in sync (0: never): ops
+    /// admitted at that epoch are acknowledged only with the mirror's acknowledgement.
+    syncing_at: AtomicU64,
+    chunks_to_copy: AtomicU64,
+    chunks_copied: AtomicU64,
+}
+
+impl RebuildState {
+    /// Whether this primary asked to put the mirror in sync at `epoch` or later: an op
+    /// admitted at `epoch` must then reach the mirror to be acknowledged.
+    fn syncing_covers(&self, epoch: Epoch) -> bool {
+        let at = self.syncing_at.load(Ordering::SeqCst);
+        at != 0 && epoch.0 < at
+    }
 }
 
 impl Replicator {
@@ -493,31 +560,49 @@ impl Replicator {
                 copied: st.copied.load(Ordering::Acquire),
                 total: st.total.load(Ordering::Acquire),
                 done: st.done.load(Ordering::Acquire),
+                incremental: st.incremental.load(Ordering::Acquire),
+                chunks_to_copy: st.chunks_to_copy.load(Ordering::Acquire),
+                chunks_copied: st.chunks_copied.load(Ordering::Acquire),
             })
             .collect();
         v.sort_by_key(|p| (p.volume.0, p.mirror));
         v
     }
 
-    /// Whether a forwarded op should go to the rebuilding `mirror` (not while its pass is
-    /// void: the next pass copies everything anyway).
-    pub fn forward_to_rebuilding(&self, volume: VolumeId, mirror: SocketAddr) -> bool {
+    /// Whether a forwarded op admitted at `epoch` should go to the rebuilding `mirror`: not
+    /// while its pass is void (the op marks its chunks dirty instead), unless this primary
+    /// asked at `epoch` to put the mirror in sync (then the op must reach it).
+    pub fn forward_to_rebuilding(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> bool {
         let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&(volume, mirror))
-            .is_none_or(|st| !st.failed.load(Ordering::Acquire))
+            .is_none_or(|st| !st.failed.load(Ordering::SeqCst) || st.syncing_covers(epoch))
     }
 
     /// A forwarded op admitted at `epoch` failed on the rebuilding `mirror`: its current pass
-    /// (if at `epoch` or older) is void and starts again. Never blocks an acknowledgement.
-    pub fn rebuild_forward_failed(&self, volume: VolumeId, mirror: SocketAddr, epoch: Epoch) {
+    /// (if at `epoch` or older) is void and starts again over the dirty chunks. True if the op
+    /// must not be acknowledged: this primary asked at `epoch` to put the mirror in sync, and
+    /// the controller may have done so already (the mirror, at the new epoch, refuses it).
+    pub fn rebuild_forward_failed(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> bool {
         let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(st) = map.get(&(volume, mirror)) {
-            if epoch.0 >= st.epoch.load(Ordering::Acquire) {
-                st.failed.store(true, Ordering::Release);
-                st.done.store(false, Ordering::Release);
-                tracing::warn!(%volume, %mirror, %epoch, "rebuilding mirror missed a forwarded write; its rebuild starts again");
-            }
+        let Some(st) = map.get(&(volume, mirror)) else {
+            return false;
+        };
+        if epoch.0 >= st.epoch.load(Ordering::Acquire) {
+            st.failed.store(true, Ordering::SeqCst);
+            st.done.store(false, Ordering::Release);
+            tracing::warn!(%volume, %mirror, %epoch, "rebuilding mirror missed a forwarded write; its rebuild starts again over the dirty chunks");
         }
+        st.syncing_covers(epoch)
     }
 
     /// Starts a rebuild task for every mirror `copy` is rebuilding that has none (after a
@@ -525,6 +610,9 @@ impl Replicator {
     pub fn reconcile_rebuilds(self: &Arc<Self>, copy: &Arc<Copy>) {
         if copy.is_deleted() || copy.role() != CopyRole::Primary {
             return;
+        }
+        if copy.fresh() {
+            self.track_fresh_mirrors(copy);
         }
         let mut map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
         for &m in copy.rebuilding().iter() {
@@ -536,6 +624,37 @@ impl Replicator {
             map.insert(key, st.clone());
             let (repl, copy) = (self.clone(), copy.clone());
             tokio::spawn(async move { repl.rebuild_task(copy, m, st).await });
+        }
+    }
+
+    /// A copy created empty here as a primary, with in-sync mirrors (created with it): their
+    /// maps started clean when the membership was applied ([`Copy::set_membership_rebuilding`]);
+    /// each mirror's identity is asked for in the background (a map without one is never used,
+    /// nor one that was marked before the answer came).
+    fn track_fresh_mirrors(self: &Arc<Self>, copy: &Arc<Copy>) {
+        let Some(tls) = self.cfg.client_tls.clone() else {
+            return;
+        };
+        for &m in copy.mirrors().iter() {
+            if copy.dirty().identity(m).is_some() || copy.dirty().dirty_count(m) != Some(0) {
+                continue;
+            }
+            let conn = self.conn(m, &tls);
+            let (copy, timeout) = (copy.clone(), self.cfg.timeout.max(Duration::from_secs(2)));
+            tokio::spawn(async move {
+                match query_identity(&conn, copy.volume(), copy.epoch(), timeout).await {
+                    Ok(Some(id)) => {
+                        let kept = copy.dirty().learned(m, id);
+                        tracing::info!(volume = %copy.volume(), mirror = %m, kept, "tracking mirror for incremental resync");
+                    }
+                    Ok(None) => {
+                        tracing::info!(volume = %copy.volume(), mirror = %m, "mirror did not say which copy it holds; its resync will be full")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %copy.volume(), mirror = %m, error = %e, "could not ask the mirror which copy it holds; its resync will be full")
+                    }
+                }
+            });
         }
     }
 
@@ -580,16 +699,20 @@ impl Replicator {
             st.copied.store(0, Ordering::Release);
             st.total.store(copy.size(), Ordering::Release);
             st.done.store(false, Ordering::Release);
-            st.failed.store(false, Ordering::Release);
-            tracing::info!(%volume, %mirror, %epoch, size = copy.size(), "rebuild started");
+            st.chunks_copied.store(0, Ordering::Release);
             let started = Instant::now();
             let pass = self.copy_pass(&copy, mirror, &st, epoch).await;
             drop(_slot);
-            let clean = pass.is_ok() && !st.failed.load(Ordering::Acquire) && copy.epoch() == epoch;
+            let left = copy.dirty().dirty_count(mirror).unwrap_or(u64::MAX);
+            let clean = pass.is_ok()
+                && !st.failed.load(Ordering::Acquire)
+                && copy.epoch() == epoch
+                && copy.size() == st.total.load(Ordering::Acquire)
+                && left == 0;
             if !clean {
-                let why = pass
-                    .err()
-                    .unwrap_or_else(|| "membership changed or a forwarded write failed".into());
+                let why = pass.err().unwrap_or_else(|| {
+                    format!("membership changed or a forwarded write failed ({left} chunks dirty)")
+                });
                 tracing::warn!(%volume, %mirror, %epoch, error = %why, retry_in = ?backoff, "rebuild pass failed; starting again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -598,8 +721,10 @@ impl Replicator {
             backoff = Duration::from_millis(100);
             st.done.store(true, Ordering::Release);
             let secs = started.elapsed().as_secs_f64();
-            let mib = copy.size() as f64 / f64::from(1u32 << 20);
-            tracing::info!(%volume, %mirror, %epoch, seconds = secs, mib_per_sec = mib / secs.max(1e-9), "rebuild copy complete");
+            let chunks = st.chunks_copied.load(Ordering::Acquire);
+            let mib =
+                (chunks * u64::from(CHUNK_SIZE)).min(copy.size()) as f64 / f64::from(1u32 << 20);
+            tracing::info!(%volume, %mirror, %epoch, incremental = st.incremental.load(Ordering::Acquire), chunks, seconds = secs, mib_per_sec = mib / secs.max(1e-9), "rebuild copy complete");
             // Ask to be put in sync; while the answer is no, keep forwarding and ask again.
             let mut ask_in = Duration::ZERO;
             loop {
@@ -611,6 +736,14 @@ impl Replicator {
                     break;
                 }
                 if ask_in.is_zero() || ask_in >= Duration::from_secs(5) {
+                    if self.cfg.failure.syncs() {
+                        // From here a write at `epoch` the mirror misses is not acknowledged
+                        // (checked against `failed` in the other order by the writes).
+                        st.syncing_at.store(epoch.0 + 1, Ordering::SeqCst);
+                        if st.failed.load(Ordering::SeqCst) {
+                            break;
+                        }
+                    }
                     match self.cfg.failure.mirror_synced(volume, mirror, epoch).await {
                         Ok(m) => {
                             tracing::info!(%volume, %mirror, new_epoch = %m.epoch, "rebuilt mirror put in sync")
@@ -643,8 +776,10 @@ impl Replicator {
         tokio::time::sleep_until(start.into()).await;
     }
 
-    /// Copies every chunk of `copy` to `mirror` at `epoch`, each under its chunk lock held
-    /// exclusively from the local read until the mirror acknowledged it.
+    /// Copies the chunks of `copy` that `mirror` needs at `epoch` (the dirty ones, if the
+    /// mirror holds the copy its map was started for; every one otherwise), each under its
+    /// chunk lock held exclusively from the local read until the mirror acknowledged it, then
+    /// flushes the mirror and checks its copy is still the same one.
     async fn copy_pass(
         &self,
         copy: &Arc<Copy>,
@@ -656,14 +791,37 @@ impl Replicator {
             return Err("this server cannot replicate (no client certificate)".into());
         };
         let conn = self.conn(mirror, &tls);
+        let volume = copy.volume();
+        let timeout = self.cfg.timeout.max(Duration::from_secs(10));
+        let identity = query_identity(&conn, volume, epoch, timeout)
+            .await
+            .map_err(|e| format!("asking the mirror which copy it holds: {e}"))?;
+        // Forwarding resumes now: from here every write reaches the mirror or marks its
+        // chunks dirty, and the plan below includes every chunk dirty so far.
+        st.failed.store(false, Ordering::Release);
         let size = copy.size();
+        let plan = copy.dirty().start_pass(mirror, identity, size);
+        st.incremental.store(plan.incremental, Ordering::Release);
+        st.chunks_to_copy
+            .store(plan.chunks.len() as u64, Ordering::Release);
+        tracing::info!(
+            %volume, %mirror, %epoch, size,
+            incremental = plan.incremental,
+            chunks_to_copy = plan.chunks.len(),
+            chunks_in_volume = crate::dirty::chunks_of(size),
+            "rebuild started"
+        );
         let chunk = u64::from(CHUNK_SIZE);
-        let mut off = 0u64;
         let mut id = 0u64;
-        while off < size {
+        for &c in &plan.chunks {
+            let off = c * chunk;
+            if off >= size {
+                break;
+            }
             if copy.epoch() != epoch || st.failed.load(Ordering::Acquire) || copy.is_deleted() {
                 return Err("membership changed or a forwarded write failed".into());
             }
+            st.copied.store(off, Ordering::Release);
             let len = (size - off).min(chunk);
             let data = copy.may_have_data(off, len);
             if data {
@@ -672,55 +830,108 @@ impl Replicator {
             let shard = copy.chunk_lock_shards(off, len)[0];
             let lock = copy.chunk_lock(shard);
             let guard = lock.write_owned().await;
+            // Clean before the read: a write landing after it marks the chunk again.
+            copy.dirty().take_chunk(mirror, c);
             id += 1;
-            let mut req = Request::new(
-                if data {
-                    keel_proto::Op::Write
-                } else {
-                    keel_proto::Op::WriteZeroes
-                },
-                id,
-                copy.volume(),
-                epoch,
-            );
-            req.offset = off;
-            req.length = len as u32;
-            if data {
-                let c = copy.clone();
-                let buf = tokio::task::spawn_blocking(move || {
-                    let mut b = vec![0u8; len as usize];
-                    c.read(off, &mut b).map(|()| b)
-                })
-                .await
-                .map_err(|e| format!("read task failed: {e}"))?
-                .map_err(|e| format!("reading chunk at {off}: {e}"))?;
-                req.crc = keel_proto::frame::checksum(&buf);
-                req.payload = buf;
-            }
-            let timeout = self.cfg.timeout.max(Duration::from_secs(10));
-            match conn.call(req, timeout).await {
-                Ok(r) if r.status == Status::Ok => {}
-                Ok(r) => {
-                    return Err(format!(
-                        "mirror answered {} (mirror epoch {}) at offset {off}",
-                        r.status, r.epoch
-                    ))
-                }
-                Err(e) => return Err(format!("at offset {off}: {e}")),
+            let sent = self
+                .copy_chunk(copy, &conn, epoch, id, off, len, data, timeout)
+                .await;
+            if let Err(e) = sent {
+                copy.dirty().mark_chunk(mirror, c);
+                return Err(e);
             }
             drop(guard);
-            off += len;
-            st.copied.store(off, Ordering::Release);
+            st.chunks_copied.fetch_add(1, Ordering::AcqRel);
+            st.copied.store(off + len, Ordering::Release);
         }
+        st.copied.store(size, Ordering::Release);
         // Make the copy durable on the mirror before it counts as in sync.
-        let req = Request::new(keel_proto::Op::Flush, id + 1, copy.volume(), epoch);
-        match conn
-            .call(req, self.cfg.timeout.max(Duration::from_secs(10)))
+        let req = Request::new(keel_proto::Op::Flush, id + 1, volume, epoch);
+        match conn.call(req, timeout).await {
+            Ok(r) if r.status == Status::Ok => {}
+            Ok(r) => {
+                if r.status == Status::IoError {
+                    copy.dirty().forget(mirror);
+                }
+                return Err(format!("mirror answered flush with {}", r.status));
+            }
+            Err(e) => return Err(format!("flush: {e}")),
+        }
+        // The copy written is the one the pass was planned for (not deleted and recreated, nor
+        // its server rebooted, meanwhile).
+        let after = query_identity(&conn, volume, epoch, timeout)
             .await
-        {
+            .map_err(|e| format!("asking the mirror which copy it holds: {e}"))?;
+        if after.is_none() || after != identity {
+            copy.dirty().forget(mirror);
+            return Err("the mirror's copy changed during the pass; copying it whole".into());
+        }
+        Ok(())
+    }
+
+    /// Sends one chunk (`[off, off + len)`, read now) to the mirror as a write, or as
+    /// write-zeroes if it is all hole.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_chunk(
+        &self,
+        copy: &Arc<Copy>,
+        conn: &MirrorConn,
+        epoch: Epoch,
+        id: u64,
+        off: u64,
+        len: u64,
+        data: bool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let op = if data {
+            keel_proto::Op::Write
+        } else {
+            keel_proto::Op::WriteZeroes
+        };
+        let mut req = Request::new(op, id, copy.volume(), epoch);
+        req.offset = off;
+        req.length = len as u32;
+        if data {
+            let c = copy.clone();
+            let buf = tokio::task::spawn_blocking(move || {
+                let mut b = vec![0u8; len as usize];
+                c.read(off, &mut b).map(|()| b)
+            })
+            .await
+            .map_err(|e| format!("read task failed: {e}"))?
+            .map_err(|e| format!("reading chunk at {off}: {e}"))?;
+            req.crc = keel_proto::frame::checksum(&buf);
+            req.payload = buf;
+        }
+        match conn.call(req, timeout).await {
             Ok(r) if r.status == Status::Ok => Ok(()),
-            Ok(r) => Err(format!("mirror answered flush with {}", r.status)),
-            Err(e) => Err(format!("flush: {e}")),
+            Ok(r) => {
+                if r.status == Status::IoError {
+                    // Its disk failed: what it acknowledged before may be lost.
+                    copy.dirty().forget(conn.addr);
+                }
+                Err(format!(
+                    "mirror answered {} (mirror epoch {}) at offset {off}",
+                    r.status, r.epoch
+                ))
+            }
+            Err(e) => Err(format!("at offset {off}: {e}")),
         }
     }
+}
+
+/// Asks the mirror which copy of `volume` it holds (a ping from a storage peer, answered with
+/// the copy's identity): `Ok(None)` if it does not say (an older server, or no such copy).
+async fn query_identity(
+    conn: &MirrorConn,
+    volume: VolumeId,
+    epoch: Epoch,
+    timeout: Duration,
+) -> Result<Option<CopyIdentity>, String> {
+    let req = Request::new(keel_proto::Op::Ping, 0, volume, epoch);
+    let r = conn.call_with(req, timeout, false).await?;
+    if r.status != Status::Ok || !r.crc_ok() {
+        return Ok(None);
+    }
+    Ok(CopyIdentity::decode(&r.payload))
 }

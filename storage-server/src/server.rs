@@ -235,7 +235,15 @@ async fn serve_conn(
                 }
             }
             Ok(Next::Ping) => {
-                let resp = Response::status(Status::Ok, req.request_id, store_epoch(&store, &req));
+                let mut resp =
+                    Response::status(Status::Ok, req.request_id, store_epoch(&store, &req));
+                if peer.role == Role::Storage {
+                    // A primary asking who this copy is (incremental resync, R7).
+                    if let Some(c) = store.get(req.volume).filter(|c| !c.is_deleted()) {
+                        resp.payload = c.identity().encode();
+                        resp.crc = checksum(&resp.payload);
+                    }
+                }
                 if !tx.send(op, length, resp) {
                     break Ok(());
                 }
@@ -326,6 +334,19 @@ enum Next {
     Replicate(Arc<Copy>),
 }
 
+/// Whether an op changes data (what a dirty-chunk map records).
+fn mutation(op: Op) -> bool {
+    matches!(op, Op::Write | Op::WriteZeroes | Op::Discard)
+}
+
+/// A node's mutation applied on the local path only (the copy had no mirror to send it to):
+/// dirty for every mirror the copy tracks (a dropped mirror, R7).
+fn mark_local(copy: &Copy, req_op: Op, offset: u64, len: u32, peer: Role) {
+    if peer == Role::Node && mutation(req_op) {
+        copy.dirty().mark_unacked(offset, u64::from(len), &[]);
+    }
+}
+
 /// Whether a node's op must reach the primary's mirrors before it is acknowledged.
 fn replicated_op(op: Op) -> bool {
     matches!(op, Op::Write | Op::WriteZeroes | Op::Discard | Op::Flush)
@@ -399,9 +420,11 @@ fn needs_mirrors(req: &Request, peer: Role, a: &crate::copy::Admitted<'_>) -> bo
 /// the failure handler; `not primary` if a failed mirror could not be dropped.
 ///
 /// Mirrors being rebuilt (R7) get the op too, but their failures never block the answer: the
-/// rebuild is voided and starts again. The op holds its chunks' rebuild locks (shared) from
-/// before the local I/O until every mirror answered, so a rebuild's copy of a chunk is never
-/// older than a write forwarded to the same chunk.
+/// rebuild's pass is voided and starts again over the dirty chunks. Every mirror the copy
+/// tracks ([`crate::dirty`]) that did not acknowledge the op (failed, or not sent to) gets its
+/// chunks marked dirty. The op holds its chunks' rebuild locks (shared) from before the local
+/// I/O until every mirror answered and the marks are made, so a rebuild's copy of a chunk is
+/// never older than a write forwarded to the same chunk, and never clears a newer mark.
 async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response {
     let mut chunk_guards = Vec::new();
     if req.op.has_range() {
@@ -427,24 +450,55 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
                 resp
             }
         });
+    let mut acked: Option<Vec<std::net::SocketAddr>> = None;
+    let mut disk_failed = Vec::new();
+    // Rebuilding mirrors this primary asked to put in sync at the op's epoch that missed it.
+    let mut refuse_for = Vec::new();
     let (epoch, failed) = match snap_rx.await {
         Ok((epoch, mirrors, rebuilding)) => {
             let rebuilding: Vec<_> = rebuilding
                 .iter()
                 .copied()
-                .filter(|&m| repl.forward_to_rebuilding(copy.volume(), m))
+                .filter(|&m| {
+                    // Until this primary is told this epoch's membership, a rebuilding mirror
+                    // may be in sync already (see below): every op must reach it.
+                    repl.forward_to_rebuilding(copy.volume(), m, epoch)
+                        || !copy.membership_known_at(epoch)
+                })
                 .collect();
             let targets: Vec<_> = mirrors.iter().chain(rebuilding.iter()).copied().collect();
             mirror_req.epoch = epoch;
             let failed = if targets.is_empty() {
                 Vec::new()
             } else {
-                repl.send_all(&targets, &mirror_req).await
+                repl.send_all_status(&targets, &mirror_req).await
             };
+            // A mirror answering `io error` may have lost writes it acknowledged (a failed
+            // write-back fails its copy, and a restart clears that): its map is void.
+            disk_failed = failed
+                .iter()
+                .filter(|(_, st)| *st == Some(Status::IoError))
+                .map(|&(m, _)| m)
+                .collect();
+            let failed: Vec<_> = failed.into_iter().map(|(m, _)| m).collect();
+            acked = Some(
+                targets
+                    .iter()
+                    .copied()
+                    .filter(|m| !failed.contains(m))
+                    .collect(),
+            );
             let (rebuild_failed, failed): (Vec<_>, Vec<_>) =
                 failed.into_iter().partition(|m| rebuilding.contains(m));
             for m in rebuild_failed {
-                repl.rebuild_forward_failed(copy.volume(), m, epoch);
+                // Blocking (R7) when this primary asked to put the mirror in sync, and when
+                // it has not been told this epoch's membership since it started (it may have
+                // asked before a crash, and the controller may have said yes).
+                if repl.rebuild_forward_failed(copy.volume(), m, epoch)
+                    || !copy.membership_known_at(epoch)
+                {
+                    refuse_for.push(m);
+                }
             }
             (epoch, failed)
         }
@@ -457,9 +511,31 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
             Response::status(Status::IoError, mirror_req.request_id, copy.epoch())
         }
     };
+    // Applied here (or maybe partly, if it failed): every tracked mirror that did not
+    // acknowledge it has these chunks dirty, before the chunk locks go (a resync pass copies
+    // a chunk under its lock, clearing its bit first).
+    if let Some(acked) = acked {
+        if mutation(mirror_req.op) {
+            copy.dirty()
+                .mark_unacked(mirror_req.offset, u64::from(mirror_req.length), &acked);
+        }
+    }
+    for m in disk_failed {
+        copy.dirty().forget(m);
+    }
     drop(chunk_guards);
     if resp.status != Status::Ok {
         return resp;
+    }
+    // A rebuilding mirror that may already be in the controller's in-sync set missed the op:
+    // like an in-sync mirror's failure, the op is acknowledged only once the controller
+    // dropped it at a newer epoch; if the controller moved on (it put the mirror in sync), the
+    // answer is `not primary` and the node retries once this primary has the new membership.
+    for m in refuse_for {
+        tracing::warn!(volume = %copy.volume(), mirror = %m, %epoch, "a mirror that may be in sync missed a write; asking the controller to drop it");
+        if !repl.mirror_failed(&copy, m, epoch).await {
+            return Response::status(Status::NotPrimary, resp.request_id, copy.epoch());
+        }
     }
     for m in failed {
         if !repl.mirror_failed(&copy, m, epoch).await {
@@ -508,13 +584,18 @@ fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request
                 _ => Err(req),
             }
         }
-        Op::Write => match copy.try_write_cached(req.offset, &req.payload) {
-            Ok(true) => Ok(Response::status(Status::Ok, req.request_id, epoch)),
-            // Where the filesystem cannot tell whether a write would block, a small buffered
-            // write into the page cache is still done here, with the runtime told that this
-            // worker may block for a moment (dirty-page throttling).
-            _ => Ok(tokio::task::block_in_place(|| perform(copy, req))),
-        },
+        Op::Write => {
+            let (offset, len) = (req.offset, req.length);
+            let resp = match copy.try_write_cached(req.offset, &req.payload) {
+                Ok(true) => Response::status(Status::Ok, req.request_id, epoch),
+                // Where the filesystem cannot tell whether a write would block, a small
+                // buffered write into the page cache is still done here, with the runtime told
+                // that this worker may block for a moment (dirty-page throttling).
+                _ => tokio::task::block_in_place(|| perform(copy, req)),
+            };
+            mark_local(copy, Op::Write, offset, len, peer);
+            Ok(resp)
+        }
         _ => Err(req),
     }
 }
@@ -525,7 +606,12 @@ fn execute(copy: &Copy, req: Request, peer: Role) -> Response {
         Ok(a) if needs_mirrors(&req, peer, &a) => {
             Response::status(Status::NotPrimary, req.request_id, a.epoch)
         }
-        Ok(_admitted) => perform(copy, req),
+        Ok(_admitted) => {
+            let (op, offset, len) = (req.op, req.offset, req.length);
+            let resp = perform(copy, req);
+            mark_local(copy, op, offset, len, peer);
+            resp
+        }
         Err(r) => refusal(&req, r),
     }
 }

@@ -1,5 +1,6 @@
 //! In-process primary and mirror: the mirror-failure handler's answer decides whether an op
-//! whose mirror failed is acknowledged.
+//! whose mirror failed is acknowledged, and a mirror being put in sync misses no acknowledged
+//! write.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,8 +12,10 @@ use keel_proto::io::{connect, read_frame, ClientStream};
 use keel_proto::tls::{client_config, server_config, TlsPaths};
 use keel_proto::{Epoch, Frame, Op, Request, Role, Status, VolumeId};
 use keel_storage::copy::CopyRole;
-use keel_storage::replicate::{BoxFuture, MirrorFailure, NewMembership, Refused, Replication};
-use keel_storage::server::{serve, serve_with, Stats};
+use keel_storage::replicate::{
+    BoxFuture, MirrorFailure, NewMembership, Refused, Replication, Replicator,
+};
+use keel_storage::server::{serve, serve_shared, serve_with, Stats};
 use keel_storage::store::Store;
 use tokio::io::AsyncWriteExt;
 
@@ -229,4 +232,201 @@ async fn a_dropped_mirror_lets_the_op_be_acknowledged_a_refused_one_does_not() {
     assert!(p.mirrors().is_empty());
     assert_eq!(p.epoch(), Epoch(11));
     assert_eq!(handler.calls.load(Ordering::SeqCst), 4);
+}
+
+/// Plays the controller putting a rebuilt mirror in sync: pushes the new epoch to the mirror
+/// first, then waits for `release` before pushing it (with the mirror in sync) to the primary.
+/// Refuses to drop mirrors (the epoch the primary names has moved on).
+struct SyncMirrorFirst {
+    primary: Arc<Store>,
+    mirror: Arc<Store>,
+    asked: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl MirrorFailure for SyncMirrorFirst {
+    fn mirror_failed(
+        &self,
+        _volume: VolumeId,
+        _mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            Err(Refused {
+                reason: format!("epoch {epoch} is old"),
+            })
+        })
+    }
+
+    fn syncs(&self) -> bool {
+        true
+    }
+
+    fn mirror_synced(
+        &self,
+        volume: VolumeId,
+        mirror: SocketAddr,
+        epoch: Epoch,
+    ) -> BoxFuture<'_, Result<NewMembership, Refused>> {
+        Box::pin(async move {
+            let next = Epoch(epoch.0 + 1);
+            let m = self.mirror.get(volume).expect("mirror copy");
+            m.set_membership(CopyRole::Mirror, next, Epoch(1), &[])
+                .expect("mirror first");
+            self.asked.notify_one();
+            self.release.notified().await;
+            let p = self.primary.get(volume).expect("primary copy");
+            p.set_membership(CopyRole::Primary, next, Epoch(1), &[mirror])
+                .expect("then the primary");
+            Ok(NewMembership {
+                epoch: next,
+                mirrors: vec![mirror],
+            })
+        })
+    }
+}
+
+/// R7: between the controller putting a rebuilt mirror in sync (the mirror at the new epoch
+/// already) and the primary learning it, a write the mirror refuses is answered `not primary`,
+/// never `ok` without it; once the primary runs the new membership, writes are acknowledged
+/// with the mirror. Without that rule the mirror would be in sync missing an acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_missed_by_a_mirror_being_put_in_sync_is_not_acknowledged() {
+    let d = tempfile::tempdir().expect("tmp");
+    let pki = d.path().join("pki");
+    keel_proto::pki::init_ca(&pki).expect("ca");
+    let mirror = Arc::new(Store::open(&d.path().join("m")).expect("store"));
+    let maddr = start(&pki, "m", mirror.clone(), None).await;
+    let primary = Arc::new(Store::open(&d.path().join("p")).expect("store"));
+    let handler = Arc::new(SyncMirrorFirst {
+        primary: primary.clone(),
+        mirror: mirror.clone(),
+        asked: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    keel_proto::pki::issue(&pki, Role::Storage, "p", &[]).expect("issue");
+    let paths = TlsPaths::in_dir(&pki, "storage-p");
+    let repl = Arc::new(Replicator::new(Replication {
+        client_tls: Some(client_config(&paths).expect("client tls")),
+        timeout: Duration::from_millis(1000),
+        failure: handler.clone(),
+        ..Replication::default()
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let paddr = listener.local_addr().expect("addr");
+    let tls = server_config(&paths).expect("tls");
+    tokio::spawn(serve_shared(
+        listener,
+        primary.clone(),
+        tls,
+        Arc::new(Stats::default()),
+        repl.clone(),
+    ));
+    mirror
+        .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
+        .expect("mirror copy");
+    let p = primary
+        .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+        .expect("primary copy");
+    p.write(0, &[5; 4096]).expect("data");
+    p.set_membership_rebuilding(CopyRole::Primary, Epoch(2), Epoch(1), &[], &[maddr])
+        .expect("membership");
+    repl.reconcile_rebuilds(&p);
+    // The copy pass ends and the primary asks; the "controller" has pushed the mirror only.
+    handler.asked.notified().await;
+    keel_proto::pki::issue(&pki, Role::Node, "n", &[]).expect("issue");
+    let ncfg = client_config(&TlsPaths::in_dir(&pki, "node-n")).expect("tls");
+    let (mut n, _) = connect(paddr, ncfg, Role::Storage).await.expect("connect");
+    assert_eq!(
+        call(&mut n, write(1, 1, 8192, vec![6; 4096])).await.0,
+        Status::NotPrimary,
+        "the mirror refused it (stale epoch): not acknowledged"
+    );
+    handler.release.notify_one();
+    for _ in 0..100 {
+        if p.epoch() == Epoch(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((p.epoch(), (*p.mirrors()).clone()), (Epoch(3), vec![maddr]));
+    assert_eq!(
+        call(&mut n, write(2, 1, 8192, vec![7; 4096])).await.0,
+        Status::Ok
+    );
+    let mut b = vec![0u8; 12288];
+    mirror
+        .get(VOL)
+        .expect("copy")
+        .read(0, &mut b)
+        .expect("read");
+    assert_eq!(&b[..4096], &[5; 4096][..], "copied by the rebuild");
+    assert_eq!(
+        &b[8192..],
+        &[7; 4096][..],
+        "the acknowledged write is on the mirror"
+    );
+}
+
+/// R7 across a primary restart: the primary asked to put its rebuilding mirror in sync, the
+/// controller said yes and pushed the mirror first (epoch 3), and the primary crashed before
+/// its own push. Restarted at epoch 2 with the mirror still `rebuilding` on its disk, it
+/// cannot know that the mirror is in sync, so a write the mirror misses (it refuses epoch 2)
+/// is acknowledged only if the controller drops the mirror; while the controller refuses (it
+/// had put the mirror in sync), the answer is `not primary`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_acknowledges_no_write_its_rebuilding_mirror_missed_unless_dropped() {
+    let d = tempfile::tempdir().expect("tmp");
+    let pki = d.path().join("pki");
+    keel_proto::pki::init_ca(&pki).expect("ca");
+    let mirror = Arc::new(Store::open(&d.path().join("m")).expect("store"));
+    let maddr = start(&pki, "m", mirror.clone(), None).await;
+    mirror
+        .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(3))
+        .expect("mirror copy");
+    {
+        // Before the crash.
+        let before = Store::open(&d.path().join("p")).expect("store");
+        let p = before
+            .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("primary copy");
+        p.set_membership_rebuilding(CopyRole::Primary, Epoch(2), Epoch(1), &[], &[maddr])
+            .expect("membership");
+    }
+    let primary = Arc::new(Store::open(&d.path().join("p")).expect("reopen"));
+    let handler = Arc::new(DropMirror {
+        primary: primary.clone(),
+        calls: AtomicUsize::new(0),
+        refuse: AtomicBool::new(true),
+    });
+    let repl = Replication {
+        client_tls: None,
+        timeout: Duration::from_millis(1000),
+        failure: handler.clone(),
+        ..Replication::default()
+    };
+    let paddr = start(&pki, "p", primary.clone(), Some(repl)).await;
+    keel_proto::pki::issue(&pki, Role::Node, "n", &[]).expect("issue");
+    let ncfg = client_config(&TlsPaths::in_dir(&pki, "node-n")).expect("tls");
+    let (mut n, _) = connect(paddr, ncfg, Role::Storage).await.expect("connect");
+    assert_eq!(
+        call(&mut n, write(1, 1, 8192, vec![6; 4096])).await.0,
+        Status::NotPrimary,
+        "the mirror (in sync at epoch 3) missed it: not acknowledged while the controller refuses"
+    );
+    assert!(
+        handler.calls.load(Ordering::SeqCst) >= 1,
+        "the controller was asked"
+    );
+    // Had the controller not put it in sync, it drops the mirror and the write is acknowledged.
+    handler.refuse.store(false, Ordering::SeqCst);
+    assert_eq!(
+        call(&mut n, write(2, 1, 8192, vec![7; 4096])).await.0,
+        Status::Ok
+    );
+    let p = primary.get(VOL).expect("copy");
+    assert_eq!(p.epoch(), Epoch(3));
+    assert!(p.mirrors().is_empty() && p.rebuilding().is_empty());
 }

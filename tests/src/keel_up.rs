@@ -151,6 +151,16 @@ impl Cluster {
     /// Starts `keelctl up` on `dir` with `servers` storage servers (each offering
     /// `capacity`), and waits for `keel: ready`.
     pub fn up(dir: &Path, servers: u32, capacity: &str) -> Result<Cluster> {
+        Cluster::up_with_args(dir, servers, capacity, &[])
+    }
+
+    /// [`Cluster::up`] with more `keelctl up` options (`--failure-timeout-ms`, ...).
+    pub fn up_with_args(
+        dir: &Path,
+        servers: u32,
+        capacity: &str,
+        extra: &[&str],
+    ) -> Result<Cluster> {
         let mut child = Command::new(bin("keelctl")?)
             .arg("--dir")
             .arg(dir)
@@ -159,6 +169,7 @@ impl Cluster {
             .arg(servers.to_string())
             .arg("--capacity")
             .arg(capacity)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -334,6 +345,18 @@ impl Cluster {
             &format!("{name} to be restarted"),
             || self.pid(name).ok().filter(|&p| p != old && alive(p)),
         )
+    }
+
+    /// Keeps `name` down when it dies (`DIR/run/<name>.hold`), as if its machine were gone.
+    pub fn hold(&self, name: &str) -> Result<()> {
+        let p = self.dir.join("run").join(format!("{name}.hold"));
+        std::fs::write(&p, b"").with_context(|| format!("creating {}", p.display()))
+    }
+
+    /// Lets `keelctl up` restart `name` again (undoes [`Cluster::hold`]).
+    pub fn release(&self, name: &str) -> Result<()> {
+        let p = self.dir.join("run").join(format!("{name}.hold"));
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))
     }
 
     /// Sends `sig` to a daemon.

@@ -41,16 +41,8 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
         assert!(o.stderr.contains(needle), "create {size}: {}", o.stderr);
     }
 
-    // Two copies land on distinct servers (distinct zones), primary first.
-    let v = c.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        "data",
-        "--replicas",
-        "2",
-    ])?;
+    // By default two copies land on distinct servers (distinct zones), primary first.
+    let v = c.json(&["volume", "create", "64MiB", "--name", "data"])?;
     let id = v["id"].as_str().expect("id").to_string();
     assert_eq!(id.len(), 16, "ids are 16 hex digits: {id}");
     assert_eq!(v["size"], 64u64 << 20);

@@ -286,8 +286,12 @@ fn keelctl_up_guest_fio_detach_reattach_verifies() -> Result<()> {
     ensure!(v["size"] == 268_435_456u64, "size: {v}");
     ensure!(v["state"] == "available", "state: {v}");
     let copies = v["copies"].as_array().context("no copies")?;
+    // The default: a primary and one mirror, on the two servers.
     ensure!(
-        copies.len() == 1 && copies[0]["role"] == "primary",
+        copies.len() == 2
+            && copies[0]["role"] == "primary"
+            && copies[1]["role"] == "mirror"
+            && copies[0]["server"] != copies[1]["server"],
         "copies: {v}"
     );
     let id = v["id"].as_str().context("no id")?.to_string();
@@ -390,7 +394,8 @@ fn resize_diagnostics(cluster: &Cluster) -> String {
 fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
     // Fails (not skips) without QEMU, a kernel, busybox or fio.
     guest::require_tools()?;
-    let t = Transcript::up(1)?;
+    // Two servers: both copies grow.
+    let t = Transcript::up(2)?;
 
     let v = t.json(&["volume", "create", "64MiB", "--name", GROW])?;
     ensure!(v["size"] == 67_108_864u64, "size: {v}");
@@ -439,8 +444,11 @@ fn keelctl_resize_reaches_a_running_guest() -> Result<()> {
     ensure!(d["size"] == 134_217_728u64, "describe after resize: {d}");
     let copies = d["copies"].as_array().context("no copies")?;
     ensure!(
-        !copies.is_empty() && copies.iter().all(|c| c["state"] == "ok"),
-        "every copy should be ok at the new size: {d}"
+        copies.len() == 2
+            && copies
+                .iter()
+                .all(|c| c["state"] == "ok" || c["state"] == "in_sync"),
+        "both copies should be at the new size (primary ok, mirror in_sync): {d}"
     );
 
     let args = ["volume", "resize", GROW, "32MiB"];
@@ -523,21 +531,12 @@ fn ha_copies(v: &Value) -> Vec<(String, String, String)> {
         .unwrap_or_default()
 }
 
-/// Sends SIGCONT to a stopped daemon when dropped (also when the test fails half-way).
-struct ContOnDrop(i32);
-
-impl Drop for ContOnDrop {
-    fn drop(&mut self) {
-        keel_tests::keel_up::kill(self.0, libc::SIGCONT);
-    }
-}
-
 /// A replicated volume (2 copies) under a QEMU guest running fio with crc32c verification at
-/// QD32: the primary's storage server is stopped (SIGSTOP) for 6 s mid-job, the controller
-/// promotes the in-sync mirror (R6), keel-vhost resends what was in flight to it, and the
-/// guest sees no error: fio exits 0 with every block verified, the kernel logs no I/O error,
-/// and a second fio pass (`--verify_only`) reads everything back from the new primary. The
-/// old primary, resumed, stays a stale mirror.
+/// QD32: the primary's storage server is killed (SIGKILL) mid-job and kept down for 8 s, the
+/// controller promotes the in-sync mirror (R6), keel-vhost resends what was in flight to it,
+/// and the guest sees no error: fio exits 0 with every block verified, the kernel logs no I/O
+/// error, and a second fio pass (`--verify_only`) reads everything back from the new primary.
+/// The old primary, restarted, is rebuilt as a mirror: full redundancy again.
 #[test]
 fn guest_fio_verify_survives_primary_failure() -> Result<()> {
     // Fails (not skips) without QEMU, a kernel, busybox or fio.
@@ -594,18 +593,19 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
     );
     std::thread::sleep(Duration::from_secs(2));
 
+    // The primary's server dies (SIGKILL) and `keelctl up` keeps it down (a hold file), as if
+    // its machine were gone: the mirror must take over while fio runs.
     let name = format!("storage-{primary}");
-    let pid = t.cluster.pid(&name)?;
-    keel_tests::keel_up::kill(pid, libc::SIGSTOP);
-    let cont = ContOnDrop(pid);
+    t.cluster.hold(&name)?;
+    let pid = t.cluster.kill9(&name)?;
     let stopped = Instant::now();
     println!(
-        "=== SIGSTOP {name} (pid {pid}) {:.1} s after FIO-START",
+        "=== SIGKILL {name} (pid {pid}), held down, {:.1} s after FIO-START",
         stopped.duration_since(fio_start).as_secs_f64()
     );
     let promoted = t
         .cluster
-        .wait_for(Duration::from_secs(6), "the mirror to be promoted", || {
+        .wait_for(Duration::from_secs(8), "the mirror to be promoted", || {
             let v = t.cluster.describe(HA).ok()?;
             ha_copies(&v)
                 .iter()
@@ -614,16 +614,16 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
         });
     match &promoted {
         Ok((after, v)) => println!(
-            "  (describe showed {mirror} primary {:.1} s after SIGSTOP: {v})",
+            "  (describe showed {mirror} primary {:.1} s after SIGKILL: {v})",
             after.as_secs_f64()
         ),
-        Err(e) => println!("  (no promotion seen while stopped: {e})"),
+        Err(e) => println!("  (no promotion seen while down: {e})"),
     }
-    let rest = Duration::from_secs(6).saturating_sub(stopped.elapsed());
+    let rest = Duration::from_secs(8).saturating_sub(stopped.elapsed());
     std::thread::sleep(rest);
-    drop(cont);
+    t.cluster.release(&name)?;
     println!(
-        "=== SIGCONT {name} after {:.1} s stopped",
+        "=== {name} released after {:.1} s down: keelctl up restarts it",
         stopped.elapsed().as_secs_f64()
     );
 
@@ -693,7 +693,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
         "guest exited {:?}",
         out.exit_status
     );
-    promoted.context("the controller did not promote the mirror within 6 s of SIGSTOP")?;
+    promoted.context("the controller did not promote the mirror within 8 s of SIGKILL")?;
 
     let d = t.json(&["volume", "describe", HA])?;
     let c = ha_copies(&d);

@@ -786,3 +786,253 @@ fn switching_servers_resends_the_write_in_flight_to_the_new_one() -> Result<()> 
     c.storage.pause(false);
     result
 }
+
+/// A data path whose keel-vhost has a control and a status file and the given extra flags.
+fn with_flags(flags: &[&str]) -> Result<DataPath> {
+    DataPath::start("abc123:64MiB", "blk.sock", |dir, o| {
+        let mut extra: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        extra.extend(control_args(dir));
+        VhostOptions { extra, ..o }
+    })
+}
+
+/// The status file's `unanswered` object and `io_failed` count (absent: `None`, 0).
+fn unanswered(c: &DataPath) -> Result<(Option<serde_json::Value>, u64)> {
+    let text = std::fs::read(c.status())?;
+    let v: serde_json::Value = serde_json::from_slice(&text)?;
+    Ok((
+        v.get("unanswered").cloned(),
+        v.get("io_failed").and_then(|n| n.as_u64()).unwrap_or(0),
+    ))
+}
+
+/// Polls the status file until `want` holds; returns how long that took.
+fn wait_status(
+    c: &DataPath,
+    timeout: Duration,
+    want: impl Fn(&(Option<serde_json::Value>, u64)) -> bool,
+) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let got = unanswered(c);
+        if got.as_ref().is_ok_and(&want) {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "status not reached within {timeout:?}; last: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const IO_FAIL_AFTER: Duration = Duration::from_millis(3000);
+
+/// R9: with its only copy's server frozen (SIGSTOP), a guest write stalls, then completes with
+/// IOERR no earlier than --io-fail-after-ms after its submission; the status file counts it.
+/// Once the server is back, I/O works again.
+#[test]
+fn a_write_to_a_frozen_server_fails_after_io_fail_after() -> Result<()> {
+    let c = with_flags(&["--request-timeout-ms", "1000", "--io-fail-after-ms", "3000"])?;
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            ..opts(1)
+        },
+    )?;
+    let a = pattern(61, 0, 64 << 10);
+    assert_eq!(vmm.write(0, 0, &a)?, VIRTIO_BLK_S_OK);
+    c.storage.pause(true);
+    let b = pattern(62, 0, 64 << 10);
+    let started = std::time::Instant::now();
+    let written = vmm.write(0, 0, &b);
+    let waited = started.elapsed();
+    let result = (|| -> Result<()> {
+        assert_eq!(
+            written?, VIRTIO_BLK_S_IOERR,
+            "the write must fail after --io-fail-after-ms"
+        );
+        assert!(
+            waited >= IO_FAIL_AFTER,
+            "failed before --io-fail-after-ms (after {waited:?})"
+        );
+        eprintln!("the write failed after {waited:?} (--io-fail-after-ms 3000)");
+        wait_status(&c, WAIT, |(_, failed)| *failed == 1)?;
+        Ok(())
+    })();
+    c.storage.pause(false);
+    result?;
+    // The server answers again: new I/O succeeds (the failed write may or may not have landed:
+    // the guest was told it failed).
+    let d = pattern(63, 256, 64 << 10);
+    assert_eq!(vmm.write(0, 256, &d)?, VIRTIO_BLK_S_OK);
+    let (status, back) = vmm.read(0, 256, 64 << 10)?;
+    assert_eq!((status, crc(&back)), (VIRTIO_BLK_S_OK, crc(&d)));
+    Ok(())
+}
+
+/// R9 with the server killed and not restarted: the write fails after --io-fail-after-ms.
+#[test]
+fn a_write_to_a_killed_server_fails_after_io_fail_after() -> Result<()> {
+    let mut c = with_flags(&["--request-timeout-ms", "1000", "--io-fail-after-ms", "3000"])?;
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            ..opts(1)
+        },
+    )?;
+    assert_eq!(vmm.write(0, 0, &pattern(64, 0, 4096))?, VIRTIO_BLK_S_OK);
+    c.storage.kill9();
+    let started = std::time::Instant::now();
+    let status = vmm.write(0, 8, &pattern(65, 8, 4096))?;
+    let waited = started.elapsed();
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    assert!(
+        waited >= IO_FAIL_AFTER,
+        "failed before --io-fail-after-ms (after {waited:?})"
+    );
+    // Reads fail the same way; the device keeps serving.
+    assert_eq!(vmm.read(0, 0, 4096)?.0, VIRTIO_BLK_S_IOERR);
+    assert!(c.vhost.running());
+    Ok(())
+}
+
+/// R9's other half: a server that comes back before --io-fail-after-ms completes the stalled
+/// write normally, and its data reads back.
+#[test]
+fn a_write_completes_if_the_server_returns_before_io_fail_after() -> Result<()> {
+    let c = with_flags(&["--request-timeout-ms", "1000", "--io-fail-after-ms", "8000"])?;
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            ..opts(1)
+        },
+    )?;
+    assert_eq!(vmm.write(0, 0, &pattern(66, 0, 4096))?, VIRTIO_BLK_S_OK);
+    c.storage.pause(true);
+    let b = pattern(67, 512, 256 << 10);
+    let started = std::time::Instant::now();
+    let (written, resumed) = std::thread::scope(|sc| {
+        let resumer = sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(2500));
+            c.storage.pause(false);
+        });
+        let written = vmm.write(0, 512, &b);
+        let resumed = resumer.join();
+        (written, resumed)
+    });
+    let waited = started.elapsed();
+    c.storage.pause(false);
+    assert!(resumed.is_ok(), "the resumer thread panicked");
+    assert_eq!(written?, VIRTIO_BLK_S_OK, "the stalled write must complete");
+    assert!(
+        waited >= Duration::from_millis(2000),
+        "the write must have stalled (took {waited:?})"
+    );
+    let (status, back) = vmm.read(0, 512, 256 << 10)?;
+    assert_eq!((status, crc(&back)), (VIRTIO_BLK_S_OK, crc(&b)));
+    assert_eq!(unanswered(&c)?.1, 0, "nothing failed");
+    Ok(())
+}
+
+/// A frozen primary (SIGSTOP) shows in keel-vhost's status file as `unanswered`, naming the
+/// server and the epoch, within a few seconds — with no guest I/O at all (idle pings) — and
+/// the field goes away once the server answers again (SIGCONT).
+#[test]
+fn an_unanswered_primary_shows_in_the_status_file_and_clears() -> Result<()> {
+    let c = with_flags(&[
+        "--request-timeout-ms",
+        "2000",
+        "--primary-timeout-ms",
+        "1000",
+    ])?;
+    let server = c.storage.addr.to_string();
+    // Connected and answering: no field.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(unanswered(&c)?, (None, 0));
+    c.storage.pause(true);
+    let seen = wait_status(&c, WAIT, |(u, _)| u.is_some());
+    let result = (|| -> Result<Duration> {
+        let seen = seen?;
+        let (u, _) = unanswered(&c)?;
+        let u = u.context("unanswered")?;
+        assert_eq!(u["server"].as_str(), Some(server.as_str()), "{u}");
+        assert_eq!(u["epoch"].as_u64(), Some(1), "{u}");
+        let since = u["since_unix_ms"].as_u64().context("since_unix_ms")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        assert!(
+            since <= now && now - since < 10_000,
+            "since {since}, now {now}"
+        );
+        assert!(
+            seen >= Duration::from_millis(900),
+            "reported before --primary-timeout-ms ({seen:?})"
+        );
+        assert!(seen < Duration::from_secs(5), "took {seen:?}");
+        Ok(seen)
+    })();
+    c.storage.pause(false);
+    let seen = result?;
+    let cleared = wait_status(&c, WAIT, |(u, _)| u.is_none())?;
+    eprintln!("unanswered reported {seen:?} after SIGSTOP, cleared {cleared:?} after SIGCONT");
+    // Guest I/O still works.
+    let mut vmm = TestVmm::connect(&c.vhost.opts.socket, opts(1))?;
+    let d = pattern(68, 0, 4096);
+    assert_eq!(vmm.write(0, 0, &d)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.read(0, 0, 4096)?, (VIRTIO_BLK_S_OK, d));
+    Ok(())
+}
+
+/// R9 when the frozen server's socket is full: 32 MiB of writes queued to a stopped server fill
+/// the TCP buffers, so keel-vhost's own writes to the socket block. Every request still fails
+/// after --io-fail-after-ms (bounded by the request timeout it waits on the socket), none
+/// hangs; after SIGCONT new I/O works.
+#[test]
+fn a_frozen_server_with_a_full_socket_still_fails_io_after_io_fail_after() -> Result<()> {
+    let c = with_flags(&["--request-timeout-ms", "2000", "--io-fail-after-ms", "3000"])?;
+    let mut vmm = TestVmm::connect(
+        &c.vhost.opts.socket,
+        VmmOptions {
+            io_timeout: Duration::from_secs(60),
+            mem_size: 256 << 20,
+            ..opts(1)
+        },
+    )?;
+    assert_eq!(vmm.write(0, 0, &pattern(69, 0, 4096))?, VIRTIO_BLK_S_OK);
+    c.storage.pause(true);
+    let w = LoadSpec {
+        op: LoadOp::Write,
+        depth: 32,
+        block_size: 1 << 20,
+        random: false,
+        region: Some((0, SECTORS)),
+        count: Some(64),
+        data_seed: Some(70),
+        ..LoadSpec::default()
+    };
+    let started = std::time::Instant::now();
+    let r = vmm.run_load(0, w);
+    let waited = started.elapsed();
+    c.storage.pause(false);
+    let r = r?;
+    eprintln!(
+        "{} of 64 failed, in {waited:?}; fastest failure {} us",
+        r.errors,
+        r.latencies_us.iter().min().copied().unwrap_or_default()
+    );
+    assert_eq!(r.completed, 64);
+    assert_eq!(r.errors, 64, "the server never answered: every write fails");
+    assert!(
+        r.latencies_us.iter().all(|&us| us >= 3_000_000),
+        "a write failed before --io-fail-after-ms"
+    );
+    let d = pattern(71, 256, 4096);
+    assert_eq!(vmm.write(0, 256, &d)?, VIRTIO_BLK_S_OK);
+    assert_eq!(vmm.read(0, 256, 4096)?, (VIRTIO_BLK_S_OK, d));
+    Ok(())
+}

@@ -551,6 +551,11 @@ impl Agg {
                 self.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
                 Vec::new()
             }
+            // No answer within --io-fail-after-ms: the client logs these once per burst.
+            Outcome::GaveUp => {
+                self.status.store(VIRTIO_BLK_S_IOERR, Ordering::Release);
+                Vec::new()
+            }
         };
         let last = self.remaining.fetch_sub(1, Ordering::AcqRel) == 1;
         let me = self.clone();

@@ -18,8 +18,12 @@
 //!   * A missing or malformed file is logged and changes nothing; keel-vhost keeps serving.
 //! * **status file** (`--status-file`, written by keel-vhost, replaced atomically by rename):
 //!   `{"connected": <bool>, "pid": <u32>, "size": <bytes>, "epoch": <u64>, "server": "IP:PORT"}`,
-//!   rewritten at start
-//!   (not connected), when a frontend session starts and ends, and after every SIGHUP.
+//!   plus, only while they apply, `"unanswered": {"server": "IP:PORT", "epoch": <u64>,
+//!   "since_unix_ms": <u64>}` (the storage server has left keel-vhost waiting for at least
+//!   `--primary-timeout-ms`: no answer to a request or ping, or no connection, since that time)
+//!   and `"io_failed": <u64>` (guest requests failed after `--io-fail-after-ms`). Rewritten at
+//!   start (not connected), when a frontend session starts and ends, after every SIGHUP, and
+//!   within 200 ms of `unanswered` or `io_failed` changing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,6 +81,18 @@ pub struct Args {
     /// the request resent.
     #[arg(long, default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Milliseconds the storage server may leave keel-vhost waiting (no answer to a request or
+    /// to a ping — sent when the connection has been quiet for half of this — or no
+    /// connection) before the status file reports it `unanswered`, for the node manager to
+    /// tell the controller. Only a report: reconnecting still waits for --request-timeout-ms.
+    #[arg(long, default_value_t = 1000)]
+    pub primary_timeout_ms: u64,
+    /// Milliseconds after its submission a guest request still not completed (no copy
+    /// answers: R9) fails with an I/O error instead of stalling on. 0: wait forever. The
+    /// default, 5 minutes, outlasts failovers and server restarts by far, yet unblocks the
+    /// guest's applications before an operator would give up on them.
+    #[arg(long, default_value_t = 300_000)]
+    pub io_fail_after_ms: u64,
     /// Milliseconds a stopping ring waits for requests in flight before abandoning them to be
     /// re-offered by the frontend.
     #[arg(long, default_value_t = 10_000)]
@@ -138,6 +154,43 @@ pub struct StatusFile {
     /// The storage server requests go to (`IP:PORT`; empty in files of older versions).
     #[serde(default)]
     pub server: String,
+    /// The storage server has not answered for at least `--primary-timeout-ms`; absent while
+    /// it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unanswered: Option<UnansweredStatus>,
+    /// Guest requests failed since the start because they were not completed within
+    /// `--io-fail-after-ms` (absent while none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub io_failed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A storage server leaving keel-vhost waiting, in the status file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnansweredStatus {
+    /// The server (`IP:PORT`) keel-vhost waits for.
+    pub server: String,
+    /// The epoch keel-vhost's requests carry.
+    pub epoch: u64,
+    /// Since when (Unix time, milliseconds) keel-vhost has waited for an answer.
+    pub since_unix_ms: u64,
+}
+
+impl UnansweredStatus {
+    /// How long keel-vhost has waited by `now_unix_ms` (0 if the clocks disagree).
+    pub fn waited_ms(&self, now_unix_ms: u64) -> u64 {
+        now_unix_ms.saturating_sub(self.since_unix_ms)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl StatusFile {
@@ -194,12 +247,24 @@ impl Attachment {
     }
 
     fn status(&self, st: &State) -> StatusFile {
+        let unanswered = self.client.unanswered().map(|u| {
+            let since = std::time::SystemTime::now()
+                .checked_sub(u.waited)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            UnansweredStatus {
+                server: u.server.to_string(),
+                epoch: u.epoch.0,
+                since_unix_ms: unix_ms(since),
+            }
+        });
         StatusFile {
             connected: st.connected,
             pid: std::process::id(),
             size: st.size,
             epoch: self.client.epoch().0,
             server: self.client.server().to_string(),
+            unanswered,
+            io_failed: self.client.gave_up(),
         }
     }
 
@@ -317,6 +382,22 @@ impl Attachment {
     }
 }
 
+/// What the status watcher compares: the unanswered server (with epoch and start of the
+/// silence) and the count of requests given up on.
+type Watched = (Option<(SocketAddr, Epoch, std::time::Instant)>, u64);
+
+fn watched(client: &VolumeClient) -> Watched {
+    (
+        client.unanswered().map(|u| (u.server, u.epoch, u.since)),
+        client.gave_up(),
+    )
+}
+
+/// How often the status watcher looks: a fifth of the primary timeout, 20 to 200 ms.
+fn status_poll_period(primary_timeout: Duration) -> Duration {
+    (primary_timeout / 5).clamp(Duration::from_millis(20), Duration::from_millis(200))
+}
+
 /// Runs the daemon: serves frontends on `args.socket` one session after another, forever
 /// (errors only on a bad configuration or setup failure).
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -328,6 +409,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.size == 0 || !args.size.is_multiple_of(512) {
         anyhow::bail!("--size must be a positive multiple of 512 bytes");
+    }
+    if args.primary_timeout_ms == 0 || args.request_timeout_ms == 0 {
+        anyhow::bail!("--primary-timeout-ms and --request-timeout-ms must be positive");
     }
     let tls = keel_proto::tls::client_config(&TlsPaths::in_dir(
         &args.pki_dir,
@@ -346,6 +430,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tls,
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             retry_stale_epoch: args.read_only,
+            primary_timeout: Duration::from_millis(args.primary_timeout_ms),
+            io_fail_after: (args.io_fail_after_ms > 0)
+                .then(|| Duration::from_millis(args.io_fail_after_ms)),
         },
         rt.handle(),
     );
@@ -382,6 +469,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let a = hup_att.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || a.reload(false)).await {
                 tracing::error!(error = %e, "the control file reload failed");
+            }
+        }
+    });
+
+    // The status file follows the storage server's silence and the requests given up on.
+    let watch_att = att.clone();
+    let period = status_poll_period(Duration::from_millis(args.primary_timeout_ms));
+    rt.spawn(async move {
+        let mut last: Watched = (None, 0);
+        loop {
+            tokio::time::sleep(period).await;
+            let now = watched(&watch_att.client);
+            if now == last {
+                continue;
+            }
+            match (&last.0, &now.0) {
+                (_, Some(u)) if last.0.as_ref() != Some(u) => {
+                    if let Some(u) = watch_att.client.unanswered() {
+                        tracing::warn!(server = %u.server, epoch = %u.epoch, waited = ?u.waited, "the storage server has not answered within --primary-timeout-ms: reported in the status file");
+                    }
+                }
+                (Some((server, _, _)), None) => {
+                    tracing::info!(%server, "the storage server answers again (or was replaced)")
+                }
+                _ => {}
+            }
+            last = now;
+            let a = watch_att.clone();
+            if let Err(e) =
+                tokio::task::spawn_blocking(move || a.write_status_or_warn(&a.lock())).await
+            {
+                tracing::error!(error = %e, "writing the status file failed");
             }
         }
     });
@@ -478,6 +597,14 @@ mod tests {
         let a = Args::try_parse_from(base).expect("parse");
         assert_eq!(a.size, 64 << 20);
         assert_eq!(a.epoch, 1);
+        assert_eq!(
+            (
+                a.request_timeout_ms,
+                a.primary_timeout_ms,
+                a.io_fail_after_ms
+            ),
+            (10_000, 1000, 300_000)
+        );
         assert!(a.control_file.is_none() && a.status_file.is_none());
         let mut more = base.to_vec();
         more.extend([
@@ -526,6 +653,8 @@ mod tests {
             size: 64 << 20,
             epoch: 7,
             server: "127.0.0.1:7500".into(),
+            unanswered: None,
+            io_failed: 0,
         };
         st.store(&s).expect("store");
         assert_eq!(StatusFile::load(&s).expect("load"), st);
@@ -543,6 +672,88 @@ mod tests {
             .filter_map(|e| e.ok().map(|e| e.file_name()))
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn timeout_flags_parse() {
+        let a = Args::try_parse_from([
+            "keel-vhost",
+            "--socket",
+            "/tmp/s",
+            "--server",
+            "127.0.0.1:7500",
+            "--volume",
+            "1",
+            "--size",
+            "64MiB",
+            "--pki-dir",
+            "/tmp/pki",
+            "--id",
+            "n1",
+            "--primary-timeout-ms",
+            "250",
+            "--io-fail-after-ms",
+            "0",
+        ])
+        .expect("parse");
+        assert_eq!((a.primary_timeout_ms, a.io_fail_after_ms), (250, 0));
+        assert_eq!(
+            status_poll_period(Duration::from_millis(250)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            status_poll_period(Duration::from_secs(1)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            status_poll_period(Duration::from_millis(10)),
+            Duration::from_millis(20)
+        );
+    }
+
+    #[test]
+    fn status_file_with_an_unanswered_server_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = dir.path().join("status.json");
+        let st = StatusFile {
+            connected: true,
+            pid: 42,
+            size: 512,
+            epoch: 3,
+            server: "10.0.0.1:7500".into(),
+            unanswered: Some(UnansweredStatus {
+                server: "10.0.0.1:7500".into(),
+                epoch: 3,
+                since_unix_ms: 1_700_000_000_000,
+            }),
+            io_failed: 2,
+        };
+        st.store(&s).expect("store");
+        assert_eq!(StatusFile::load(&s).expect("load"), st);
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&s).expect("read")).expect("json");
+        assert_eq!(v["unanswered"]["server"], "10.0.0.1:7500");
+        assert_eq!(v["unanswered"]["since_unix_ms"], 1_700_000_000_000u64);
+        assert_eq!(v["io_failed"], 2);
+        let u = st.unanswered.as_ref().expect("unanswered");
+        assert_eq!(u.waited_ms(1_700_000_001_500), 1500);
+        assert_eq!(
+            u.waited_ms(0),
+            0,
+            "a clock behind the file's is not negative"
+        );
+        // Files of older versions have neither field.
+        std::fs::write(
+            &s,
+            br#"{"connected":false,"pid":1,"size":512,"epoch":1,"server":"10.0.0.1:7500"}"#,
+        )
+        .expect("write");
+        let old = StatusFile::load(&s).expect("load");
+        assert_eq!((old.unanswered, old.io_failed), (None, 0));
+        assert_eq!(
+            unix_ms(std::time::UNIX_EPOCH + Duration::from_millis(1234)),
+            1234
+        );
     }
 
     #[test]

@@ -11,22 +11,29 @@
 //! * A detached attachment's process gets SIGTERM and its socket is removed.
 //! * Heartbeats report, per attachment, whether a guest is connected (from keel-vhost's status
 //!   file), which the controller uses to refuse detaching a disk in use.
+//! * Every 200 ms the manager reads each keel-vhost's status file; while one says its primary
+//!   is `unanswered` (and the manager still believes that server is the primary), it reports
+//!   `PrimaryUnreachable` to the controller (`POST /v1/volumes/{id}/primary-unreachable`) at
+//!   most once a second per attachment and logs the answer. The controller checks the primary
+//!   itself before promoting a mirror; the new primary then reaches keel-vhost through the
+//!   attachment long poll (control file + SIGHUP, above).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_api::{
-    ApiClient, AttachmentReport, NodeAttachment, NodeAttachments, NodeHeartbeat, NodeRegistration,
+    ApiClient, AttachmentReport, ClientError, NodeAttachment, NodeAttachments, NodeHeartbeat,
+    NodeRegistration, PrimaryReport, PrimaryUnreachable,
 };
 use keel_proto::tls::TlsPaths;
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::{write_json_atomically, ControlFile, StatusFile};
+use crate::daemon::{unix_ms, write_json_atomically, ControlFile, StatusFile};
 
 /// Keel node manager: serves this host's attachments as vhost-user-blk sockets.
 #[derive(clap::Parser, Debug, Clone)]
@@ -52,6 +59,14 @@ pub struct NodeArgs {
     /// Virtqueues offered to each guest.
     #[arg(long, default_value_t = 1)]
     pub num_queues: u16,
+    /// Passed to each keel-vhost: milliseconds a primary may leave it waiting before it says so
+    /// in its status file, which this manager reports to the controller.
+    #[arg(long, default_value_t = 1000)]
+    pub primary_timeout_ms: u64,
+    /// Passed to each keel-vhost: milliseconds after which a guest request still not completed
+    /// (no copy answers) fails with an I/O error; 0 waits forever.
+    #[arg(long, default_value_t = 300_000)]
+    pub io_fail_after_ms: u64,
     /// Write the process id to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -194,6 +209,10 @@ impl Manager {
             .arg(&self.args.id)
             .arg("--num-queues")
             .arg(self.args.num_queues.to_string())
+            .arg("--primary-timeout-ms")
+            .arg(self.args.primary_timeout_ms.to_string())
+            .arg("--io-fail-after-ms")
+            .arg(self.args.io_fail_after_ms.to_string())
             .arg("--control-file")
             .arg(&control)
             .arg("--status-file")
@@ -381,10 +400,235 @@ impl Manager {
             .collect()
     }
 
+    /// What the primary reporter needs of each attachment: its key, what the manager serves,
+    /// whether it was revoked, and keel-vhost's status file.
+    fn watched(&self) -> Vec<(String, NodeAttachment, bool, PathBuf)> {
+        self.slots
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    s.run.spec.clone(),
+                    s.revoked,
+                    self.status_file(k),
+                )
+            })
+            .collect()
+    }
+
     fn stop_all(&mut self) {
         let keys: Vec<String> = self.slots.keys().cloned().collect();
         for k in keys {
             self.stop(&k);
+        }
+    }
+}
+
+/// How often the manager reads keel-vhost's status files for an unanswered primary.
+const STATUS_POLL: Duration = Duration::from_millis(200);
+/// At most one report per attachment this often while its primary does not answer.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// The report to send now for one attachment, if any: keel-vhost's status says its server has
+/// not answered, the manager still serves that server as the primary (otherwise the primary
+/// already moved and keel-vhost is being told), the attachment was not revoked, and the last
+/// report is at least [`REPORT_EVERY`] old.
+pub fn report_due(
+    spec: &NodeAttachment,
+    status: &StatusFile,
+    revoked: bool,
+    last: Option<Instant>,
+    now: Instant,
+    now_unix_ms: u64,
+) -> Option<PrimaryUnreachable> {
+    let u = status.unanswered.as_ref()?;
+    if revoked || !same_server(&u.server, &spec.server) {
+        return None;
+    }
+    if last.is_some_and(|l| now.saturating_duration_since(l) < REPORT_EVERY) {
+        return None;
+    }
+    Some(PrimaryUnreachable {
+        server: u.server.clone(),
+        epoch: u.epoch,
+        unanswered_ms: u.waited_ms(now_unix_ms),
+    })
+}
+
+/// Whether two data-path addresses name the same server (compared as socket addresses when
+/// both parse, so spellings of one IPv6 address agree).
+fn same_server(a: &str, b: &str) -> bool {
+    match (
+        a.trim().parse::<std::net::SocketAddr>(),
+        b.trim().parse::<std::net::SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// How a report went, in a form that says whether it is worth a new log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportResult {
+    /// The controller answered.
+    Answered(PrimaryReport),
+    /// The controller has no such route (an older version: a 404 without the API's
+    /// `not_found` code, which would mean an unknown volume).
+    NotFound,
+    /// The call failed.
+    Failed(String),
+}
+
+impl ReportResult {
+    fn of(r: Result<PrimaryReport, ClientError>) -> ReportResult {
+        match r {
+            Ok(rep) => ReportResult::Answered(rep),
+            Err(e) if e.status() == Some(404) && e.code() != Some("not_found") => {
+                ReportResult::NotFound
+            }
+            Err(e) => ReportResult::Failed(e.to_string()),
+        }
+    }
+
+    /// What distinguishes one result from another for logging: the outcome, not the epoch or
+    /// the exact error text.
+    fn kind(&self) -> String {
+        match self {
+            ReportResult::Answered(r) => format!("answered {} {:?}", r.outcome, r.primary),
+            ReportResult::NotFound => "not found".into(),
+            ReportResult::Failed(_) => "failed".into(),
+        }
+    }
+}
+
+/// The reporter's memory: when each attachment last reported, which ones have a report in
+/// flight, and what was last logged (so a lasting condition logs one line, not one a second).
+#[derive(Default)]
+pub struct Reporter {
+    last: HashMap<String, Instant>,
+    inflight: HashSet<String>,
+    logged: HashMap<String, String>,
+    /// A 404 was logged: the controller may predate the route; logged once per manager.
+    not_found_logged: bool,
+}
+
+impl Reporter {
+    /// Decides for one attachment at `now`; a report returned is recorded as sent and in
+    /// flight until [`Reporter::finished`].
+    pub fn decide(
+        &mut self,
+        key: &str,
+        spec: &NodeAttachment,
+        status: Option<&StatusFile>,
+        revoked: bool,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Option<PrimaryUnreachable> {
+        let Some(status) = status.filter(|s| s.unanswered.is_some()) else {
+            // Answered again (or no status): the next silence reports at once.
+            self.last.remove(key);
+            self.logged.remove(key);
+            return None;
+        };
+        if self.inflight.contains(key) {
+            return None;
+        }
+        let due = report_due(
+            spec,
+            status,
+            revoked,
+            self.last.get(key).copied(),
+            now,
+            now_unix_ms,
+        )?;
+        self.last.insert(key.to_string(), now);
+        self.inflight.insert(key.to_string());
+        Some(due)
+    }
+
+    /// Records a report's result; returns whether it deserves a log line (at the level the
+    /// caller picks): the first of its kind for this attachment while the condition lasts, and
+    /// only the first 404 of the manager's life.
+    pub fn finished(&mut self, key: &str, result: &ReportResult) -> bool {
+        self.inflight.remove(key);
+        if *result == ReportResult::NotFound {
+            return !std::mem::replace(&mut self.not_found_logged, true);
+        }
+        let kind = result.kind();
+        self.logged.get(key) != Some(&kind) && {
+            self.logged.insert(key.to_string(), kind);
+            true
+        }
+    }
+
+    /// Forgets attachments that are gone.
+    pub fn retain(&mut self, keys: &HashSet<String>) {
+        self.last.retain(|k, _| keys.contains(k));
+        self.logged.retain(|k, _| keys.contains(k));
+    }
+}
+
+/// Reads keel-vhost's status files every [`STATUS_POLL`] and reports unanswered primaries.
+async fn report_unanswered(api: ApiClient, mgr: Arc<std::sync::Mutex<Manager>>) {
+    let reporter = Arc::new(std::sync::Mutex::new(Reporter::default()));
+    loop {
+        tokio::time::sleep(STATUS_POLL).await;
+        // The manager's lock may be held for seconds (stopping a process), and the status
+        // files are read from disk: both off the runtime's threads.
+        let (m, r) = (mgr.clone(), reporter.clone());
+        let due = tokio::task::spawn_blocking(move || {
+            let watched = m.lock().unwrap_or_else(|p| p.into_inner()).watched();
+            let keys: HashSet<String> = watched.iter().map(|(k, ..)| k.clone()).collect();
+            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+            r.retain(&keys);
+            let mut due = Vec::new();
+            for (k, spec, revoked, path) in watched {
+                let status = StatusFile::load(&path).ok();
+                let now_unix_ms = unix_ms(std::time::SystemTime::now());
+                if let Some(body) = r.decide(
+                    &k,
+                    &spec,
+                    status.as_ref(),
+                    revoked,
+                    Instant::now(),
+                    now_unix_ms,
+                ) {
+                    due.push((k, spec.volume, body));
+                }
+            }
+            due
+        })
+        .await
+        .unwrap_or_default();
+        for (k, volume, body) in due {
+            let (api, reporter) = (api.clone(), reporter.clone());
+            tokio::spawn(async move {
+                tracing::info!(attachment = %k, server = %body.server, epoch = body.epoch, unanswered_ms = body.unanswered_ms, "reporting an unanswered primary to the controller");
+                let path = format!("/v1/volumes/{volume}/primary-unreachable");
+                let result = ReportResult::of(api.post::<_, PrimaryReport>(&path, &body).await);
+                let log = reporter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finished(&k, &result);
+                match &result {
+                    ReportResult::Answered(rep) if log => {
+                        tracing::info!(attachment = %k, outcome = %rep.outcome, epoch = rep.epoch, primary = ?rep.primary, "the controller answered the report of an unanswered primary")
+                    }
+                    ReportResult::Answered(rep) => {
+                        tracing::debug!(attachment = %k, outcome = %rep.outcome, epoch = rep.epoch, "report answered")
+                    }
+                    ReportResult::NotFound if log => {
+                        tracing::warn!(attachment = %k, "the controller does not take reports of unanswered primaries (404: an older version?); it relies on its own heartbeats (logged once)")
+                    }
+                    ReportResult::NotFound => tracing::debug!(attachment = %k, "report: 404"),
+                    ReportResult::Failed(e) if log => {
+                        tracing::warn!(attachment = %k, error = %e, "reporting an unanswered primary failed; retrying while it lasts")
+                    }
+                    ReportResult::Failed(e) => {
+                        tracing::debug!(attachment = %k, error = %e, "report failed")
+                    }
+                }
+            });
         }
     }
 }
@@ -502,6 +746,7 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
                 }
             })
         };
+        let reports = tokio::spawn(report_unanswered(api.clone(), mgr.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
@@ -509,9 +754,236 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
         }
         hb.abort();
         watch.abort();
+        reports.abort();
         anyhow::Ok(())
     });
     tracing::info!("node manager stopping: stopping every attachment");
     mgr.lock().unwrap_or_else(|p| p.into_inner()).stop_all();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::UnansweredStatus;
+    use clap::Parser;
+
+    fn spec(server: &str) -> NodeAttachment {
+        NodeAttachment {
+            volume: "00000000000000000000000000abc123".into(),
+            instance: "vm1".into(),
+            socket: "/tmp/vm1.sock".into(),
+            read_only: false,
+            epoch: 4,
+            size: 512,
+            server: server.into(),
+        }
+    }
+
+    fn status(unanswered: Option<(&str, u64, u64)>) -> StatusFile {
+        StatusFile {
+            connected: true,
+            pid: 1,
+            size: 512,
+            epoch: 4,
+            server: "10.0.0.1:7500".into(),
+            unanswered: unanswered.map(|(server, epoch, since)| UnansweredStatus {
+                server: server.into(),
+                epoch,
+                since_unix_ms: since,
+            }),
+            io_failed: 0,
+        }
+    }
+
+    #[test]
+    fn a_report_is_due_only_for_the_primary_the_manager_serves() {
+        let now = Instant::now();
+        let s = status(Some(("10.0.0.1:7500", 4, 10_000)));
+        let p = spec("10.0.0.1:7500");
+        assert_eq!(
+            report_due(&p, &s, false, None, now, 12_500),
+            Some(PrimaryUnreachable {
+                server: "10.0.0.1:7500".into(),
+                epoch: 4,
+                unanswered_ms: 2500,
+            })
+        );
+        // Nothing unanswered, revoked, or the primary already moved: nothing to say.
+        assert_eq!(
+            report_due(&p, &status(None), false, None, now, 12_500),
+            None
+        );
+        assert_eq!(report_due(&p, &s, true, None, now, 12_500), None);
+        assert_eq!(
+            report_due(&spec("10.0.0.2:7500"), &s, false, None, now, 12_500),
+            None
+        );
+        // The same address spelled differently is the same server.
+        let v6 = status(Some(("[::1]:7500", 4, 10_000)));
+        assert!(report_due(
+            &spec("[0:0:0:0:0:0:0:1]:7500"),
+            &v6,
+            false,
+            None,
+            now,
+            12_500
+        )
+        .is_some());
+        // At most once a second.
+        let last = now - Duration::from_millis(400);
+        assert_eq!(report_due(&p, &s, false, Some(last), now, 12_500), None);
+        let last = now - REPORT_EVERY;
+        assert!(report_due(&p, &s, false, Some(last), now, 12_500).is_some());
+        // A clock behind the file's: zero, not a wrap-around.
+        assert_eq!(
+            report_due(&p, &s, false, None, now, 5).map(|r| r.unanswered_ms),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn the_reporter_sends_once_a_second_one_at_a_time_and_logs_changes_only() {
+        let t0 = Instant::now();
+        let p = spec("10.0.0.1:7500");
+        let s = status(Some(("10.0.0.1:7500", 4, 10_000)));
+        let mut r = Reporter::default();
+        let ms = Duration::from_millis;
+        assert!(r.decide("a", &p, Some(&s), false, t0, 11_000).is_some());
+        // In flight: nothing more, even past the interval.
+        assert!(r
+            .decide("a", &p, Some(&s), false, t0 + ms(1500), 12_500)
+            .is_none());
+        let promoted = ReportResult::Answered(PrimaryReport {
+            outcome: "primary_answers".into(),
+            epoch: 4,
+            primary: Some("10.0.0.1:7500".into()),
+        });
+        assert!(r.finished("a", &promoted), "the first answer is logged");
+        assert!(r
+            .decide("a", &p, Some(&s), false, t0 + ms(1600), 12_600)
+            .is_some());
+        assert!(!r.finished("a", &promoted), "the same answer again is not");
+        // Not yet a second since the last report.
+        assert!(r
+            .decide("a", &p, Some(&s), false, t0 + ms(2000), 13_000)
+            .is_none());
+        assert!(r
+            .decide("a", &p, Some(&s), false, t0 + ms(2600), 13_600)
+            .is_some());
+        let moved = ReportResult::Answered(PrimaryReport {
+            outcome: "promoted".into(),
+            epoch: 5,
+            primary: Some("10.0.0.2:7500".into()),
+        });
+        assert!(r.finished("a", &moved), "a new outcome is logged");
+        // 404s (an older controller): logged once for the whole manager.
+        assert!(r.decide("b", &p, Some(&s), false, t0, 11_000).is_some());
+        assert!(r.finished("b", &ReportResult::NotFound));
+        assert!(r
+            .decide("b", &p, Some(&s), false, t0 + ms(1000), 12_000)
+            .is_some());
+        assert!(!r.finished("b", &ReportResult::NotFound));
+        assert!(r.decide("c", &p, Some(&s), false, t0, 11_000).is_some());
+        assert!(!r.finished("c", &ReportResult::NotFound));
+        // Errors: the first of a run is logged.
+        assert!(r.decide("d", &p, Some(&s), false, t0, 11_000).is_some());
+        assert!(r.finished("d", &ReportResult::Failed("refused".into())));
+        assert!(r
+            .decide("d", &p, Some(&s), false, t0 + ms(1000), 12_000)
+            .is_some());
+        assert!(!r.finished("d", &ReportResult::Failed("timed out".into())));
+        // The primary answers again: the next silence reports at once and logs again.
+        assert!(r
+            .decide("a", &p, Some(&status(None)), false, t0 + ms(2700), 13_700)
+            .is_none());
+        assert!(r
+            .decide("a", &p, None, false, t0 + ms(2700), 13_700)
+            .is_none());
+        assert!(r
+            .decide("a", &p, Some(&s), false, t0 + ms(2800), 13_800)
+            .is_some());
+        assert!(r.finished("a", &moved));
+        // Gone attachments are forgotten.
+        r.retain(&HashSet::from(["a".to_string()]));
+        assert!(!r.last.contains_key("d") && r.last.contains_key("a"));
+    }
+
+    #[test]
+    fn a_404_without_the_apis_code_is_a_missing_route() {
+        let api = |status: u16, code: &str| {
+            Err(ClientError::Api {
+                status,
+                body: keel_api::ErrorBody {
+                    code: code.into(),
+                    message: "m".into(),
+                },
+            })
+        };
+        assert_eq!(ReportResult::of(api(404, "http")), ReportResult::NotFound);
+        assert!(matches!(
+            ReportResult::of(api(404, "not_found")),
+            ReportResult::Failed(_)
+        ));
+        assert!(matches!(
+            ReportResult::of(api(503, "unavailable")),
+            ReportResult::Failed(_)
+        ));
+        let rep = PrimaryReport {
+            outcome: "no_in_sync_mirror".into(),
+            epoch: 2,
+            primary: None,
+        };
+        assert_eq!(
+            ReportResult::of(Ok(rep.clone())),
+            ReportResult::Answered(rep)
+        );
+    }
+
+    #[test]
+    fn timeouts_are_node_flags_with_keel_vhost_defaults() {
+        let base = [
+            "keel-node",
+            "--controller",
+            "https://127.0.0.1:7000",
+            "--pki-dir",
+            "/tmp/pki",
+            "--id",
+            "n1",
+            "--socket-dir",
+            "/tmp/s",
+            "--state-dir",
+            "/tmp/st",
+        ];
+        let defaults = NodeArgs::try_parse_from(base).expect("parse");
+        assert_eq!(
+            (defaults.primary_timeout_ms, defaults.io_fail_after_ms),
+            (1000, 300_000)
+        );
+        let mut more = base.to_vec();
+        more.extend(["--primary-timeout-ms", "500", "--io-fail-after-ms", "0"]);
+        let a = NodeArgs::try_parse_from(more).expect("parse");
+        assert_eq!((a.primary_timeout_ms, a.io_fail_after_ms), (500, 0));
+        let d = crate::daemon::Args::try_parse_from([
+            "keel-vhost",
+            "--socket",
+            "/tmp/s",
+            "--server",
+            "127.0.0.1:7500",
+            "--volume",
+            "1",
+            "--size",
+            "512",
+            "--pki-dir",
+            "/tmp/pki",
+            "--id",
+            "n1",
+        ])
+        .expect("parse");
+        assert_eq!(
+            (d.primary_timeout_ms, d.io_fail_after_ms),
+            (defaults.primary_timeout_ms, defaults.io_fail_after_ms),
+            "the node's defaults are keel-vhost's"
+        );
+    }
 }

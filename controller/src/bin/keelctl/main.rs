@@ -93,9 +93,9 @@ enum VolumeCmd {
         size: String,
         #[arg(long)]
         name: Option<String>,
-        /// Copies to keep.
-        #[arg(long, default_value_t = 1)]
-        replicas: u32,
+        /// Copies to keep on distinct servers (1–3; the controller's default is 2).
+        #[arg(long)]
+        replicas: Option<u32>,
     },
     /// List volumes.
     List,
@@ -324,7 +324,7 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
                     "/v1/volumes",
                     &CreateVolume {
                         size: size_arg(size)?,
-                        replicas: Some(*replicas),
+                        replicas: *replicas,
                         name: name.clone(),
                     },
                 )

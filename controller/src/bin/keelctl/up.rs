@@ -9,6 +9,7 @@
 //! DIR/sockets/            vhost-user sockets (one per attachment)
 //! DIR/node/               the node manager's attachment records
 //! DIR/run/<daemon>.pid    pid files
+//! DIR/run/<daemon>.hold   while it exists, a daemon that dies is not restarted
 //! DIR/logs/<daemon>.log   each daemon's log (also shown on stdout, prefixed)
 //! ```
 //! Every daemon runs as `keelctl daemon <kind> ...` (this same executable), so a fresh clone
@@ -44,6 +45,20 @@ pub struct UpArgs {
     /// Seconds to wait for every daemon to answer.
     #[arg(long, default_value_t = 60)]
     ready_timeout: u64,
+    /// Passed to the node manager and its keel-vhost processes: milliseconds after which a
+    /// guest request no copy answers fails with an I/O error; 0 waits forever (default: the
+    /// node manager's, 300000 = 5 minutes).
+    #[arg(long)]
+    io_fail_after_ms: Option<u64>,
+    /// Passed to the node manager and its keel-vhost processes: milliseconds a primary may
+    /// leave keel-vhost waiting before the node reports it to the controller (default: the
+    /// node manager's, 1000).
+    #[arg(long)]
+    primary_timeout_ms: Option<u64>,
+    /// Passed to the controller: milliseconds without a heartbeat before a server or node is
+    /// down (default: the controller's, 3000).
+    #[arg(long)]
+    failure_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +98,11 @@ struct Daemon {
     args: Vec<OsString>,
     child: Option<Child>,
     started: Instant,
+    /// Its pid file is `DIR/run/<run_name>.pid`; it is not restarted while
+    /// `DIR/run/<run_name>.hold` exists.
+    run_name: String,
+    /// The hold was announced.
+    held: bool,
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -326,11 +346,16 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
         "--pid-file".into(),
         run("controller"),
     ];
+    if let Some(ms) = a.failure_timeout_ms {
+        args.extend(["--failure-timeout-ms".into(), ms.to_string().into()]);
+    }
     daemons.push(Daemon {
         name: "controller".into(),
+        run_name: "controller".into(),
         args: std::mem::take(&mut args),
         child: None,
         started: Instant::now(),
+        held: false,
     });
     for s in &cluster.servers {
         let listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], s.port));
@@ -357,13 +382,16 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
         }
         daemons.push(Daemon {
             name: s.id.clone(),
+            run_name: format!("storage-{}", s.id),
             args: v,
             child: None,
             started: Instant::now(),
+            held: false,
         });
     }
     daemons.push(Daemon {
         name: cluster.node.clone(),
+        run_name: "node".into(),
         args: vec![
             "node".into(),
             "--controller".into(),
@@ -381,7 +409,20 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
         ],
         child: None,
         started: Instant::now(),
+        held: false,
     });
+    // keel-vhost's timeouts, through the node manager.
+    if let Some(node) = daemons.iter_mut().rev().find(|d| d.name == cluster.node) {
+        for (flag, ms) in [
+            ("--io-fail-after-ms", a.io_fail_after_ms),
+            ("--primary-timeout-ms", a.primary_timeout_ms),
+        ] {
+            if let Some(ms) = ms {
+                node.args.push(flag.into());
+                node.args.push(ms.to_string().into());
+            }
+        }
+    }
     for d in &mut daemons {
         std::fs::create_dir_all(dir.join("storage"))?;
         d.spawn(&dir)?;
@@ -430,7 +471,21 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
                     };
                     if let Some(status) = exited {
                         d.child = None;
-                        println!("keel: {} exited ({status}); restarting it", d.name);
+                        println!("keel: {} exited ({status})", d.name);
+                    }
+                    if d.child.is_none() {
+                        // An operator (or a test) keeps a dead daemon down, as if its machine
+                        // were gone, by creating this file; removing it restarts the daemon.
+                        let hold = dir.join("run").join(format!("{}.hold", d.run_name));
+                        if hold.exists() {
+                            if !d.held {
+                                println!("keel: {} is held by {}: not restarting it until that file is removed", d.name, hold.display());
+                                d.held = true;
+                            }
+                            continue;
+                        }
+                        d.held = false;
+                        println!("keel: restarting {}", d.name);
                         if d.started.elapsed() < Duration::from_secs(1) {
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }

@@ -1,0 +1,363 @@
+//! The membership and epoch rules of docs/replication.md as pure functions over a volume
+//! record: every change of E, W, the primary or the in-sync set goes through one of these,
+//! inside the compare-and-swap of `service.rs`. Liveness is passed in (a predicate over server
+//! ids, or a chosen target), so the rules can be driven by a model (`model_tests`).
+//!
+//! Each function either changes the record — and then bumps E by exactly one (R1) — or leaves
+//! it untouched and says why ([`Refusal`]), or reports that the change is already made
+//! ([`Change::Unchanged`]).
+
+use crate::model::{AttachmentRecord, CopyRecord, CopyRole, Mode, VolumeRecord};
+
+/// The result of a change that may already have been made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change<T> {
+    /// The record changed (E bumped); `T` says what changed.
+    Changed(T),
+    /// The record already is in the asked state: nothing to commit.
+    Unchanged,
+}
+
+/// Why a membership change was not made. The messages are the API's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("server {server} is not the primary of volume {volume}")]
+    NotPrimary { server: String, volume: String },
+    #[error("epoch {given} is not the volume's epoch {current}: the primary's view is old")]
+    OldEpoch { given: u64, current: u64 },
+    #[error("{mirror} is not a mirror of volume {volume}")]
+    NoSuchMirror { mirror: String, volume: String },
+    #[error("{mirror} is not being rebuilt for volume {volume}")]
+    NotRebuilding { mirror: String, volume: String },
+    #[error("volume {volume} is already attached {mode} to instance {instance} on node {node}; detach it first")]
+    AlreadyAttached {
+        volume: String,
+        mode: String,
+        instance: String,
+        node: String,
+    },
+    #[error("volume {volume} is attached read-write to instance {instance} on node {node}; detach it there, or force the takeover (--force) to fence that writer")]
+    WriterAttached {
+        volume: String,
+        instance: String,
+        node: String,
+    },
+    #[error("volume {volume} is not attached to instance {instance} on node {node}")]
+    NotAttached {
+        volume: String,
+        instance: String,
+        node: String,
+    },
+    #[error("volume {volume} has no primary")]
+    NoPrimary { volume: String },
+    #[error("the primary of volume {volume} is up")]
+    PrimaryUp { volume: String },
+    #[error("the primary of volume {volume} is down")]
+    PrimaryDown { volume: String },
+    #[error("volume {volume} has no in-sync mirror on a server that is up")]
+    NoInSyncMirror { volume: String },
+    #[error("volume {volume} has no mirror on a server that is down")]
+    NoLostMirror { volume: String },
+    #[error("volume {volume} has no stale mirror that may be rebuilt")]
+    NoStaleMirror { volume: String },
+    #[error("server {server} already holds a copy of volume {volume}")]
+    TargetHoldsCopy { server: String, volume: String },
+}
+
+impl Refusal {
+    /// Whether the refusal means "no such thing" (404) rather than "not now" (409).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Refusal::NoSuchMirror { .. } | Refusal::NotAttached { .. }
+        )
+    }
+}
+
+/// A promotion (R6): `old` was the primary's server, `new` the promoted mirror's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    pub old: String,
+    pub new: String,
+}
+
+/// A read-write or read-only attachment made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// E was bumped and W := E (a read-write attach).
+    pub bumped: bool,
+    /// The writer a forced takeover removed.
+    pub fenced: Option<AttachmentRecord>,
+}
+
+fn bump(v: &mut VolumeRecord) {
+    v.epoch += 1;
+}
+
+/// R1/R3: a read-write attach or a forced detach replaces the writer: E := E + 1, W := E.
+fn fence_writer(v: &mut VolumeRecord) {
+    bump(v);
+    v.writer_epoch = v.epoch;
+}
+
+/// R5/R7: a report about a mirror is accepted only from the volume's primary (`reporter`, a
+/// server id) naming the volume's current epoch.
+pub fn check_reporter(v: &VolumeRecord, reporter: &str, epoch: u64) -> Result<(), Refusal> {
+    if v.primary().map(|p| p.server.as_str()) != Some(reporter) {
+        return Err(Refusal::NotPrimary {
+            server: reporter.to_string(),
+            volume: v.id.clone(),
+        });
+    }
+    if epoch != v.epoch {
+        return Err(Refusal::OldEpoch {
+            given: epoch,
+            current: v.epoch,
+        });
+    }
+    Ok(())
+}
+
+/// The index of the mirror on server `mirror` (`None`: the reported address is no registered
+/// server's); `label` names it in the refusal.
+fn mirror_index(v: &VolumeRecord, mirror: Option<&str>, label: &str) -> Result<usize, Refusal> {
+    mirror
+        .and_then(|m| {
+            v.copies
+                .iter()
+                .position(|c| c.role == CopyRole::Mirror && c.server == m)
+        })
+        .ok_or_else(|| Refusal::NoSuchMirror {
+            mirror: label.to_string(),
+            volume: v.id.clone(),
+        })
+}
+
+/// R5: the primary `reporter`, at `epoch`, could not replicate to the mirror on server
+/// `mirror` (`label`: its address): the mirror leaves the in-sync (or rebuilding) set and
+/// becomes stale. Returns the dropped mirror's server.
+pub fn drop_mirror(
+    v: &mut VolumeRecord,
+    reporter: &str,
+    epoch: u64,
+    mirror: Option<&str>,
+    label: &str,
+) -> Result<Change<String>, Refusal> {
+    check_reporter(v, reporter, epoch)?;
+    let i = mirror_index(v, mirror, label)?;
+    let m = &mut v.copies[i];
+    if !m.in_sync && !m.rebuilding {
+        return Ok(Change::Unchanged);
+    }
+    m.in_sync = false;
+    m.rebuilding = false;
+    let server = m.server.clone();
+    bump(v);
+    Ok(Change::Changed(server))
+}
+
+/// R7: the primary `reporter`, at `epoch`, finished rebuilding the mirror on `mirror`: it
+/// joins the in-sync set.
+pub fn mirror_synced(
+    v: &mut VolumeRecord,
+    reporter: &str,
+    epoch: u64,
+    mirror: Option<&str>,
+    label: &str,
+) -> Result<Change<String>, Refusal> {
+    check_reporter(v, reporter, epoch)?;
+    let i = mirror_index(v, mirror, label)?;
+    let volume = v.id.clone();
+    let m = &mut v.copies[i];
+    if m.in_sync {
+        return Ok(Change::Unchanged);
+    }
+    if !m.rebuilding {
+        return Err(Refusal::NotRebuilding {
+            mirror: label.to_string(),
+            volume,
+        });
+    }
+    m.rebuilding = false;
+    m.in_sync = true;
+    let server = m.server.clone();
+    bump(v);
+    Ok(Change::Changed(server))
+}
+
+fn primary_up(v: &VolumeRecord, up: &impl Fn(&str) -> bool) -> Result<(), Refusal> {
+    match v.primary() {
+        None => Err(Refusal::NoPrimary {
+            volume: v.id.clone(),
+        }),
+        Some(p) if !up(&p.server) => Err(Refusal::PrimaryDown {
+            volume: v.id.clone(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether `c` is a stale mirror (dropped, not being rebuilt).
+pub fn is_stale_mirror(c: &CopyRecord) -> bool {
+    c.role == CopyRole::Mirror && !c.in_sync && !c.rebuilding
+}
+
+/// R7/R8: with the primary's server up, the first stale mirror for which `target` holds
+/// (its server is up and has heartbeated since its drop) starts being rebuilt. Returns its
+/// server.
+pub fn start_rebuild(
+    v: &mut VolumeRecord,
+    up: impl Fn(&str) -> bool,
+    target: impl Fn(&str) -> bool,
+) -> Result<String, Refusal> {
+    primary_up(v, &up)?;
+    let volume = v.id.clone();
+    let m = v
+        .copies
+        .iter_mut()
+        .find(|c| is_stale_mirror(c) && target(&c.server))
+        .ok_or(Refusal::NoStaleMirror { volume })?;
+    m.rebuilding = true;
+    let server = m.server.clone();
+    bump(v);
+    Ok(server)
+}
+
+/// Re-replication: with the primary's server up, the first mirror whose server is down
+/// moves to server `to` (which holds no copy of the volume) as `rebuilding`. Returns the server
+/// it left.
+pub fn replace_lost_mirror(
+    v: &mut VolumeRecord,
+    up: impl Fn(&str) -> bool,
+    to: &str,
+) -> Result<String, Refusal> {
+    primary_up(v, &up)?;
+    if v.copies.iter().any(|c| c.server == to) {
+        return Err(Refusal::TargetHoldsCopy {
+            server: to.to_string(),
+            volume: v.id.clone(),
+        });
+    }
+    let volume = v.id.clone();
+    let m = v
+        .copies
+        .iter_mut()
+        .find(|c| c.role == CopyRole::Mirror && !up(&c.server))
+        .ok_or(Refusal::NoLostMirror { volume })?;
+    let old = std::mem::replace(&mut m.server, to.to_string());
+    m.in_sync = false;
+    m.rebuilding = true;
+    bump(v);
+    Ok(old)
+}
+
+/// R6: the primary's server is down by `up` (the controller's own view: heartbeats, or its
+/// probe after a node's report); the first in-sync mirror whose server is up becomes the
+/// primary, the old primary a stale mirror. A copy outside the in-sync set is never promoted;
+/// with none, nothing changes.
+pub fn promote(v: &mut VolumeRecord, up: impl Fn(&str) -> bool) -> Result<Promotion, Refusal> {
+    let volume = v.id.clone();
+    let pi = v
+        .copies
+        .iter()
+        .position(|c| c.role == CopyRole::Primary)
+        .ok_or(Refusal::NoPrimary {
+            volume: volume.clone(),
+        })?;
+    if up(&v.copies[pi].server) {
+        return Err(Refusal::PrimaryUp { volume });
+    }
+    let mi = v
+        .copies
+        .iter()
+        .position(|c| c.role == CopyRole::Mirror && c.in_sync && up(&c.server))
+        .ok_or(Refusal::NoInSyncMirror { volume })?;
+    v.copies[pi].role = CopyRole::Mirror;
+    v.copies[pi].in_sync = false;
+    v.copies[pi].rebuilding = false;
+    v.copies[mi].role = CopyRole::Primary;
+    v.copies[mi].in_sync = true;
+    v.copies[mi].rebuilding = false;
+    bump(v);
+    Ok(Promotion {
+        old: v.copies[pi].server.clone(),
+        new: v.copies[mi].server.clone(),
+    })
+}
+
+/// Attaches `a`. A read-write attach bumps E and sets W := E (the old writer, with `force`,
+/// is removed and fenced); a second read-write attach without `force` is refused. The same
+/// node and instance attached in the same mode is [`Change::Unchanged`].
+pub fn attach(
+    v: &mut VolumeRecord,
+    a: AttachmentRecord,
+    force: bool,
+) -> Result<Change<Attached>, Refusal> {
+    if let Some(x) = v
+        .attachments
+        .iter()
+        .find(|x| x.node == a.node && x.instance == a.instance)
+    {
+        if x.mode == a.mode {
+            return Ok(Change::Unchanged);
+        }
+        return Err(Refusal::AlreadyAttached {
+            volume: v.id.clone(),
+            mode: x.mode.as_str().replace('_', "-"),
+            instance: x.instance.clone(),
+            node: x.node.clone(),
+        });
+    }
+    let mut out = Attached {
+        bumped: false,
+        fenced: None,
+    };
+    if a.mode == Mode::ReadWrite {
+        if let Some(w) = v.writer().cloned() {
+            if !force {
+                return Err(Refusal::WriterAttached {
+                    volume: v.id.clone(),
+                    instance: w.instance,
+                    node: w.node,
+                });
+            }
+            v.attachments.retain(|x| x != &w);
+            out.fenced = Some(w);
+        }
+        fence_writer(v);
+        out.bumped = true;
+    }
+    v.attachments.push(a);
+    Ok(Change::Changed(out))
+}
+
+/// The attachment of `node`/`instance`.
+pub fn find_attachment(
+    v: &VolumeRecord,
+    node: &str,
+    instance: &str,
+) -> Result<AttachmentRecord, Refusal> {
+    v.attachments
+        .iter()
+        .find(|a| a.node == node && a.instance == instance)
+        .cloned()
+        .ok_or_else(|| Refusal::NotAttached {
+            volume: v.id.clone(),
+            instance: instance.to_string(),
+            node: node.to_string(),
+        })
+}
+
+/// Removes attachment `a`; a forced detach of the writer bumps E and sets W := E (fencing it).
+/// Returns whether E was bumped.
+pub fn detach(v: &mut VolumeRecord, a: &AttachmentRecord, force: bool) -> bool {
+    v.attachments.retain(|x| x != a);
+    if force && a.mode == Mode::ReadWrite {
+        fence_writer(v);
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod model_tests;
