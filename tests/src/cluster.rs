@@ -488,3 +488,84 @@ pub fn control_args(dir: &Path) -> Vec<String> {
         dir.join("status.json").display().to_string(),
     ]
 }
+
+/// Sets up a replicated volume by hand, as the controller would (certificate `controller-c1`):
+/// an empty mirror copy on each of `mirrors` and the primary on `primary`, created at epoch 1,
+/// then the membership at epoch 2 (writer epoch 1) pushed to the mirrors first, then to the
+/// primary. Clients write with epoch 2.
+pub fn replicate(
+    pki: &Pki,
+    volume: &str,
+    size: u64,
+    primary: &Storage,
+    mirrors: &[&Storage],
+) -> Result<()> {
+    use keel_proto::admin::{admin_call, AdminRequest};
+    use keel_proto::tls::{client_config, TlsPaths};
+    use keel_proto::{Epoch, MemberRole, VolumeId};
+    let volume: VolumeId = volume.parse()?;
+    pki.issue(Role::Controller, "c1")?;
+    let cfg = client_config(&TlsPaths::in_dir(&pki.dir, "controller-c1"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let call = |s: &Storage, req: AdminRequest| {
+            let (cfg, addr) = (cfg.clone(), s.addr);
+            async move {
+                admin_call(addr, cfg, req)
+                    .await
+                    .with_context(|| format!("admin request to {addr}"))
+            }
+        };
+        for m in mirrors {
+            call(
+                m,
+                AdminRequest::CreateCopy {
+                    volume,
+                    size,
+                    role: MemberRole::Mirror,
+                    epoch: Epoch(1),
+                },
+            )
+            .await?;
+        }
+        call(
+            primary,
+            AdminRequest::CreateCopy {
+                volume,
+                size,
+                role: MemberRole::Primary,
+                epoch: Epoch(1),
+            },
+        )
+        .await?;
+        for m in mirrors {
+            call(
+                m,
+                AdminRequest::SetMembership {
+                    volume,
+                    role: MemberRole::Mirror,
+                    epoch: Epoch(2),
+                    writer_epoch: Epoch(1),
+                    mirrors: Vec::new(),
+                    rebuilding: Vec::new(),
+                },
+            )
+            .await?;
+        }
+        call(
+            primary,
+            AdminRequest::SetMembership {
+                volume,
+                role: MemberRole::Primary,
+                epoch: Epoch(2),
+                writer_epoch: Epoch(1),
+                mirrors: mirrors.iter().map(|m| m.addr).collect(),
+                rebuilding: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(())
+    })
+}

@@ -1,12 +1,14 @@
 //! keel-bench: the same guest, the same fio jobs, Keel and qemu-storage-daemon alternated in one
 //! run on one machine.
 //!
-//! Configurations: **K1** a Keel volume (1 copy, keel-vhost → mutual TLS → keel-storage) and
-//! **Q** qemu-storage-daemon exporting a local raw file as vhost-user-blk
-//! (`aio=native,cache.direct=on`). One guest sees both (vda = K1, vdb = Q); each job runs on
-//! K1 then Q, round after round, over a 256 MiB region written once first.
+//! Configurations: **K1** a Keel volume (1 copy, keel-vhost → mutual TLS → keel-storage),
+//! **K2** a Keel volume with 2 copies (the primary on the same server as K1 replicates every
+//! write over mutual TLS to a mirror on a second keel-storage before acknowledging), and **Q**
+//! qemu-storage-daemon exporting a local raw file as vhost-user-blk
+//! (`aio=native,cache.direct=on`). One guest sees all three (vda = K1, vdb = K2, vdc = Q); each
+//! job runs on K1, K2 then Q, round after round, over a 256 MiB region written once first.
 //!
-//! Usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]
+//! Usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR] [--job NAME]...
 //! Prints a table per job (median IOPS, min–max, mean and p99 completion latency, K/Q) and the
 //! CPU seconds keel's daemons used per I/O; writes `results.json` and `results.md` to DIR.
 
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use keel_tests::bench::{cpu_ticks, start_qsd, ticks_per_second};
-use keel_tests::cluster::{Pki, Storage, Vhost, VhostOptions};
+use keel_tests::cluster::{replicate, Pki, Storage, Vhost, VhostOptions};
 use keel_tests::guest::{self, Disk, GuestConfig};
 use serde_json::{json, Value};
 
@@ -66,7 +68,7 @@ const JOBS: &[Job] = &[
     },
 ];
 
-const CONFIGS: &[(&str, &str)] = &[("K1", "vda"), ("Q", "vdb")];
+const CONFIGS: &[(&str, &str)] = &[("K1", "vda"), ("K2", "vdb"), ("Q", "vdc")];
 
 struct Opts {
     smoke: bool,
@@ -74,6 +76,15 @@ struct Opts {
     runtime: u32,
     ramp: u32,
     out: PathBuf,
+    /// Only these jobs (`--job NAME`, repeatable); all when empty.
+    only: Vec<String>,
+}
+
+impl Opts {
+    fn jobs(&self) -> impl Iterator<Item = &'static Job> + '_ {
+        JOBS.iter()
+            .filter(|j| self.only.is_empty() || self.only.iter().any(|o| o == j.name))
+    }
 }
 
 fn parse_args() -> Result<Opts> {
@@ -83,6 +94,7 @@ fn parse_args() -> Result<Opts> {
         runtime: 8,
         ramp: 2,
         out: PathBuf::from("target/bench"),
+        only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -98,9 +110,17 @@ fn parse_args() -> Result<Opts> {
             "--runtime" => o.runtime = num("--runtime")?,
             "--ramp" => o.ramp = num("--ramp")?,
             "--out" => o.out = PathBuf::from(args.next().context("--out needs a directory")?),
+            "--job" => {
+                let j = args.next().context("--job needs a job name")?;
+                if !JOBS.iter().any(|x| x.name == j) {
+                    let names: Vec<&str> = JOBS.iter().map(|x| x.name).collect();
+                    bail!("unknown job {j:?}; jobs: {}", names.join(", "));
+                }
+                o.only.push(j);
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR]"
+                    "usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR] [--job NAME]..."
                 );
                 std::process::exit(0);
             }
@@ -129,7 +149,7 @@ fn guest_script(o: &Opts, size: &str) -> String {
     }
     s.push_str("echo BENCH-PREFILLED\n");
     for round in 0..o.rounds {
-        for job in JOBS {
+        for job in o.jobs() {
             for (cfg, dev) in CONFIGS {
                 let id = format!("{round}-{}-{cfg}", job.name);
                 let _ = writeln!(
@@ -206,11 +226,33 @@ fn main() -> Result<()> {
             extra: Vec::new(),
         },
     )?;
+    // K2: primary on s1 (next to K1's copy), mirror on s2; writes carry epoch 2.
+    let mirror = Storage::start(&pki, "s2", &dir.path().join("data2"), &[])?;
+    replicate(&pki, "b2", 512 << 20, &storage, &[&mirror])?;
+    let vhost2 = Vhost::start(
+        &pki,
+        VhostOptions {
+            socket: dir.path().join("keel2.sock"),
+            server: storage.addr,
+            volume: "b2".into(),
+            size: "512MiB".into(),
+            epoch: 2,
+            node_id: "n1".into(),
+            num_queues: 1,
+            read_only: false,
+            extra: Vec::new(),
+        },
+    )?;
     let (mut qsd, qsd_sock) = start_qsd(dir.path(), 512 << 20)?;
     let cfg = GuestConfig {
         disks: vec![
             Disk {
                 socket: vhost.opts.socket.clone(),
+                num_queues: 1,
+                reconnect: false,
+            },
+            Disk {
+                socket: vhost2.opts.socket.clone(),
                 num_queues: 1,
                 reconnect: false,
             },
@@ -224,7 +266,11 @@ fn main() -> Result<()> {
         timeout: Duration::from_secs(3600),
         ..GuestConfig::default()
     };
-    let pids: Vec<u32> = [storage.pid(), vhost.pid()].into_iter().flatten().collect();
+    // Keel's CPU: the storage servers and both keel-vhost processes (the idle ones add little).
+    let pids: Vec<u32> = [storage.pid(), mirror.pid(), vhost.pid(), vhost2.pid()]
+        .into_iter()
+        .flatten()
+        .collect();
     let keel_cpu = || pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
     let tps = ticks_per_second();
     let g = guest::spawn(&cfg)?;
@@ -232,7 +278,7 @@ fn main() -> Result<()> {
     g.wait_for_line("BENCH-PREFILLED", Duration::from_secs(600))?;
     let mut results: Vec<(String, String, Sample)> = Vec::new();
     for round in 0..o.rounds {
-        for job in JOBS {
+        for job in o.jobs() {
             for (cfgname, _) in CONFIGS {
                 let id = format!("{round}-{}-{cfgname}", job.name);
                 g.wait_for_line(&format!("BENCH-BEGIN {id}"), slot)?;
@@ -278,10 +324,10 @@ fn main() -> Result<()> {
 
     // Summaries.
     let mut md = String::new();
-    let _ = writeln!(md, "| job | config | median IOPS | min–max IOPS | mean lat µs | p99 lat µs | keel CPU µs/IO | K/Q |");
+    let _ = writeln!(md, "| job | config | median IOPS | min–max IOPS | mean lat µs | p99 lat µs | keel CPU µs/IO | ratio |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
     let mut json_jobs = Vec::new();
-    for job in JOBS {
+    for job in o.jobs() {
         let mut med = std::collections::HashMap::new();
         for (cfgname, _) in CONFIGS {
             let s: Vec<&Sample> = results
@@ -326,14 +372,33 @@ fn main() -> Result<()> {
                 "rounds": s.len(),
             }));
         }
-        let k = med.get("K1").copied().unwrap_or(0.0);
-        let q = med.get("Q").copied().unwrap_or(0.0);
-        let r = if q > 0.0 { k / q } else { 0.0 };
-        let _ = writeln!(md, "| {} | **K/Q** | | | | | | **{:.2}** |", job.name, r);
+        let ratio = |a: &str, b: &str| {
+            let (a, b) = (
+                med.get(a).copied().unwrap_or(0.0),
+                med.get(b).copied().unwrap_or(0.0),
+            );
+            if b > 0.0 {
+                a / b
+            } else {
+                0.0
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | **K1/Q** | | | | | | **{:.2}** |",
+            job.name,
+            ratio("K1", "Q")
+        );
+        let _ = writeln!(
+            md,
+            "| {} | **K2/K1** | | | | | | **{:.2}** |",
+            job.name,
+            ratio("K2", "K1")
+        );
     }
     std::fs::create_dir_all(&o.out)?;
     let header = format!(
-        "Keel benchmark: {} round(s), {} s per job after {} s ramp, {} region, guest TCG 1 vCPU, fio libaio direct=1.\nK1 = Keel 1 copy (keel-vhost → mTLS → keel-storage); Q = qemu-storage-daemon, raw file, aio=native, cache.direct=on.\n\n",
+        "Keel benchmark: {} round(s), {} s per job after {} s ramp, {} region, guest TCG 1 vCPU, fio libaio direct=1.\nK1 = Keel 1 copy (keel-vhost → mTLS → keel-storage); K2 = Keel 2 copies (the primary replicates each write to a mirror on a second keel-storage before acknowledging); Q = qemu-storage-daemon, raw file, aio=native, cache.direct=on.\n\n",
         o.rounds, o.runtime, o.ramp, region
     );
     let md = header + &md;
@@ -348,6 +413,8 @@ fn main() -> Result<()> {
     println!("{md}");
     println!("keel-bench: results in {}", o.out.display());
     drop(vhost);
+    drop(vhost2);
     drop(storage);
+    drop(mirror);
     Ok(())
 }
