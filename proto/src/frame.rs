@@ -392,7 +392,7 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         if let Some(reason) = admin_fields_error(op, offset, length, payload.len(), crc) {
             return invalid(reason);
         }
-    } else if !op.has_range() && (offset != 0 || length != 0) {
+    } else if !op.has_range() && op != Op::Claim && (offset != 0 || length != 0) {
         return invalid("offset and length must be 0");
     }
     if op.request_has_payload() {
@@ -682,6 +682,11 @@ mod unit_tests {
         for op in [Op::Flush, Op::Ping, Op::DeleteCopy] {
             round_trip(Frame::Request(Request::new(op, 10, VolumeId(1), Epoch(2))));
         }
+        // A claim carries its generation and client key in offset and length.
+        let mut claim = Request::new(Op::Claim, 12, VolumeId(1), Epoch(2));
+        claim.offset = 1_795_573_554_715;
+        claim.length = 0xdead_beef;
+        round_trip(Frame::Request(claim));
         for (op, offset, length) in [
             (Op::CreateCopy, 1 << 30, MemberRole::Primary as u32),
             (Op::CreateCopy, 512, MemberRole::Mirror as u32),

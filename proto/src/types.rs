@@ -42,7 +42,7 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// Request operations: the data path (1..=6, from node managers) and copy administration
+/// Request operations: the data path (1..=7, from node managers) and copy administration
 /// (16..=19, from the controller). See `docs/protocol.md` for each op's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -53,6 +53,10 @@ pub enum Op {
     Discard = 4,
     WriteZeroes = 5,
     Ping = 6,
+    /// A client's new connection claims the volume (`offset` = generation, higher than any
+    /// earlier connection of the same client; `length` = the client's key): requests of its
+    /// older connections are refused from then on (storage-server `session` module).
+    Claim = 7,
     /// Create a copy: `offset` = size in bytes, `length` = [`MemberRole`], `epoch` = its epoch.
     CreateCopy = 16,
     /// Delete a copy and its file.
@@ -72,6 +76,7 @@ impl Op {
             4 => Op::Discard,
             5 => Op::WriteZeroes,
             6 => Op::Ping,
+            7 => Op::Claim,
             16 => Op::CreateCopy,
             17 => Op::DeleteCopy,
             18 => Op::SetMembership,

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 use keel_proto::{Epoch, Role, VolumeId};
 
 use crate::dirty::{CopyIdentity, DirtyTracker};
+use crate::session::{ClientKey, Session, Sessions};
 use crate::sync::GroupSync;
 
 pub const MAGIC: [u8; 8] = *b"KEELCOPY";
@@ -106,6 +107,9 @@ pub enum Refusal {
     /// The peer's role may not send data requests to this copy (a controller, an admin; a
     /// storage server to a primary).
     Unauthorized,
+    /// A newer connection of the same client claimed the copy (carried: the copy's epoch):
+    /// this connection was abandoned ([`crate::session`]).
+    Superseded(Epoch),
 }
 
 /// The epoch rules for a data request with epoch `request` from a peer of role `peer` on a copy
@@ -304,6 +308,8 @@ pub struct Copy {
     /// membership, it cannot know whether a mirror it is rebuilding was put in sync while it
     /// was down, so a forward that mirror misses must go through the controller (R7).
     membership_known: AtomicU64,
+    /// Client sessions ([`crate::session`]).
+    sessions: Sessions,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CopyError + '_ {
@@ -433,6 +439,7 @@ impl Copy {
             dirty: DirtyTracker::default(),
             fresh: AtomicBool::new(false),
             membership_known: AtomicU64::new(0),
+            sessions: Sessions::default(),
             file,
         })
     }
@@ -716,8 +723,12 @@ impl Copy {
         gate: RwLockReadGuard<'a, ()>,
         epoch: Epoch,
         peer: Role,
+        session: Option<&Session>,
     ) -> Result<Admitted<'a>, Refusal> {
         self.check_epoch(epoch, peer)?;
+        if session.is_some_and(|s| !s.current()) {
+            return Err(Refusal::Superseded(self.epoch()));
+        }
         Ok(Admitted {
             _gate: gate,
             epoch: self.epoch(),
@@ -729,19 +740,49 @@ impl Copy {
     /// Admits a data request at `epoch` from a peer of role `peer`: the returned guard must be
     /// held for the request's I/O. Waits while a membership change or deletion is in progress.
     pub fn admit(&self, epoch: Epoch, peer: Role) -> Result<Admitted<'_>, Refusal> {
+        self.admit_in(epoch, peer, None)
+    }
+
+    /// [`Copy::admit`] for a connection that claimed the copy: refused once a newer connection
+    /// of the same client claimed it.
+    pub fn admit_in(
+        &self,
+        epoch: Epoch,
+        peer: Role,
+        session: Option<&Session>,
+    ) -> Result<Admitted<'_>, Refusal> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.admitted(gate, epoch, peer)
+        self.admitted(gate, epoch, peer, session)
+    }
+
+    /// A client's new connection claims the copy with `generation` (blocking: waits for the
+    /// requests admitted so far, older connections' included, to finish). `None` if a newer
+    /// connection of the client claimed it already.
+    pub fn claim(&self, client: ClientKey, generation: u64) -> Option<Session> {
+        let cell = self.sessions.cell(client);
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        Sessions::claim(cell, generation)
     }
 
     /// [`Copy::admit`] without waiting: `None` if a membership change or deletion holds (or
     /// waits for) the gate.
     pub fn try_admit(&self, epoch: Epoch, peer: Role) -> Option<Result<Admitted<'_>, Refusal>> {
+        self.try_admit_in(epoch, peer, None)
+    }
+
+    /// [`Copy::try_admit`] for a connection that claimed the copy.
+    pub fn try_admit_in(
+        &self,
+        epoch: Epoch,
+        peer: Role,
+        session: Option<&Session>,
+    ) -> Option<Result<Admitted<'_>, Refusal>> {
         let gate = match self.gate.try_read() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(self.admitted(gate, epoch, peer))
+        Some(self.admitted(gate, epoch, peer, session))
     }
 
     fn check_ok(&self) -> Result<(), CopyError> {

@@ -583,24 +583,23 @@ impl Replicator {
             .is_none_or(|st| !st.failed.load(Ordering::SeqCst) || st.syncing_covers(epoch))
     }
 
-    /// A forwarded op admitted at `epoch` failed on the rebuilding `mirror`: its current pass
-    /// (if at `epoch` or older) is void and starts again over the dirty chunks. True if the op
-    /// must not be acknowledged: this primary asked at `epoch` to put the mirror in sync, and
-    /// the controller may have done so already (the mirror, at the new epoch, refuses it).
-    pub fn rebuild_forward_failed(
-        &self,
-        volume: VolumeId,
-        mirror: SocketAddr,
-        epoch: Epoch,
-    ) -> bool {
+    /// An op admitted at `epoch` was applied here but not by the rebuilding `mirror` (not sent
+    /// to it while its pass was void, or it failed there); its chunks are already marked
+    /// dirty. The current pass (if at `epoch` or older) is void and starts again over the
+    /// dirty chunks. True if the op must not be acknowledged: this primary asked at `epoch` to
+    /// put the mirror in sync, and the controller may have done so already (the mirror, at
+    /// the new epoch, lacks the op). Sets `failed` before reading `syncing_at` (the rebuild
+    /// task stores `syncing_at` before reading `failed`), both sequentially consistent.
+    pub fn rebuild_missed(&self, volume: VolumeId, mirror: SocketAddr, epoch: Epoch) -> bool {
         let map = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
         let Some(st) = map.get(&(volume, mirror)) else {
             return false;
         };
         if epoch.0 >= st.epoch.load(Ordering::Acquire) {
-            st.failed.store(true, Ordering::SeqCst);
+            if !st.failed.swap(true, Ordering::SeqCst) {
+                tracing::warn!(%volume, %mirror, %epoch, "rebuilding mirror missed a write; its rebuild starts again over the dirty chunks");
+            }
             st.done.store(false, Ordering::Release);
-            tracing::warn!(%volume, %mirror, %epoch, "rebuilding mirror missed a forwarded write; its rebuild starts again over the dirty chunks");
         }
         st.syncing_covers(epoch)
     }
@@ -802,18 +801,17 @@ impl Replicator {
         let size = copy.size();
         let plan = copy.dirty().start_pass(mirror, identity, size);
         st.incremental.store(plan.incremental, Ordering::Release);
-        st.chunks_to_copy
-            .store(plan.chunks.len() as u64, Ordering::Release);
+        st.chunks_to_copy.store(plan.len(), Ordering::Release);
         tracing::info!(
             %volume, %mirror, %epoch, size,
             incremental = plan.incremental,
-            chunks_to_copy = plan.chunks.len(),
+            chunks_to_copy = plan.len(),
             chunks_in_volume = crate::dirty::chunks_of(size),
             "rebuild started"
         );
         let chunk = u64::from(CHUNK_SIZE);
         let mut id = 0u64;
-        for &c in &plan.chunks {
+        for c in plan.chunks.iter() {
             let off = c * chunk;
             if off >= size {
                 break;

@@ -13,13 +13,14 @@
 //! `docs/protocol.md`). A node's mutation or flush on a primary with mirrors is also sent to
 //! every mirror and acknowledged only when all of them answered (see [`crate::replicate`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel_proto::frame::checksum;
 use keel_proto::io::{accept, read_frame, FrameIoError};
 use keel_proto::tls::Identity;
-use keel_proto::{Epoch, Frame, MemberRole, Op, Request, Response, Role, Status};
+use keel_proto::{Epoch, Frame, MemberRole, Op, Request, Response, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -27,6 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::copy::{Copy, CopyError, CopyRole, Refusal, SECTOR};
 use crate::replicate::{Replication, Replicator};
+use crate::session::Session;
 use crate::store::Store;
 
 /// Request counters of one server, shared with whoever reports them (a heartbeat). Updated
@@ -206,6 +208,8 @@ async fn serve_conn(
     });
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let mut buf = Vec::new();
+    // The copies this connection claimed (a client's newer connection supersedes it).
+    let mut sessions: HashMap<VolumeId, Session> = HashMap::new();
     let result = loop {
         let frame = match read_frame(&mut rd, &mut buf).await {
             Ok(Some(f)) => f,
@@ -271,10 +275,40 @@ async fn serve_conn(
                     tx.send(op, length, resp);
                 });
             }
+            Ok(Next::Claim(copy)) => {
+                // Done before the next frame is read: the connection's later requests are
+                // admitted under its claim.
+                let client = (peer.id.clone(), req.length);
+                let generation = req.offset;
+                let c = copy.clone();
+                let claimed = tokio::task::spawn_blocking(move || c.claim(client, generation))
+                    .await
+                    .ok()
+                    .flatten();
+                let status = match claimed {
+                    Some(s) => {
+                        sessions.insert(req.volume, s);
+                        Status::Ok
+                    }
+                    None => {
+                        tracing::warn!(volume = %req.volume, %peer, generation, "claim refused: a newer connection of this client claimed the volume");
+                        Status::NotPrimary
+                    }
+                };
+                drop(permit);
+                if !tx.send(
+                    op,
+                    length,
+                    Response::status(status, req.request_id, copy.epoch()),
+                ) {
+                    break Ok(());
+                }
+            }
             Ok(Next::Replicate(copy)) => {
                 let (tx, repl) = (tx.clone(), repl.clone());
+                let session = sessions.get(&req.volume).cloned();
                 tokio::spawn(async move {
-                    let resp = replicate(&repl, copy, req).await;
+                    let resp = replicate(&repl, copy, req, session).await;
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -284,7 +318,8 @@ async fn serve_conn(
                 // (a thread hand-off costs more than a 4 KiB copy); everything else runs on the
                 // blocking pool so a slow disk never stalls the connection.
                 let role = peer.role;
-                let req = match try_cached(&copy, req, role) {
+                let session = sessions.get(&req.volume).cloned();
+                let req = match try_cached(&copy, req, role, session.as_ref()) {
                     Ok(resp) => {
                         drop(permit);
                         if !tx.send(op, length, resp) {
@@ -296,7 +331,7 @@ async fn serve_conn(
                 };
                 let tx = tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let resp = execute(&copy, req, role);
+                    let resp = execute(&copy, req, role, session.as_ref());
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -332,6 +367,8 @@ enum Next {
     Data(Arc<Copy>),
     /// A node's mutation or flush on a primary with mirrors: done here and on every mirror.
     Replicate(Arc<Copy>),
+    /// A node's new connection claims the copy ([`crate::session`]).
+    Claim(Arc<Copy>),
 }
 
 /// Whether an op changes data (what a dirty-chunk map records).
@@ -359,6 +396,8 @@ fn refusal(req: &Request, r: Refusal) -> Response {
         Refusal::Stale(e) => (Status::StaleEpoch, e),
         Refusal::NotPrimary(e) => (Status::NotPrimary, e),
         Refusal::Unauthorized => (Status::Unauthorized, Epoch(0)),
+        // Only an abandoned connection hears this; its client moved to a newer one.
+        Refusal::Superseded(e) => (Status::NotPrimary, e),
     };
     Response::status(status, req.request_id, epoch)
 }
@@ -383,6 +422,13 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
     let Some(copy) = store.get(req.volume) else {
         return fail(Status::UnknownVolume, Epoch(0));
     };
+    if req.op == Op::Claim {
+        return if peer.role == Role::Node {
+            Ok(Next::Claim(copy))
+        } else {
+            fail(Status::Unauthorized, Epoch(0))
+        };
+    }
     copy.check_epoch(req.epoch, peer.role)
         .map_err(|r| refusal(req, r))?;
     let epoch = copy.epoch();
@@ -425,7 +471,12 @@ fn needs_mirrors(req: &Request, peer: Role, a: &crate::copy::Admitted<'_>) -> bo
 /// chunks marked dirty. The op holds its chunks' rebuild locks (shared) from before the local
 /// I/O until every mirror answered and the marks are made, so a rebuild's copy of a chunk is
 /// never older than a write forwarded to the same chunk, and never clears a newer mark.
-async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response {
+async fn replicate(
+    repl: &Replicator,
+    copy: Arc<Copy>,
+    req: Request,
+    session: Option<Session>,
+) -> Response {
     let mut chunk_guards = Vec::new();
     if req.op.has_range() {
         for shard in copy.chunk_lock_shards(req.offset, u64::from(req.length)) {
@@ -435,8 +486,8 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
     let mut mirror_req = req.clone();
     let (snap_tx, snap_rx) = tokio::sync::oneshot::channel();
     let local_copy = copy.clone();
-    let local =
-        tokio::task::spawn_blocking(move || match local_copy.admit(req.epoch, Role::Node) {
+    let local = tokio::task::spawn_blocking(move || {
+        match local_copy.admit_in(req.epoch, Role::Node, session.as_ref()) {
             Err(r) => refusal(&req, r),
             Ok(admitted) => {
                 // What the mirrors get: the membership this op was admitted under.
@@ -449,13 +500,15 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
                 drop(admitted);
                 resp
             }
-        });
+        }
+    });
     let mut acked: Option<Vec<std::net::SocketAddr>> = None;
     let mut disk_failed = Vec::new();
-    // Rebuilding mirrors this primary asked to put in sync at the op's epoch that missed it.
-    let mut refuse_for = Vec::new();
+    // The rebuilding mirrors of the membership the op was admitted under.
+    let mut snapshot_rebuilding = Vec::new();
     let (epoch, failed) = match snap_rx.await {
         Ok((epoch, mirrors, rebuilding)) => {
+            snapshot_rebuilding = rebuilding.to_vec();
             let rebuilding: Vec<_> = rebuilding
                 .iter()
                 .copied()
@@ -488,18 +541,11 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
                     .filter(|m| !failed.contains(m))
                     .collect(),
             );
-            let (rebuild_failed, failed): (Vec<_>, Vec<_>) =
-                failed.into_iter().partition(|m| rebuilding.contains(m));
-            for m in rebuild_failed {
-                // Blocking (R7) when this primary asked to put the mirror in sync, and when
-                // it has not been told this epoch's membership since it started (it may have
-                // asked before a crash, and the controller may have said yes).
-                if repl.rebuild_forward_failed(copy.volume(), m, epoch)
-                    || !copy.membership_known_at(epoch)
-                {
-                    refuse_for.push(m);
-                }
-            }
+            // Rebuilding mirrors that failed are handled below, with those not sent to.
+            let failed: Vec<_> = failed
+                .into_iter()
+                .filter(|m| !rebuilding.contains(m))
+                .collect();
             (epoch, failed)
         }
         Err(_) => (Epoch(0), Vec::new()),
@@ -514,10 +560,25 @@ async fn replicate(repl: &Replicator, copy: Arc<Copy>, req: Request) -> Response
     // Applied here (or maybe partly, if it failed): every tracked mirror that did not
     // acknowledge it has these chunks dirty, before the chunk locks go (a resync pass copies
     // a chunk under its lock, clearing its bit first).
-    if let Some(acked) = acked {
+    // Then every rebuilding mirror that missed the op (not sent to, or it failed) is told so,
+    // after the mark: its rebuild pass is void (it starts again over the dirty chunks, which
+    // now include this op's), and the op blocks (R7's rejoin window) if this primary asked to
+    // put that mirror in sync at the op's epoch, or has not been told this epoch's membership
+    // since it started (it may have asked before a crash, and the controller may have said
+    // yes). The order matters: mark, then `rebuild_missed` (sets the pass's `failed`, then
+    // reads `syncing_at`), against the rebuild task's store of `syncing_at` then read of
+    // `failed` before it asks: either the task sees the miss and does not ask, or the op sees
+    // the ask and blocks.
+    let mut refuse_for = Vec::new();
+    if let Some(acked) = &acked {
         if mutation(mirror_req.op) {
             copy.dirty()
-                .mark_unacked(mirror_req.offset, u64::from(mirror_req.length), &acked);
+                .mark_unacked(mirror_req.offset, u64::from(mirror_req.length), acked);
+        }
+        for &m in snapshot_rebuilding.iter().filter(|m| !acked.contains(m)) {
+            if repl.rebuild_missed(copy.volume(), m, epoch) || !copy.membership_known_at(epoch) {
+                refuse_for.push(m);
+            }
         }
     }
     for m in disk_failed {
@@ -551,13 +612,18 @@ const INLINE_MAX: u32 = 256 << 10;
 /// Serves a checked read or plain write without blocking if the page cache allows; gives the
 /// request back otherwise.
 #[allow(clippy::result_large_err)]
-fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request> {
+fn try_cached(
+    copy: &Copy,
+    req: Request,
+    peer: Role,
+    session: Option<&Session>,
+) -> Result<Response, Request> {
     if req.length > INLINE_MAX || req.flags.fua() || !matches!(req.op, Op::Read | Op::Write) {
         return Err(req);
     }
     // Never wait for the gate on the connection's task: a membership change holds it across
     // an fdatasync.
-    let _admitted = match copy.try_admit(req.epoch, peer) {
+    let _admitted = match copy.try_admit_in(req.epoch, peer, session) {
         None => return Err(req),
         Some(Err(r)) => return Ok(refusal(&req, r)),
         Some(Ok(a)) if needs_mirrors(&req, peer, &a) => {
@@ -601,8 +667,8 @@ fn try_cached(copy: &Copy, req: Request, peer: Role) -> Result<Response, Request
 }
 
 /// Admits a checked request on its copy and runs it (blocking).
-fn execute(copy: &Copy, req: Request, peer: Role) -> Response {
-    match copy.admit(req.epoch, peer) {
+fn execute(copy: &Copy, req: Request, peer: Role, session: Option<&Session>) -> Response {
+    match copy.admit_in(req.epoch, peer, session) {
         Ok(a) if needs_mirrors(&req, peer, &a) => {
             Response::status(Status::NotPrimary, req.request_id, a.epoch)
         }
@@ -638,7 +704,8 @@ fn perform(copy: &Copy, req: Request) -> Response {
         Op::Discard | Op::WriteZeroes => copy
             .zero_range(req.offset, u64::from(req.length))
             .map(|()| Vec::new()),
-        Op::Ping => Ok(Vec::new()),
+        // Routed elsewhere by `check`.
+        Op::Ping | Op::Claim => Ok(Vec::new()),
         Op::CreateCopy | Op::DeleteCopy | Op::SetMembership | Op::Resize => {
             // Routed to `administer` by `check`; never reaches here.
             return Response::status(Status::BadRequest, req.request_id, epoch);
@@ -760,7 +827,7 @@ fn administer(store: &Store, req: &Request) -> Response {
                 ok(&c)
             })
         }
-        Op::Read | Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes | Op::Ping => {
+        Op::Read | Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes | Op::Ping | Op::Claim => {
             // Routed to the data path by `check`; never reaches here.
             return Response::status(Status::BadRequest, req.request_id, current());
         }

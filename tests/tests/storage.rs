@@ -117,6 +117,55 @@ fn setup(dir: &std::path::Path) -> Result<(Pki, Storage)> {
     Ok((pki, storage))
 }
 
+/// Claims `VOL` on `c`'s connection at `generation` for client key `key`.
+async fn claim(c: &mut Client, generation: u64, key: u32) -> Result<Status> {
+    let mut r = c.req(Op::Claim, 0, 0, Vec::new());
+    r.offset = generation;
+    r.length = key;
+    Ok(c.call(r).await?.status)
+}
+
+/// A client's new connection claims the volume: frames still arriving on its older connection
+/// (left in a frozen server's socket buffer, sent before the client gave up on it) are
+/// refused, never applied after the writes resent on the new one; an older generation cannot
+/// claim back; another client key (another attachment on the same node) is independent.
+#[test]
+fn a_newer_claim_fences_the_clients_older_connection() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pki, storage) = setup(dir.path())?;
+    rt().block_on(async {
+        let mut old = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(claim(&mut old, 100, 7).await?, Status::Ok);
+        assert_eq!(old.write(0, pattern(1, 4096)).await?, Status::Ok);
+        let mut new = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(claim(&mut new, 200, 7).await?, Status::Ok);
+        assert_eq!(new.write(0, pattern(2, 4096)).await?, Status::Ok);
+        // The old connection's late write and flush: refused, the data unchanged.
+        assert_eq!(old.write(0, pattern(3, 4096)).await?, Status::NotPrimary);
+        assert_eq!(old.simple(Op::Flush, 0, 0).await?, Status::NotPrimary);
+        assert_eq!(old.read(0, 4096).await?.0, Status::NotPrimary);
+        assert_eq!(new.read(0, 4096).await?, (Status::Ok, pattern(2, 4096)));
+        // The old connection cannot claim back with an older generation.
+        assert_eq!(claim(&mut old, 150, 7).await?, Status::NotPrimary);
+        assert_eq!(new.write(4096, pattern(4, 4096)).await?, Status::Ok);
+        // Another attachment of the volume on the same node (another key) is not fenced,
+        // nor does it fence; a connection that never claims is not checked.
+        let mut other = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(claim(&mut other, 1, 8).await?, Status::Ok);
+        assert_eq!(
+            other.read(4096, 4096).await?,
+            (Status::Ok, pattern(4, 4096))
+        );
+        assert_eq!(new.read(4096, 4096).await?, (Status::Ok, pattern(4, 4096)));
+        let mut plain = Client::new(&pki, Role::Node, "n1", &storage).await?;
+        assert_eq!(plain.read(0, 4096).await?, (Status::Ok, pattern(2, 4096)));
+        // Only nodes claim.
+        let mut peer = Client::new(&pki, Role::Storage, "s9", &storage).await?;
+        assert_eq!(claim(&mut peer, 300, 7).await?, Status::Unauthorized);
+        anyhow::Ok(())
+    })
+}
+
 #[test]
 fn every_op_and_refusal() -> Result<()> {
     let dir = tempfile::tempdir()?;

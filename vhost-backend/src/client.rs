@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_proto::frame::{checksum, MAX_PAYLOAD};
-use keel_proto::io::{connect, read_frame};
+use keel_proto::io::{connect, read_frame, ClientStream};
 use keel_proto::{Epoch, Frame, Op, ReqFlags, Request, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
@@ -98,6 +98,55 @@ pub struct ClientConfig {
     /// A request not completed this long after its submission fails with
     /// [`Outcome::GaveUp`] (R9). `None`: requests wait forever.
     pub io_fail_after: Option<Duration>,
+    /// This client's key in its claims (storage-server `session`): each new connection claims
+    /// the volume with a generation above every earlier one, so frames left on an abandoned
+    /// connection are refused rather than applied after the requests resent on the new one.
+    pub client_key: u32,
+}
+
+/// Connects and claims the volume at `generation` before anything else is sent (the answer
+/// comes first: the server handles the claim before it reads the next frame). A server
+/// that does not hold the volume answers the claim with an error: the connection is used
+/// anyway, and its requests get that error as before. `not primary` means a newer connection
+/// of this client claimed already (a clock that went back): an error, retried with a new
+/// generation.
+async fn connect_and_claim(
+    cfg: &ClientConfig,
+    server: SocketAddr,
+    epoch: Epoch,
+    generation: u64,
+) -> Result<(ClientStream, keel_proto::tls::Identity), keel_proto::io::FrameIoError> {
+    let (mut s, peer) = connect(server, cfg.tls.clone(), Role::Storage).await?;
+    let mut claim = Request::new(Op::Claim, 0, cfg.volume, epoch);
+    claim.offset = generation;
+    claim.length = cfg.client_key;
+    s.write_all(&Frame::Request(claim).to_bytes()).await?;
+    s.flush().await?;
+    let mut buf = Vec::new();
+    match read_frame(&mut s, &mut buf).await? {
+        Some(Frame::Response(r)) if r.request_id == 0 && r.status == Status::NotPrimary => {
+            Err(keel_proto::io::FrameIoError::Handshake(format!(
+                "claim at generation {generation} refused: a newer connection of this client exists"
+            )))
+        }
+        Some(Frame::Response(r)) if r.request_id == 0 => Ok((s, peer)),
+        Some(other) => Err(keel_proto::io::FrameIoError::Handshake(format!(
+            "expected the claim's answer, got {other:?}"
+        ))),
+        None => Err(keel_proto::io::FrameIoError::Handshake(
+            "server closed the connection after the claim".into(),
+        )),
+    }
+}
+
+/// The generation of a new connection's claim: the wall clock in milliseconds (so a restarted
+/// keel-vhost claims above its predecessor), and above the previous one.
+fn next_generation(previous: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.max(previous + 1)
 }
 
 /// The silence clock: since when the client has been waiting for its server without an answer.
@@ -587,6 +636,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
     let mut t = Table::new(cfg.retry_stale_epoch, cfg.io_fail_after, epoch);
     let mut backoff = Duration::from_millis(50);
     let ping_every = (cfg.primary_timeout / 2).max(Duration::from_millis(5));
+    let mut generation = 0u64;
     'reconnect: loop {
         let server = t.epoch.server();
         {
@@ -605,9 +655,10 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
         // named meanwhile abandons the attempt. Requests submitted meanwhile are admitted (and
         // sent once connected), and those too old are given up on (R9).
         let switch = t.epoch.clone();
+        generation = next_generation(generation);
         let connecting = tokio::time::timeout(
             cfg.request_timeout,
-            connect(server, cfg.tls.clone(), Role::Storage),
+            connect_and_claim(&cfg, server, t.epoch.get(), generation),
         );
         tokio::pin!(connecting);
         let attempt = loop {

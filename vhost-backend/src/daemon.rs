@@ -433,6 +433,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             primary_timeout: Duration::from_millis(args.primary_timeout_ms),
             io_fail_after: (args.io_fail_after_ms > 0)
                 .then(|| Duration::from_millis(args.io_fail_after_ms)),
+            // Stable across restarts of this attachment's keel-vhost, distinct between two
+            // attachments of one volume on one node: the socket names the attachment.
+            client_key: keel_proto::frame::checksum(std::os::unix::ffi::OsStrExt::as_bytes(
+                args.socket.as_os_str(),
+            )),
         },
         rt.handle(),
     );

@@ -1,0 +1,89 @@
+//! Client sessions: which connection of a client may still change a copy.
+//!
+//! keel-vhost abandons a connection it got no answer on (its request timeout, a server switch,
+//! or its own restart) and resends what was in flight on a new one. Frames it already wrote to
+//! the old connection may still sit in a frozen server's socket buffer; were they applied after
+//! the resent write completed and the guest wrote the same blocks again, an acknowledged write
+//! would be overwritten by an older one. So each new connection first **claims** the volume
+//! ([`keel_proto::Op::Claim`]) with a generation higher than any before it (keel-vhost uses the
+//! wall clock in milliseconds, so a restarted keel-vhost claims above its predecessor). The
+//! claim waits for the copy's admitted requests to finish (the copy's gate), then records the
+//! generation; from then on every request of an older connection of the same client is refused
+//! at admission, under the same gate. Clients that never claim (tests' raw clients, peers) are
+//! not checked.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Who a session belongs to: the peer's certificate id and the client's key (keel-vhost: a
+/// hash of its attachment, so two attachments of one volume on one node do not fence each
+/// other).
+pub type ClientKey = (String, u32);
+
+/// A connection's claim on a copy: admitted only while its generation is the client's latest.
+#[derive(Debug, Clone)]
+pub struct Session {
+    latest: Arc<AtomicU64>,
+    generation: u64,
+}
+
+impl Session {
+    /// Whether no newer connection of the same client claimed the copy since.
+    pub fn current(&self) -> bool {
+        self.latest.load(Ordering::Acquire) == self.generation
+    }
+}
+
+/// A copy's clients' latest generations (in memory: after a server restart, connections from
+/// before it are gone).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    latest: Mutex<HashMap<ClientKey, Arc<AtomicU64>>>,
+}
+
+impl Sessions {
+    /// The cell holding `client`'s latest generation.
+    pub fn cell(&self, client: ClientKey) -> Arc<AtomicU64> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(client)
+            .or_default()
+            .clone()
+    }
+
+    /// Records `generation` for the client whose cell this is, if it is not older than the
+    /// latest; the caller holds the copy's gate exclusively. `None` if a newer connection of
+    /// the client claimed already.
+    pub fn claim(cell: Arc<AtomicU64>, generation: u64) -> Option<Session> {
+        if generation < cell.load(Ordering::Acquire) {
+            return None;
+        }
+        cell.store(generation, Ordering::Release);
+        Some(Session {
+            latest: cell,
+            generation,
+        })
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_claim_supersedes_an_older_one_and_not_the_other_way() {
+        let s = Sessions::default();
+        let a = Sessions::claim(s.cell(("node-1".into(), 7)), 100).expect("first");
+        assert!(a.current());
+        let b = Sessions::claim(s.cell(("node-1".into(), 7)), 200).expect("newer");
+        assert!(!a.current() && b.current());
+        assert!(Sessions::claim(s.cell(("node-1".into(), 7)), 150).is_none());
+        assert!(b.current());
+        // Another client of the same node, or the same key from another node: independent.
+        let c = Sessions::claim(s.cell(("node-1".into(), 8)), 1).expect("other key");
+        let d = Sessions::claim(s.cell(("node-2".into(), 7)), 1).expect("other node");
+        assert!(b.current() && c.current() && d.current());
+    }
+}
