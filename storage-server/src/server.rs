@@ -505,10 +505,10 @@ async fn replicate(
     let mut acked: Option<Vec<std::net::SocketAddr>> = None;
     let mut disk_failed = Vec::new();
     // The rebuilding mirrors of the membership the op was admitted under.
-    let mut snapshot_rebuilding = Vec::new();
+    let mut snapshot_rebuilding = Arc::new(Vec::new());
     let (epoch, failed) = match snap_rx.await {
         Ok((epoch, mirrors, rebuilding)) => {
-            snapshot_rebuilding = rebuilding.to_vec();
+            snapshot_rebuilding = rebuilding.clone();
             let rebuilding: Vec<_> = rebuilding
                 .iter()
                 .copied()

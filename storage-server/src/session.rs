@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex};
 /// other).
 pub type ClientKey = (String, u32);
 
+/// Clients remembered per copy before those without a live session are forgotten.
+const MAX_IDLE_CLIENTS: usize = 1024;
+
 /// A connection's claim on a copy: admitted only while its generation is the client's latest.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -43,14 +46,16 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// The cell holding `client`'s latest generation.
+    /// The cell holding `client`'s latest generation. Claims are peer input: past
+    /// [`MAX_IDLE_CLIENTS`] entries, the clients no connection holds a session of are
+    /// forgotten (nothing is left for them to fence), so the map stays as small as the live
+    /// sessions.
     pub fn cell(&self, client: ClientKey) -> Arc<AtomicU64> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(client)
-            .or_default()
-            .clone()
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        if latest.len() >= MAX_IDLE_CLIENTS && !latest.contains_key(&client) {
+            latest.retain(|_, cell| Arc::strong_count(cell) > 1);
+        }
+        latest.entry(client).or_default().clone()
     }
 
     /// Records `generation` for the client whose cell this is, if it is not older than the
@@ -85,5 +90,19 @@ mod unit_tests {
         let c = Sessions::claim(s.cell(("node-1".into(), 8)), 1).expect("other key");
         let d = Sessions::claim(s.cell(("node-2".into(), 7)), 1).expect("other node");
         assert!(b.current() && c.current() && d.current());
+    }
+
+    #[test]
+    fn clients_without_a_live_session_are_forgotten_past_the_bound() {
+        let s = Sessions::default();
+        let held = Sessions::claim(s.cell(("node-1".into(), 0)), 5).expect("held");
+        for key in 1..=(MAX_IDLE_CLIENTS as u32 + 10) {
+            assert!(Sessions::claim(s.cell(("node-1".into(), key)), 1).is_some());
+        }
+        let n = s.latest.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert!(n <= MAX_IDLE_CLIENTS, "{n} clients remembered");
+        // The one with a live session is still fenced correctly.
+        assert!(held.current());
+        assert!(Sessions::claim(s.cell(("node-1".into(), 0)), 4).is_none());
     }
 }

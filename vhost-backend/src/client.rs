@@ -146,7 +146,7 @@ fn next_generation(previous: u64) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    now.max(previous + 1)
+    now.max(previous.saturating_add(1))
 }
 
 /// The silence clock: since when the client has been waiting for its server without an answer.
