@@ -12,7 +12,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build"
-cargo build --release --workspace --bins
+cargo build --release --workspace
 echo "== tests"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

@@ -1,23 +1,27 @@
-//! keel-bench: the same guest, the same fio jobs, Keel and qemu-storage-daemon alternated in one
-//! run on one machine.
+//! keel-bench: the same guest, the same fio jobs, Keel and its peers alternated in one run on
+//! one machine.
 //!
-//! Configurations: **K1** a Keel volume (1 copy, keel-vhost → mutual TLS → keel-storage),
-//! **K2** a Keel volume with 2 copies (the primary on the same server as K1 replicates every
-//! write over mutual TLS to a mirror on a second keel-storage before acknowledging), and **Q**
-//! qemu-storage-daemon exporting a local raw file as vhost-user-blk
-//! (`aio=native,cache.direct=on`). One guest sees all three (vda = K1, vdb = K2, vdc = Q); each
-//! job runs on K1, K2 then Q, round after round, over a 256 MiB region written once first.
+//! Configurations: **K2** a Keel volume with 2 copies (keel-vhost → mutual TLS → the primary
+//! keel-storage, which replicates every write over mutual TLS to a mirror on a second
+//! keel-storage before acknowledging), **K1** a Keel volume with 1 copy (its copy on the same
+//! keel-storage as K2's primary), **Q** qemu-storage-daemon exporting a local raw file as
+//! vhost-user-blk (`aio=native,cache.direct=on`), and **N** qemu-nbd serving a raw file over NBD
+//! with mutual x509 TLS on loopback, opened by a qemu-storage-daemon that exports it as
+//! vhost-user-blk (TCP_NODELAY forced on with `libkeel_nodelay.so`; `--nagle` leaves it off).
+//! One guest sees all four (vda = K1, vdb = K2, vdc = Q, vdd = N); each job runs on K2, K1, Q
+//! then N, round after round, over a 256 MiB region written once first.
 //!
 //! Usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR] [--job NAME]...
-//! Prints a table per job (median IOPS, min–max, mean and p99 completion latency, K/Q) and the
-//! CPU seconds keel's daemons used per I/O; writes `results.json` and `results.md` to DIR.
+//! [--config NAME]... [--nagle]. Prints a table per job (median IOPS, min–max, mean and p99
+//! completion latency, CPU per I/O of the configuration's daemons) and the ratios K/Q, K/N
+//! with the targets they meet; writes `results.json` and `results.md` to DIR.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use keel_tests::bench::{cpu_ticks, start_qsd, ticks_per_second};
+use keel_tests::bench::{cpu_ticks, start_nbd_peer, start_qsd, ticks_per_second};
 use keel_tests::cluster::{replicate, Pki, Storage, Vhost, VhostOptions};
 use keel_tests::guest::{self, Disk, GuestConfig};
 use serde_json::{json, Value};
@@ -68,7 +72,22 @@ const JOBS: &[Job] = &[
     },
 ];
 
-const CONFIGS: &[(&str, &str)] = &[("K1", "vda"), ("K2", "vdb"), ("Q", "vdc")];
+/// (name, guest device), in the order each job runs them.
+const CONFIGS: &[(&str, &str)] = &[("K2", "vdb"), ("K1", "vda"), ("Q", "vdc"), ("N", "vdd")];
+
+/// The issue's targets: (job, config, against, at least).
+const TARGETS: &[(&str, &str, &str, f64)] = &[
+    ("randread-4k-qd1", "K2", "Q", 0.8),
+    ("randwrite-4k-qd1", "K2", "Q", 0.8),
+    ("randread-4k-qd32", "K2", "Q", 0.8),
+    ("randwrite-4k-qd32", "K2", "Q", 0.8),
+    ("write-1m-qd8", "K2", "N", 2.0),
+    ("read-1m-qd8", "K2", "N", 2.0),
+    ("randread-4k-qd1", "K1", "Q", 0.9),
+    ("randwrite-4k-qd1", "K1", "Q", 0.9),
+    ("randread-4k-qd32", "K1", "Q", 1.0),
+    ("randwrite-4k-qd32", "K1", "Q", 0.9),
+];
 
 struct Opts {
     smoke: bool,
@@ -78,12 +97,22 @@ struct Opts {
     out: PathBuf,
     /// Only these jobs (`--job NAME`, repeatable); all when empty.
     only: Vec<String>,
+    /// Only these configurations (`--config NAME`, repeatable); all when empty.
+    configs: Vec<String>,
+    /// Force TCP_NODELAY on qemu-nbd's sockets (the default; `--nagle` measures without).
+    nodelay: bool,
 }
 
 impl Opts {
     fn jobs(&self) -> impl Iterator<Item = &'static Job> + '_ {
         JOBS.iter()
             .filter(|j| self.only.is_empty() || self.only.iter().any(|o| o == j.name))
+    }
+
+    fn configs(&self) -> impl Iterator<Item = &'static (&'static str, &'static str)> + '_ {
+        CONFIGS
+            .iter()
+            .filter(|c| self.configs.is_empty() || self.configs.iter().any(|o| o == c.0))
     }
 }
 
@@ -95,6 +124,8 @@ fn parse_args() -> Result<Opts> {
         ramp: 2,
         out: PathBuf::from("target/bench"),
         only: Vec::new(),
+        configs: Vec::new(),
+        nodelay: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -118,9 +149,17 @@ fn parse_args() -> Result<Opts> {
                 }
                 o.only.push(j);
             }
+            "--config" => {
+                let c = args.next().context("--config needs K2, K1, Q or N")?;
+                if !CONFIGS.iter().any(|x| x.0 == c) {
+                    bail!("unknown configuration {c:?}; configurations: K2, K1, Q, N");
+                }
+                o.configs.push(c);
+            }
+            "--nagle" => o.nodelay = false,
             "-h" | "--help" => {
                 println!(
-                    "usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR] [--job NAME]..."
+                    "usage: keel-bench [--smoke] [--rounds N] [--runtime S] [--ramp S] [--out DIR] [--job NAME]... [--config K2|K1|Q|N]... [--nagle]"
                 );
                 std::process::exit(0);
             }
@@ -140,7 +179,7 @@ fn parse_args() -> Result<Opts> {
 
 fn guest_script(o: &Opts, size: &str) -> String {
     let mut s = String::from("set -e\n");
-    for (_, dev) in CONFIGS {
+    for (_, dev) in o.configs() {
         // Write the region once so reads hit allocated data on both sides.
         let _ = writeln!(
             s,
@@ -150,7 +189,7 @@ fn guest_script(o: &Opts, size: &str) -> String {
     s.push_str("echo BENCH-PREFILLED\n");
     for round in 0..o.rounds {
         for job in o.jobs() {
-            for (cfg, dev) in CONFIGS {
+            for (cfg, dev) in o.configs() {
                 let id = format!("{round}-{}-{cfg}", job.name);
                 let _ = writeln!(
                     s,
@@ -171,7 +210,8 @@ struct Sample {
     iops: f64,
     mean_us: f64,
     p99_us: f64,
-    keel_cpu_s: f64,
+    /// CPU seconds the configuration's daemons used during the job.
+    cpu_s: f64,
     ios: f64,
 }
 
@@ -244,34 +284,38 @@ fn main() -> Result<()> {
         },
     )?;
     let (mut qsd, qsd_sock) = start_qsd(dir.path(), 512 << 20)?;
+    let nbd = start_nbd_peer(dir.path(), &pki.dir, 512 << 20, o.nodelay)?;
+    let disk = |socket: &std::path::Path| Disk {
+        socket: socket.to_path_buf(),
+        num_queues: 1,
+        reconnect: false,
+    };
     let cfg = GuestConfig {
+        // vda = K1, vdb = K2, vdc = Q, vdd = N.
         disks: vec![
-            Disk {
-                socket: vhost.opts.socket.clone(),
-                num_queues: 1,
-                reconnect: false,
-            },
-            Disk {
-                socket: vhost2.opts.socket.clone(),
-                num_queues: 1,
-                reconnect: false,
-            },
-            Disk {
-                socket: qsd_sock,
-                num_queues: 1,
-                reconnect: false,
-            },
+            disk(&vhost.opts.socket),
+            disk(&vhost2.opts.socket),
+            disk(&qsd_sock),
+            disk(&nbd.socket),
         ],
         script: guest_script(&o, region),
         timeout: Duration::from_secs(3600),
         ..GuestConfig::default()
     };
-    // Keel's CPU: the storage servers and both keel-vhost processes (the idle ones add little).
-    let pids: Vec<u32> = [storage.pid(), mirror.pid(), vhost.pid(), vhost2.pid()]
-        .into_iter()
-        .flatten()
-        .collect();
-    let keel_cpu = || pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
+    // The CPU each configuration's daemons use. K1 and K2 share the primary's keel-storage; the
+    // idle one's share is small.
+    let pids = |cfg: &str| -> Vec<u32> {
+        match cfg {
+            "K1" => [storage.pid(), vhost.pid()].into_iter().flatten().collect(),
+            "K2" => [storage.pid(), mirror.pid(), vhost2.pid()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            "Q" => vec![qsd.id()],
+            _ => nbd.pids().to_vec(),
+        }
+    };
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
     let tps = ticks_per_second();
     let g = guest::spawn(&cfg)?;
     let slot = Duration::from_secs(u64::from(o.runtime + o.ramp) + 120);
@@ -279,12 +323,13 @@ fn main() -> Result<()> {
     let mut results: Vec<(String, String, Sample)> = Vec::new();
     for round in 0..o.rounds {
         for job in o.jobs() {
-            for (cfgname, _) in CONFIGS {
+            for (cfgname, _) in o.configs() {
                 let id = format!("{round}-{}-{cfgname}", job.name);
+                let p = pids(cfgname);
                 g.wait_for_line(&format!("BENCH-BEGIN {id}"), slot)?;
-                let c0 = keel_cpu();
+                let c0 = cpu(&p);
                 g.wait_for_line(&format!("BENCH-END {id}"), slot)?;
-                let c1 = keel_cpu();
+                let c1 = cpu(&p);
                 g.wait_for_line(&format!("BENCH-JSON-END {id}"), slot)?;
                 let console = g.console();
                 let begin = format!("BENCH-JSON-BEGIN {id}");
@@ -295,11 +340,7 @@ fn main() -> Result<()> {
                     .with_context(|| format!("no fio JSON for {id}"))?;
                 let (iops, mean_us, p99_us, ios) = parse_fio(json_line.trim(), job.rw)
                     .with_context(|| format!("parsing fio output of {id}"))?;
-                let keel_cpu_s = if *cfgname == "Q" {
-                    0.0
-                } else {
-                    (c1 - c0) as f64 / tps
-                };
+                let cpu_s = c1.saturating_sub(c0) as f64 / tps;
                 eprintln!("bench: {id}: {iops:.0} IOPS, mean {mean_us:.0} µs, p99 {p99_us:.0} µs");
                 results.push((
                     job.name.to_string(),
@@ -308,7 +349,7 @@ fn main() -> Result<()> {
                         iops,
                         mean_us,
                         p99_us,
-                        keel_cpu_s,
+                        cpu_s,
                         ios,
                     },
                 ));
@@ -321,15 +362,60 @@ fn main() -> Result<()> {
     }
     let _ = qsd.kill();
     let _ = qsd.wait();
+    drop(nbd);
 
-    // Summaries.
+    let header = format!(
+        "Keel benchmark: {} round(s), {} s per job after {} s ramp, {} region, guest TCG 1 vCPU, fio libaio direct=1; \
+         configurations alternated per job in the order {}.\n\n\
+         K2 = Keel, 2 copies (keel-vhost → mTLS → primary keel-storage, which writes locally and to a mirror on a second keel-storage over mTLS before acknowledging); \
+         K1 = Keel, 1 copy; Q = qemu-storage-daemon, local raw file, aio=native, cache.direct=on; \
+         N = qemu-nbd (raw file, cache=none, aio=native) over NBD with mutual x509 TLS on loopback, opened by qemu-storage-daemon as vhost-user-blk{}. \
+         CPU µs/IO: user+system time of the configuration's daemons (/proc/PID/stat) over the job, per I/O.\n\n",
+        o.rounds,
+        o.runtime,
+        o.ramp,
+        region,
+        o.configs().map(|c| c.0).collect::<Vec<_>>().join(" "),
+        if o.nodelay {
+            " (TCP_NODELAY forced on both ends by libkeel_nodelay.so)"
+        } else {
+            " (Nagle left on, as qemu-nbd 7.2 does)"
+        },
+    );
+    let (md, json_results) = summarize(&o, &results);
+    let md = header + &md;
+    std::fs::create_dir_all(&o.out)?;
+    std::fs::write(o.out.join("results.md"), &md)?;
+    std::fs::write(
+        o.out.join("results.json"),
+        serde_json::to_string_pretty(&json!({
+            "rounds": o.rounds, "runtime_s": o.runtime, "ramp_s": o.ramp, "region": region,
+            "nodelay": o.nodelay,
+            "results": json_results["results"], "ratios": json_results["ratios"],
+        }))?,
+    )?;
+    println!("{md}");
+    println!("keel-bench: results in {}", o.out.display());
+    drop(vhost);
+    drop(vhost2);
+    drop(storage);
+    drop(mirror);
+    Ok(())
+}
+
+/// The Markdown tables (one row per job and configuration, then the ratios and targets) and
+/// their JSON form.
+fn summarize(o: &Opts, results: &[(String, String, Sample)]) -> (String, Value) {
     let mut md = String::new();
-    let _ = writeln!(md, "| job | config | median IOPS | min–max IOPS | mean lat µs | p99 lat µs | keel CPU µs/IO | ratio |");
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
-    let mut json_jobs = Vec::new();
+    let _ = writeln!(
+        md,
+        "| job | config | median IOPS | min–max IOPS | mean lat µs | p99 lat µs | CPU µs/IO |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    let mut med = std::collections::HashMap::new();
     for job in o.jobs() {
-        let mut med = std::collections::HashMap::new();
-        for (cfgname, _) in CONFIGS {
+        for (cfgname, _) in o.configs() {
             let s: Vec<&Sample> = results
                 .iter()
                 .filter(|(j, c, _)| j == job.name && c == cfgname)
@@ -341,80 +427,64 @@ fn main() -> Result<()> {
             let min = iops.iter().cloned().fold(f64::INFINITY, f64::min);
             let max = iops.iter().cloned().fold(0.0, f64::max);
             let m = median(&mut iops);
-            let cpu: f64 = s.iter().map(|x| x.keel_cpu_s).sum();
+            let cpu: f64 = s.iter().map(|x| x.cpu_s).sum();
             let ios: f64 = s.iter().map(|x| x.ios).sum();
-            let cpu_per_io = if *cfgname == "Q" || ios == 0.0 {
-                f64::NAN
-            } else {
-                cpu / ios * 1e6
-            };
-            med.insert(*cfgname, m);
+            let cpu_per_io = if ios > 0.0 { cpu / ios * 1e6 } else { 0.0 };
+            let (mean, p99) = (median(&mut mean), median(&mut p99));
+            med.insert((job.name, *cfgname), m);
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {} | |",
-                job.name,
-                cfgname,
-                m,
-                min,
-                max,
-                median(&mut mean),
-                median(&mut p99),
-                if cpu_per_io.is_nan() {
-                    "–".to_string()
-                } else {
-                    format!("{cpu_per_io:.1}")
-                },
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0} | {:.1} |",
+                job.name, cfgname, m, min, max, mean, p99, cpu_per_io
             );
-            json_jobs.push(json!({
+            rows.push(json!({
                 "job": job.name, "config": cfgname, "median_iops": m, "min_iops": min, "max_iops": max,
-                "mean_lat_us": median(&mut mean), "p99_lat_us": median(&mut p99),
-                "keel_cpu_us_per_io": if cpu_per_io.is_nan() { Value::Null } else { json!(cpu_per_io) },
+                "mean_lat_us": mean, "p99_lat_us": p99, "cpu_us_per_io": cpu_per_io,
                 "rounds": s.len(),
             }));
         }
-        let ratio = |a: &str, b: &str| {
-            let (a, b) = (
-                med.get(a).copied().unwrap_or(0.0),
-                med.get(b).copied().unwrap_or(0.0),
-            );
-            if b > 0.0 {
-                a / b
-            } else {
-                0.0
-            }
-        };
-        let _ = writeln!(
-            md,
-            "| {} | **K1/Q** | | | | | | **{:.2}** |",
-            job.name,
-            ratio("K1", "Q")
-        );
-        let _ = writeln!(
-            md,
-            "| {} | **K2/K1** | | | | | | **{:.2}** |",
-            job.name,
-            ratio("K2", "K1")
-        );
     }
-    std::fs::create_dir_all(&o.out)?;
-    let header = format!(
-        "Keel benchmark: {} round(s), {} s per job after {} s ramp, {} region, guest TCG 1 vCPU, fio libaio direct=1.\nK1 = Keel 1 copy (keel-vhost → mTLS → keel-storage); K2 = Keel 2 copies (the primary replicates each write to a mirror on a second keel-storage before acknowledging); Q = qemu-storage-daemon, raw file, aio=native, cache.direct=on.\n\n",
-        o.rounds, o.runtime, o.ramp, region
+    let ratio = |job: &str, a: &str, b: &str| -> Option<f64> {
+        let (a, b) = (med.get(&(job, a))?, med.get(&(job, b))?);
+        (*b > 0.0).then(|| a / b)
+    };
+    let fmt = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}"));
+    let _ = writeln!(
+        md,
+        "\n| job | K2/Q | K1/Q | K2/N | K1/N | K2/K1 | targets |"
     );
-    let md = header + &md;
-    std::fs::write(o.out.join("results.md"), &md)?;
-    std::fs::write(
-        o.out.join("results.json"),
-        serde_json::to_string_pretty(&json!({
-            "rounds": o.rounds, "runtime_s": o.runtime, "ramp_s": o.ramp, "region": region,
-            "results": json_jobs,
-        }))?,
-    )?;
-    println!("{md}");
-    println!("keel-bench: results in {}", o.out.display());
-    drop(vhost);
-    drop(vhost2);
-    drop(storage);
-    drop(mirror);
-    Ok(())
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|");
+    let mut ratios = Vec::new();
+    for job in o.jobs() {
+        let r = |a, b| ratio(job.name, a, b);
+        let mut verdicts = Vec::new();
+        for (j, a, b, at_least) in TARGETS {
+            if *j != job.name {
+                continue;
+            }
+            if let Some(x) = r(a, b) {
+                let met = x >= *at_least;
+                verdicts.push(format!(
+                    "{a}/{b} ≥ {at_least}: {}",
+                    if met { "met" } else { "**not met**" }
+                ));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            job.name,
+            fmt(r("K2", "Q")),
+            fmt(r("K1", "Q")),
+            fmt(r("K2", "N")),
+            fmt(r("K1", "N")),
+            fmt(r("K2", "K1")),
+            verdicts.join("; ")
+        );
+        ratios.push(json!({
+            "job": job.name, "K2/Q": r("K2", "Q"), "K1/Q": r("K1", "Q"), "K2/N": r("K2", "N"),
+            "K1/N": r("K1", "N"), "K2/K1": r("K2", "K1"), "targets": verdicts,
+        }));
+    }
+    (md, json!({"results": rows, "ratios": ratios}))
 }
