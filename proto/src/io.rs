@@ -70,8 +70,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     buf.push(ty[0]);
     buf.resize(fixed, 0);
     r.read_exact(&mut buf[1..]).await.map_err(read_exact)?;
-    let mut payload = vec![0u8; len - fixed];
-    r.read_exact(&mut payload).await.map_err(read_exact)?;
+    // Read into spare capacity: no zero-fill of a buffer about to be overwritten.
+    let want = len - fixed;
+    let mut payload = Vec::with_capacity(want);
+    while payload.len() < want {
+        let room = want - payload.len();
+        let mut limited = bytes::BufMut::limit(&mut payload, room);
+        if r.read_buf(&mut limited).await? == 0 {
+            return Err(FrameIoError::TruncatedStream);
+        }
+    }
     Ok(Some(Frame::decode_parts(buf, payload)?))
 }
 

@@ -18,6 +18,7 @@ pub mod fuzz;
 pub mod io;
 pub mod pki;
 pub mod tls;
+pub mod tuning;
 pub mod types;
 
 pub use frame::{DecodeError, Frame, Hello, HelloReply, Request, Response};

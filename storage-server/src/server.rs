@@ -638,9 +638,8 @@ fn try_cached(
     let epoch = copy.epoch();
     match req.op {
         Op::Read => {
-            let mut data = vec![0u8; req.length as usize];
-            match copy.try_read_cached(req.offset, &mut data) {
-                Ok(true) => Ok(Response {
+            match copy.try_read_cached_new(req.offset, req.length as usize) {
+                Ok(Some(data)) => Ok(Response {
                     status: Status::Ok,
                     request_id: req.request_id,
                     epoch,
@@ -686,10 +685,7 @@ fn execute(copy: &Copy, req: Request, peer: Role, session: Option<&Session>) -> 
 fn perform(copy: &Copy, req: Request) -> Response {
     let epoch = copy.epoch();
     let result: Result<Vec<u8>, CopyError> = match req.op {
-        Op::Read => {
-            let mut data = vec![0u8; req.length as usize];
-            copy.read(req.offset, &mut data).map(|()| data)
-        }
+        Op::Read => copy.read_new(req.offset, req.length as usize),
         Op::Write => copy
             .write(req.offset, &req.payload)
             .and_then(|()| {
