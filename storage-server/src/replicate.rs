@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_proto::io::{connect, read_frame};
+use keel_proto::io::{connect, read_frame, WriteBatch};
 use keel_proto::{Epoch, Frame, Request, Response, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
@@ -376,22 +376,16 @@ impl MirrorConn {
         let wdead = dead.clone();
         let wpending = pending.clone();
         let writer = tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1 << 20);
+            let mut batch = WriteBatch::new();
             while let Some(first) = rx.recv().await {
-                buf.clear();
-                Frame::Request(first).encode(&mut buf);
-                while buf.len() < (1 << 20) {
+                batch.push_request(first);
+                while batch.len() < (1 << 20) {
                     match rx.try_recv() {
-                        Ok(r) => Frame::Request(r).encode(&mut buf),
+                        Ok(r) => batch.push_request(r),
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = async {
-                    wr.write_all(&buf).await?;
-                    wr.flush().await
-                }
-                .await
-                {
+                if let Err(e) = batch.write_to(&mut wr).await {
                     tracing::warn!(mirror = %addr, error = %e, "replication connection write failed");
                     break;
                 }

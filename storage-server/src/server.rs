@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel_proto::frame::checksum;
-use keel_proto::io::{accept, read_frame, FrameIoError};
+use keel_proto::io::{accept, read_frame, FrameIoError, WriteBatch};
 use keel_proto::tls::Identity;
 use keel_proto::{Epoch, Frame, MemberRole, Op, Request, Response, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
@@ -190,17 +190,18 @@ async fn serve_conn(
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
     let tx = Responder { tx, stats };
     let writer = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(1 << 20);
+        // Everything answered meanwhile goes out in one vectored write (payloads are not
+        // copied into a send buffer first).
+        let mut batch = WriteBatch::new();
         while let Some(first) = rx.recv().await {
-            buf.clear();
-            Frame::Response(first).encode(&mut buf);
-            while buf.len() < (1 << 20) {
+            batch.push_response(first);
+            while batch.len() < (1 << 20) {
                 match rx.try_recv() {
-                    Ok(r) => Frame::Response(r).encode(&mut buf),
+                    Ok(r) => batch.push_response(r),
                     Err(_) => break,
                 }
             }
-            if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            if batch.write_to(&mut wr).await.is_err() {
                 break;
             }
         }
