@@ -109,7 +109,7 @@ impl AdminRequest {
         r.offset = offset;
         r.length = role;
         r.crc = checksum(&payload);
-        r.payload = payload;
+        r.payload = payload.into();
         r
     }
 

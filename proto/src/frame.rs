@@ -112,8 +112,9 @@ pub struct Request {
     /// CRC32C of `payload` (0 when there is none).
     pub crc: u32,
     /// Write data; the membership list of [`Op::SetMembership`] (see [`parse_members`]);
-    /// empty for every other op.
-    pub payload: Vec<u8>,
+    /// empty for every other op. Shared, not copied, when a request is cloned (a primary
+    /// forwards the same bytes to its mirrors, a node keeps them for resends).
+    pub payload: bytes::Bytes,
 }
 
 /// Answer to one [`Request`], matched by `request_id`; responses may come in any order.
@@ -159,7 +160,7 @@ impl Request {
             offset: 0,
             length: 0,
             crc: 0,
-            payload: Vec::new(),
+            payload: Vec::new().into(),
         }
     }
 
@@ -421,7 +422,7 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         offset,
         length,
         crc,
-        payload,
+        payload: payload.into(),
     })
 }
 
@@ -652,7 +653,7 @@ mod unit_tests {
             offset: 8192,
             length: 4096,
             crc: checksum(&payload),
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -775,7 +776,7 @@ mod unit_tests {
         // Payload on a read.
         let mut r = Request::new(Op::Read, 1, VolumeId(1), Epoch(1));
         r.length = 4;
-        r.payload = vec![0; 4];
+        r.payload = vec![0; 4].into();
         assert!(matches!(
             Frame::decode_body(&body_of(&Frame::Request(r))),
             Err(DecodeError::InvalidRequest { .. })
@@ -880,11 +881,11 @@ mod unit_tests {
                 0
             };
             let mut r = admin(op, size, 0);
-            r.payload = vec![1; 512];
+            r.payload = vec![1; 512].into();
             r.crc = checksum(&r.payload);
             assert_eq!(reason_of(r), Some("admin requests carry no payload"));
             let mut r = admin(op, size, 0);
-            r.payload = vec![1; 4];
+            r.payload = vec![1; 4].into();
             assert_eq!(reason_of(r), Some("admin requests carry no payload"));
             let mut r = admin(op, size, 0);
             r.crc = 9;
@@ -896,7 +897,7 @@ mod unit_tests {
         }
         // The streaming path (fixed part and payload apart) agrees.
         let mut r = admin(Op::Resize, 4096, 0);
-        r.payload = vec![0; 8];
+        r.payload = vec![0; 8].into();
         let body = body_of(&Frame::Request(r));
         assert!(matches!(
             Frame::decode_parts(
@@ -909,7 +910,7 @@ mod unit_tests {
 
     fn membership(role: MemberRole, text: &[u8]) -> Request {
         let mut r = admin(Op::SetMembership, 2, role as u32);
-        r.payload = text.to_vec();
+        r.payload = text.to_vec().into();
         r.crc = checksum(text);
         r
     }
@@ -1088,7 +1089,9 @@ mod unit_tests {
     fn checksum_detects_corruption() {
         let mut r = write_req();
         assert!(r.crc_ok());
-        r.payload[100] ^= 1;
+        let mut p = r.payload.to_vec();
+        p[100] ^= 1;
+        r.payload = p.into();
         assert!(!r.crc_ok());
     }
 }

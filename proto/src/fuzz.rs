@@ -51,7 +51,7 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     w.offset = 4096;
     w.length = 512;
     w.crc = checksum(&data);
-    w.payload = data.clone();
+    w.payload = data.clone().into();
     seeds.push(("write", Frame::Request(w.clone()).to_bytes()));
     for (name, op) in [
         ("read", Op::Read),
@@ -108,7 +108,7 @@ pub fn decode_frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut r = Request::new(Op::SetMembership, 7, VolumeId(42), Epoch(3));
         r.offset = 2;
         r.length = MemberRole::Primary as u32;
-        r.payload = text.to_vec();
+        r.payload = text.to_vec().into();
         r.crc = checksum(&r.payload);
         seeds.push((name, Frame::Request(r).to_bytes()));
     }

@@ -94,7 +94,7 @@ const INLINE_PAYLOAD: usize = 2048;
 pub struct WriteBatch {
     head: Vec<u8>,
     /// Large payloads, each written after `head[..cut]`.
-    parts: Vec<(usize, Vec<u8>)>,
+    parts: Vec<(usize, bytes::Bytes)>,
     /// Bytes in `parts`.
     bytes: usize,
 }
@@ -104,7 +104,7 @@ impl WriteBatch {
         WriteBatch::default()
     }
 
-    /// Queues a request (its payload moves into the batch).
+    /// Queues a request.
     pub fn push_request(&mut self, mut r: Request) {
         let payload = std::mem::take(&mut r.payload);
         r.encode_header(payload.len(), &mut self.head);
@@ -115,16 +115,16 @@ impl WriteBatch {
     pub fn push_response(&mut self, mut r: Response) {
         let payload = std::mem::take(&mut r.payload);
         r.encode_header(payload.len(), &mut self.head);
-        self.add(payload);
+        self.add(payload.into());
     }
 
-    /// Queues a request whose payload the caller keeps (it is copied).
+    /// Queues a request the caller keeps (its payload is shared, not copied).
     pub fn push_request_ref(&mut self, r: &Request) {
         r.encode_header(r.payload.len(), &mut self.head);
-        self.head.extend_from_slice(&r.payload);
+        self.add(r.payload.clone());
     }
 
-    fn add(&mut self, payload: Vec<u8>) {
+    fn add(&mut self, payload: bytes::Bytes) {
         if payload.len() <= INLINE_PAYLOAD {
             self.head.extend_from_slice(&payload);
         } else {
@@ -142,12 +142,17 @@ impl WriteBatch {
         self.head.is_empty() && self.parts.is_empty()
     }
 
-    /// Writes everything queued, flushes, and empties the batch (also on error).
-    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
-        let r = self.write_all(w).await;
+    /// Drops everything queued.
+    pub fn clear(&mut self) {
         self.head.clear();
         self.parts.clear();
         self.bytes = 0;
+    }
+
+    /// Writes everything queued, flushes, and empties the batch (also on error).
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        let r = self.write_all(w).await;
+        self.clear();
         r?;
         w.flush().await
     }
@@ -366,13 +371,16 @@ mod unit_tests {
             .expect("runtime");
         let vol = VolumeId(7);
         let mut frames = Vec::new();
-        for (i, len) in [0usize, 5, 4096, 2048, 2049, 70_000, 1].into_iter().enumerate() {
+        for (i, len) in [0usize, 5, 4096, 2048, 2049, 70_000, 1]
+            .into_iter()
+            .enumerate()
+        {
             let payload: Vec<u8> = (0..len).map(|b| (b * 31 + i) as u8).collect();
             if i % 2 == 0 {
                 let mut r = crate::frame::Request::new(Op::Write, i as u64, vol, Epoch(3));
                 r.length = len as u32;
                 r.crc = crate::frame::checksum(&payload);
-                r.payload = payload;
+                r.payload = payload.into();
                 frames.push(Frame::Request(r));
             } else {
                 let mut r = crate::frame::Response::status(Status::Ok, i as u64, Epoch(3));

@@ -19,6 +19,11 @@ use crate::store::Store;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "keel-storage", version)]
 pub struct Args {
+    /// Threads running the network side (TLS, frames, page-cache reads and small writes).
+    /// One is fastest on a small host that the VMs share: every hand-off between threads
+    /// costs a wake-up (docs/performance.md); raise it on hosts with cores to spare.
+    #[arg(long, env = "KEEL_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: u16,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:7500")]
     pub listen: SocketAddr,
@@ -155,6 +160,7 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
     }
     let stats = Arc::new(Stats::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.io_threads))
         .enable_all()
         .build()?;
     rt.block_on(async move {

@@ -893,7 +893,7 @@ impl Replicator {
             .map_err(|e| format!("read task failed: {e}"))?
             .map_err(|e| format!("reading chunk at {off}: {e}"))?;
             req.crc = keel_proto::frame::checksum(&buf);
-            req.payload = buf;
+            req.payload = buf.into();
         }
         match conn.call(req, timeout).await {
             Ok(r) if r.status == Status::Ok => Ok(()),

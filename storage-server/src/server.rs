@@ -462,6 +462,12 @@ fn needs_mirrors(req: &Request, peer: Role, a: &crate::copy::Admitted<'_>) -> bo
         && (!a.mirrors.is_empty() || !a.rebuilding.is_empty())
 }
 
+/// The primary's own part of a replicated op.
+enum LocalOp {
+    Done(Response),
+    Running(tokio::task::JoinHandle<Response>),
+}
+
 /// Runs a node's mutation or flush on a primary and on its mirrors (in parallel), and answers
 /// `ok` only if the local op and every mirror succeeded, or every failed mirror was dropped by
 /// the failure handler; `not primary` if a failed mirror could not be dropped.
@@ -484,25 +490,62 @@ async fn replicate(
             chunk_guards.push(copy.chunk_lock(shard).read_owned().await);
         }
     }
+    // The payload is shared with the mirrors' copy of the request, not copied.
     let mut mirror_req = req.clone();
     let (snap_tx, snap_rx) = tokio::sync::oneshot::channel();
-    let local_copy = copy.clone();
-    let local = tokio::task::spawn_blocking(move || {
-        match local_copy.admit_in(req.epoch, Role::Node, session.as_ref()) {
-            Err(r) => refusal(&req, r),
-            Ok(admitted) => {
-                // What the mirrors get: the membership this op was admitted under.
-                let _ = snap_tx.send((
-                    admitted.epoch,
-                    admitted.mirrors.clone(),
-                    admitted.rebuilding.clone(),
-                ));
-                let resp = perform(&local_copy, req);
+    // A small write is done right here, before the mirrors are sent to (a few µs into the
+    // page cache; a hand-off to the blocking pool cost more than the write). Anything larger,
+    // or an admission that would have to wait for a membership change, runs on the blocking
+    // pool while the mirrors are sent to.
+    let inline = req.op == Op::Write && req.length <= INLINE_WRITE_MAX && !req.flags.fua();
+    let mut local_done = None;
+    let mut snap_tx = Some(snap_tx);
+    if inline {
+        match copy.try_admit_in(req.epoch, Role::Node, session.as_ref()) {
+            None => {}
+            Some(Err(r)) => {
+                // No snapshot: the mirrors are not sent to.
+                snap_tx = None;
+                local_done = Some(refusal(&req, r));
+            }
+            Some(Ok(admitted)) => {
+                let _ = snap_tx.take().map(|tx| {
+                    tx.send((
+                        admitted.epoch,
+                        admitted.mirrors.clone(),
+                        admitted.rebuilding.clone(),
+                    ))
+                });
+                let resp = perform(&copy, &req);
                 drop(admitted);
-                resp
+                local_done = Some(resp);
             }
         }
-    });
+    }
+    let local = match local_done {
+        Some(resp) => LocalOp::Done(resp),
+        None => {
+            let local_copy = copy.clone();
+            LocalOp::Running(tokio::task::spawn_blocking(move || {
+                match local_copy.admit_in(req.epoch, Role::Node, session.as_ref()) {
+                    Err(r) => refusal(&req, r),
+                    Ok(admitted) => {
+                        // What the mirrors get: the membership this op was admitted under.
+                        let _ = snap_tx.map(|tx| {
+                            tx.send((
+                                admitted.epoch,
+                                admitted.mirrors.clone(),
+                                admitted.rebuilding.clone(),
+                            ))
+                        });
+                        let resp = perform(&local_copy, &req);
+                        drop(admitted);
+                        resp
+                    }
+                }
+            }))
+        }
+    };
     let mut acked: Option<Vec<std::net::SocketAddr>> = None;
     let mut disk_failed = Vec::new();
     // The rebuilding mirrors of the membership the op was admitted under.
@@ -551,12 +594,15 @@ async fn replicate(
         }
         Err(_) => (Epoch(0), Vec::new()),
     };
-    let resp = match local.await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(volume = %copy.volume(), error = %e, "local I/O task failed");
-            Response::status(Status::IoError, mirror_req.request_id, copy.epoch())
-        }
+    let resp = match local {
+        LocalOp::Done(r) => r,
+        LocalOp::Running(task) => match task.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(volume = %copy.volume(), error = %e, "local I/O task failed");
+                Response::status(Status::IoError, mirror_req.request_id, copy.epoch())
+            }
+        },
     };
     // Applied here (or maybe partly, if it failed): every tracked mirror that did not
     // acknowledge it has these chunks dirty, before the chunk locks go (a resync pass copies
@@ -607,8 +653,17 @@ async fn replicate(
     resp
 }
 
-/// Requests up to this size may be served inline from the page cache.
+/// Reads up to this size may be served inline from the page cache.
 const INLINE_MAX: u32 = 256 << 10;
+
+/// Buffered writes up to this size are done on the connection's task, without a thread
+/// hand-off. ext4 refuses `RWF_NOWAIT` buffered writes, so the kernel cannot tell beforehand
+/// whether one would wait; in practice a small write is a copy into the page cache (2–5 µs),
+/// and only dirty-page throttling (far past the background writeback threshold) makes it
+/// sleep, stalling this worker and not the other. `block_in_place` was tried first: it hands
+/// the worker's scheduler to another thread on every call, which cost as much as the
+/// blocking pool (docs/performance.md).
+const INLINE_WRITE_MAX: u32 = 64 << 10;
 
 /// Serves a checked read or plain write without blocking if the page cache allows; gives the
 /// request back otherwise.
@@ -638,26 +693,25 @@ fn try_cached(
     };
     let epoch = copy.epoch();
     match req.op {
-        Op::Read => {
-            match copy.try_read_cached_new(req.offset, req.length as usize) {
-                Ok(Some(data)) => Ok(Response {
-                    status: Status::Ok,
-                    request_id: req.request_id,
-                    epoch,
-                    crc: checksum(&data),
-                    payload: data,
-                }),
-                _ => Err(req),
-            }
-        }
+        Op::Read => match copy.try_read_cached_new(req.offset, req.length as usize) {
+            Ok(Some(data)) => Ok(Response {
+                status: Status::Ok,
+                request_id: req.request_id,
+                epoch,
+                crc: checksum(&data),
+                payload: data,
+            }),
+            _ => Err(req),
+        },
         Op::Write => {
             let (offset, len) = (req.offset, req.length);
             let resp = match copy.try_write_cached(req.offset, &req.payload) {
                 Ok(true) => Response::status(Status::Ok, req.request_id, epoch),
                 // Where the filesystem cannot tell whether a write would block, a small
-                // buffered write into the page cache is still done here, with the runtime told
-                // that this worker may block for a moment (dirty-page throttling).
-                _ => tokio::task::block_in_place(|| perform(copy, req)),
+                // buffered write into the page cache is still done here (see
+                // `INLINE_WRITE_MAX`); larger ones go to the blocking pool.
+                _ if req.length <= INLINE_WRITE_MAX => perform(copy, &req),
+                _ => return Err(req),
             };
             mark_local(copy, Op::Write, offset, len, peer);
             Ok(resp)
@@ -674,7 +728,7 @@ fn execute(copy: &Copy, req: Request, peer: Role, session: Option<&Session>) -> 
         }
         Ok(_admitted) => {
             let (op, offset, len) = (req.op, req.offset, req.length);
-            let resp = perform(copy, req);
+            let resp = perform(copy, &req);
             mark_local(copy, op, offset, len, peer);
             resp
         }
@@ -683,7 +737,7 @@ fn execute(copy: &Copy, req: Request, peer: Role, session: Option<&Session>) -> 
 }
 
 /// Runs an admitted request (blocking).
-fn perform(copy: &Copy, req: Request) -> Response {
+fn perform(copy: &Copy, req: &Request) -> Response {
     let epoch = copy.epoch();
     let result: Result<Vec<u8>, CopyError> = match req.op {
         Op::Read => copy.read_new(req.offset, req.length as usize),

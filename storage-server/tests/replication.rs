@@ -115,7 +115,7 @@ fn write(id: u64, epoch: u64, offset: u64, data: Vec<u8>) -> Request {
     r.offset = offset;
     r.length = data.len() as u32;
     r.crc = checksum(&data);
-    r.payload = data;
+    r.payload = data.into();
     r
 }
 

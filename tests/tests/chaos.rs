@@ -239,7 +239,7 @@ fn direct_write(cluster: &Cluster, addr: &str, volume: &str, epoch: u64) -> Resu
         r.offset = 0;
         r.length = 4096;
         r.crc = checksum(&payload);
-        r.payload = payload;
+        r.payload = payload.into();
         s.write_all(&Frame::Request(r).to_bytes()).await?;
         s.flush().await?;
         let mut buf = Vec::new();

@@ -54,7 +54,7 @@ impl Client {
         r.offset = offset;
         r.length = length;
         r.crc = checksum(&payload);
-        r.payload = payload;
+        r.payload = payload.into();
         r
     }
 
@@ -1171,7 +1171,7 @@ fn malformed_membership_lists_are_refused() -> Result<()> {
         let mut c = Client::new(&pki, Role::Controller, "c1", &storage).await?;
         let mut r = c.req(Op::SetMembership, 0, MemberRole::Primary as u32, Vec::new());
         r.epoch = Epoch(2);
-        r.payload = b"127.0.0.1:7500\nnot-an-address".to_vec();
+        r.payload = b"127.0.0.1:7500\nnot-an-address".to_vec().into();
         r.crc = checksum(&r.payload);
         c.send(&r).await?;
         assert!(c.recv().await.is_err(), "no answer to a malformed frame");

@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_proto::frame::{checksum, MAX_PAYLOAD};
-use keel_proto::io::{connect, read_frame, ClientStream};
+use keel_proto::io::{connect, read_frame, ClientStream, WriteBatch};
 use keel_proto::{Epoch, Frame, Op, ReqFlags, Request, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
@@ -445,7 +445,7 @@ impl Table {
         req.offset = op.offset;
         req.length = op.length;
         req.crc = checksum(&op.payload);
-        req.payload = op.payload;
+        req.payload = op.payload.into();
         self.inflight.insert(
             id,
             Pending {
@@ -461,18 +461,18 @@ impl Table {
     }
 
     /// Encodes `id` into `out` with the current epoch and restarts its timeout.
-    fn resend(&mut self, id: u64, out: &mut Vec<u8>) {
+    fn resend(&mut self, id: u64, out: &mut WriteBatch) {
         let epoch = self.epoch.get();
         if let Some(p) = self.inflight.get_mut(&id) {
             p.req.epoch = epoch;
             p.sent = Instant::now();
             p.parked = false;
-            encode(&p.req, out);
+            out.push_request_ref(&p.req);
         }
     }
 
     /// Encodes every request in flight (after a reconnect), oldest first.
-    fn resend_all(&mut self, out: &mut Vec<u8>) {
+    fn resend_all(&mut self, out: &mut WriteBatch) {
         self.parked.clear();
         self.resend_at = None;
         let ids: Vec<u64> = self.inflight.keys().copied().collect();
@@ -482,7 +482,7 @@ impl Table {
     }
 
     /// Encodes every parked request (their backoff ran out, or the epoch changed).
-    fn resend_parked(&mut self, out: &mut Vec<u8>) {
+    fn resend_parked(&mut self, out: &mut WriteBatch) {
         self.resend_at = None;
         for id in std::mem::take(&mut self.parked) {
             self.resend(id, out);
@@ -581,11 +581,6 @@ impl Table {
     }
 }
 
-fn encode(req: &Request, out: &mut Vec<u8>) {
-    req.encode_header(req.payload.len(), out);
-    out.extend_from_slice(&req.payload);
-}
-
 /// How often a connected task checks its timeouts and whether to ping.
 fn tick_period(primary_timeout: Duration) -> Duration {
     (primary_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
@@ -604,15 +599,12 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// connection must be dropped (a partly written frame is never continued).
 async fn send<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
-    out: &[u8],
+    out: &mut WriteBatch,
     t: &mut Table,
     server: SocketAddr,
     timeout: Duration,
 ) -> Result<(), &'static str> {
-    let write = async {
-        wr.write_all(out).await?;
-        wr.flush().await
-    };
+    let write = async { out.write_to(wr).await };
     tokio::pin!(write);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -749,11 +741,11 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
         t.given_up.clear();
         t.note_answer(Instant::now());
         // Resend everything still in flight, oldest first, with the current epoch.
-        let mut out = Vec::with_capacity(1 << 20);
+        let mut out = WriteBatch::new();
         t.resend_all(&mut out);
         if !out.is_empty() {
             t.note_sent(Instant::now());
-            if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+            if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                 tracing::warn!(%server, volume = %cfg.volume, reason = why, "resending after a reconnect failed");
                 reader.abort();
                 t.note_sent(Instant::now());
@@ -787,19 +779,19 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                     out.clear();
                     let now = Instant::now();
                     let id = t.admit(op, cfg.volume, now);
-                    if let Some(p) = t.inflight.get(&id) { encode(&p.req, &mut out); }
+                    if let Some(p) = t.inflight.get(&id) { out.push_request_ref(&p.req); }
                     // Batch everything already queued into one write.
                     while out.len() < (1 << 20) {
                         match rx.try_recv() {
                             Ok(op) => {
                                 let id = t.admit(op, cfg.volume, now);
-                                if let Some(p) = t.inflight.get(&id) { encode(&p.req, &mut out); }
+                                if let Some(p) = t.inflight.get(&id) { out.push_request_ref(&p.req); }
                             }
                             Err(_) => break,
                         }
                     }
                     t.note_sent(now);
-                    if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+                    if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                         break why;
                     }
                 }
@@ -817,7 +809,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                         Step::Reconnect(why) => break why,
                     }
                     if !out.is_empty() {
-                        if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+                        if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                             break why;
                         }
                     }
@@ -829,7 +821,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                     t.resend_parked(&mut out);
                     if !out.is_empty() {
                         t.note_sent(Instant::now());
-                        if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+                        if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                             break why;
                         }
                     }
@@ -839,7 +831,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                     t.resend_parked(&mut out);
                     if !out.is_empty() {
                         t.note_sent(Instant::now());
-                        if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+                        if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                             break why;
                         }
                     }
@@ -861,10 +853,10 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                         let mut ping = Request::new(Op::Ping, id, cfg.volume, epoch.get());
                         ping.crc = checksum(&[]);
                         out.clear();
-                        encode(&ping, &mut out);
+                        out.push_request_ref(&ping);
                         t.ping = Some((id, now));
                         t.note_sent(now);
-                        if let Err(why) = send(&mut wr, &out, &mut t, server, cfg.request_timeout).await {
+                        if let Err(why) = send(&mut wr, &mut out, &mut t, server, cfg.request_timeout).await {
                             break why;
                         }
                     }
@@ -890,7 +882,7 @@ enum Step {
 }
 
 /// Handles one response; may queue a resend into `out`.
-fn complete(t: &mut Table, r: keel_proto::Response, out: &mut Vec<u8>) -> Step {
+fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Step {
     let id = r.request_id;
     if t.ping.is_some_and(|(ping, _)| ping == id) {
         t.ping = None;
@@ -1059,7 +1051,7 @@ mod tests {
         let b = t.admit(op(2, &seen), VolumeId(1), t0 + 2000 * MS);
         assert_eq!(t.next_expiry(), Some(t0 + 5000 * MS));
         // A resend (reconnect) does not restart the guest's clock.
-        let mut out = Vec::new();
+        let mut out = WriteBatch::new();
         t.resend_all(&mut out);
         assert!(!out.is_empty());
         assert_eq!(t.expire(t0 + 4999 * MS), 0);
@@ -1105,7 +1097,7 @@ mod tests {
         );
         assert_eq!(t.expire(t0 + 1000 * MS), 1);
         assert_eq!(t.parked, vec![b]);
-        let mut out = Vec::new();
+        let mut out = WriteBatch::new();
         t.resend_parked(&mut out);
         assert!(t.awaiting());
         assert_eq!(*seen.lock().expect("lock"), vec![(1, "gave up")]);
@@ -1137,7 +1129,7 @@ mod tests {
         );
         // The ping's answer proves the server alive: the clock restarts for the request.
         let ping = t.ping.map(|(id, _)| id).expect("ping");
-        let mut out = Vec::new();
+        let mut out = WriteBatch::new();
         assert!(matches!(
             complete(&mut t, ok(ping), &mut out),
             Step::Continue

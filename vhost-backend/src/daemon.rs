@@ -46,6 +46,11 @@ use crate::client::{ClientConfig, VolumeClient};
 #[derive(Parser, Debug, Clone)]
 #[command(name = "keel-vhost", version)]
 pub struct Args {
+    /// Threads running the network side (TLS to the storage servers). One is fastest on a
+    /// small host that the VMs share: every hand-off between threads costs a wake-up
+    /// (docs/performance.md).
+    #[arg(long, env = "KEEL_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: u16,
     /// The vhost-user socket to create (give it to QEMU's vhost-user-blk-pci).
     #[arg(long)]
     pub socket: PathBuf,
@@ -419,7 +424,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ))
     .context("loading TLS certificates (make them with `keelctl pki`)")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(args.io_threads))
         .enable_all()
         .build()?;
     let client = VolumeClient::start(
