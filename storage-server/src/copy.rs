@@ -1187,6 +1187,32 @@ mod unit_tests {
     }
 
     #[test]
+    fn pieced_writes_and_uninitialised_reads_keep_every_byte() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        // Unaligned start, spanning several 16 KiB pieces, ending mid-piece.
+        let off = 5 * WRITE_PIECE - 1000;
+        let data: Vec<u8> = (0..(3 * WRITE_PIECE as u32 + 777))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        c.write(off, &data).expect("write");
+        assert_eq!(c.read_new(off, data.len()).expect("read"), data);
+        let cached = c
+            .try_read_cached_new(off, data.len())
+            .expect("nowait read")
+            .expect("just written, so cached");
+        assert_eq!(cached, data);
+        // Around it: still zeros.
+        assert!(c
+            .read_new(off - 100, 100)
+            .expect("read")
+            .iter()
+            .all(|&b| b == 0));
+        let end = off + data.len() as u64;
+        assert!(c.read_new(end, 4096).expect("read").iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn cached_fast_path_reads_and_writes_the_same_bytes() {
         let d = tempfile::tempdir().expect("tmp");
         let c = new_copy(d.path());

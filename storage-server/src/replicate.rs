@@ -244,6 +244,11 @@ impl Replicator {
             return mirrors.iter().map(|&m| (m, None)).collect();
         };
         let timeout = self.cfg.timeout;
+        if let [m] = mirrors {
+            // The common case (two copies): no task of its own.
+            let r = self.conn(*m, &tls).call(req.clone(), timeout).await;
+            return mirror_outcome(*m, req, r).into_iter().collect();
+        }
         let calls: Vec<_> = mirrors
             .iter()
             .map(|&m| {
@@ -257,17 +262,8 @@ impl Replicator {
             .collect();
         let mut failed = Vec::new();
         for (m, h) in calls {
-            let (outcome, status) = match h.await {
-                Ok(Ok(resp)) if resp.status == Status::Ok => continue,
-                Ok(Ok(resp)) => (
-                    format!("answered {} (mirror epoch {})", resp.status, resp.epoch),
-                    Some(resp.status),
-                ),
-                Ok(Err(e)) => (e, None),
-                Err(e) => (format!("task failed: {e}"), None),
-            };
-            tracing::warn!(volume = %req.volume, mirror = %m, op = ?req.op, epoch = %req.epoch, error = %outcome, "mirror failed a replicated request");
-            failed.push((m, status));
+            let r = h.await.unwrap_or_else(|e| Err(format!("task failed: {e}")));
+            failed.extend(mirror_outcome(m, req, r));
         }
         failed
     }
@@ -307,6 +303,25 @@ impl Replicator {
             }
         }
     }
+}
+
+/// A mirror's answer to a replicated request: `None` if it succeeded, else the mirror and the
+/// status it answered (`None` if it did not answer), logged.
+fn mirror_outcome(
+    m: SocketAddr,
+    req: &Request,
+    r: Result<Response, String>,
+) -> Option<(SocketAddr, Option<Status>)> {
+    let (outcome, status) = match r {
+        Ok(resp) if resp.status == Status::Ok => return None,
+        Ok(resp) => (
+            format!("answered {} (mirror epoch {})", resp.status, resp.epoch),
+            Some(resp.status),
+        ),
+        Err(e) => (e, None),
+    };
+    tracing::warn!(volume = %req.volume, mirror = %m, op = ?req.op, epoch = %req.epoch, error = %outcome, "mirror failed a replicated request");
+    Some((m, status))
 }
 
 /// One mirror's connection, made on first use and again after it broke.
