@@ -4,14 +4,20 @@
 # Then it installs the Python package openapi-spec-validator for the python3 on PATH, which
 # controller/tests/openapi.rs runs to validate the API document.
 set -euo pipefail
-need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-x86)
-command -v qemu-nbd >/dev/null || need+=(qemu-utils)
-dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
-command -v fio >/dev/null || need+=(fio)
-command -v cpio >/dev/null || need+=(cpio)
+# Installing Debian 12's qemu-system-x86 (7.2) removes a newer qemu-utils from backports
+# (qemu-block-extra 7.2 conflicts with it), taking qemu-nbd away: qemu-utils is then installed
+# with it, at the same version, and every tool is checked again after the install.
+missing_tools() {
+  need=()
+  command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86 qemu-utils)
+  command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-x86 qemu-utils)
+  command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+  dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+  ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+  command -v fio >/dev/null || need+=(fio)
+  command -v cpio >/dev/null || need+=(cpio)
+}
+missing_tools
 have_validator() { python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; }
 if ! have_validator; then
   command -v python3 >/dev/null || need+=(python3)
@@ -28,6 +34,11 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+  missing_tools
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "keel: still missing after apt-get install: ${need[*]}" >&2
+    exit 1
+  fi
 fi
 if ! have_validator; then
   echo "keel: installing openapi-spec-validator for $(command -v python3)" >&2
