@@ -284,12 +284,16 @@ impl Inner {
             published += 1;
         }
         if published > 0 {
-            let notify = vring.needs_notification().unwrap_or(true);
-            if notify {
-                if let Err(e) = vring.signal_used_queue() {
-                    tracing::warn!(queue = t.queue, error = %e, "cannot signal the guest");
+            // At the end of the client's batch of answers (see `batch`), or now.
+            let queue = t.queue;
+            crate::batch::defer(move || {
+                let notify = vring.needs_notification().unwrap_or(true);
+                if notify {
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::warn!(queue, error = %e, "cannot signal the guest");
+                    }
                 }
-            }
+            });
             if o.entries.is_empty() {
                 q.drained.notify_all();
             }

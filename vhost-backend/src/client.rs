@@ -798,7 +798,17 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                 r = resp_rx.recv() => {
                     let Some(r) = r else { break "connection closed" };
                     out.clear();
-                    let step = complete(&mut t, r, &mut out);
+                    // Every answer already here is one batch: the guest is signalled once.
+                    let step = crate::batch::run(|| {
+                        let mut step = complete(&mut t, r, &mut out);
+                        while matches!(step, Step::Continue) {
+                            match resp_rx.try_recv() {
+                                Ok(r) => step = complete(&mut t, r, &mut out),
+                                Err(_) => break,
+                            }
+                        }
+                        step
+                    });
                     let now = Instant::now();
                     if !out.is_empty() {
                         t.note_sent(now);

@@ -3,6 +3,7 @@
 //!
 //! * [`virtio`]: virtio-blk definitions and the request parser (no I/O; fuzzed).
 //! * [`backend`]: the `vhost-user-backend` device: queues, in-order publication, completions.
+//! * [`batch`]: guest notifications deferred to the end of a batch of answers.
 //! * [`client`]: the connection to the storage server, with reconnect and resend.
 //! * [`config_change`]: config-change messages to the frontend (online resize).
 //! * [`daemon`]: the `keel-vhost` process serving one attachment: flags, control and status
@@ -12,6 +13,7 @@
 //! * [`fuzz`]: fuzz target bodies replayed by `cargo test`.
 
 pub mod backend;
+pub mod batch;
 pub mod client;
 pub mod config_change;
 pub mod daemon;
