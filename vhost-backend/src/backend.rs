@@ -58,6 +58,9 @@ pub struct DiskConfig {
     pub queue_size: u16,
     /// How long a stopping ring waits for requests in flight.
     pub drain_timeout: Duration,
+    /// After a queue is empty, how long the vring thread keeps looking at its avail ring
+    /// (guest notifications still off) before it turns them on and sleeps. Zero: never.
+    pub poll: Duration,
 }
 
 /// The GET_ID answer: the volume id in hex, at most 20 bytes.
@@ -139,6 +142,20 @@ struct Inner {
     throttled: AtomicBool,
     /// Wakes the vring thread to pop again (registered with the epoll loop as RESUME_EVENT).
     resume: EventFd,
+    /// What the guest and the backend did, for diagnosis (see [`KeelBlk::counters`]).
+    kicks: AtomicU64,
+    requests: AtomicU64,
+    /// Shared with the deferred signals (see [`crate::batch`]).
+    signals: Arc<AtomicU64>,
+}
+
+/// Totals since the device was created: a guest's kicks (queue events the vring thread
+/// handled), the requests it popped, and the interrupts it sent the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub kicks: u64,
+    pub requests: u64,
+    pub signals: u64,
 }
 
 /// In-flight data budget per volume.
@@ -169,6 +186,9 @@ impl KeelBlk {
                 budget: AtomicI64::new(BUDGET_BYTES),
                 throttled: AtomicBool::new(false),
                 resume: EventFd::new(libc::EFD_NONBLOCK)?,
+                kicks: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                signals: Arc::new(AtomicU64::new(0)),
             }),
         })
     }
@@ -218,6 +238,15 @@ impl KeelBlk {
         match req.as_ref().and_then(|r| r.channel.as_ref()) {
             Some(ch) => ch.notify().map(|()| true),
             None => Ok(false),
+        }
+    }
+
+    /// Kicks, requests and interrupts so far.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            kicks: self.inner.kicks.load(Ordering::Relaxed),
+            requests: self.inner.requests.load(Ordering::Relaxed),
+            signals: self.inner.signals.load(Ordering::Relaxed),
         }
     }
 
@@ -286,9 +315,11 @@ impl Inner {
         if published > 0 {
             // At the end of the client's batch of answers (see `batch`), or now.
             let queue = t.queue;
+            let signals = self.signals.clone();
             crate::batch::defer(move || {
                 let notify = vring.needs_notification().unwrap_or(true);
                 if notify {
+                    signals.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = vring.signal_used_queue() {
                         tracing::warn!(queue, error = %e, "cannot signal the guest");
                     }
@@ -358,6 +389,7 @@ impl Inner {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 let head = chain.head_index();
                 let descs: Vec<Desc> = chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
                 let ticket = self.register(queue, head);
@@ -376,6 +408,9 @@ impl Inner {
             if !event_idx {
                 break;
             }
+            if self.poll_avail(vring, &*mem) {
+                continue;
+            }
             let more = vring
                 .enable_notification()
                 .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
@@ -384,6 +419,28 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Polls the queue's avail ring for up to `cfg.poll`: whether the guest made a request
+    /// available meanwhile (it did not kick: its notifications are off).
+    fn poll_avail(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        if self.cfg.poll.is_zero() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + self.cfg.poll;
+        loop {
+            let q = vring.get_ref();
+            let q = q.get_queue();
+            match q.avail_idx(mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != q.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     fn dispatch(self: &Arc<Self>, t: Ticket, req: BlkRequest) {
@@ -771,6 +828,7 @@ impl VhostUserBackend for KeelBlk {
             return Ok(());
         }
         let q = device_event as usize;
+        self.inner.kicks.fetch_add(1, Ordering::Relaxed);
         let Some(vring) = vrings.get(q) else {
             return Err(std::io::Error::other(format!(
                 "event for unknown queue {q}"

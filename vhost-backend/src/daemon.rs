@@ -102,6 +102,17 @@ pub struct Args {
     /// re-offered by the frontend.
     #[arg(long, default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Microseconds the vring thread keeps polling an emptied queue before it turns the
+    /// guest's notifications back on and waits for a kick (0: never polls). Polling spares the
+    /// guest a kick (a VM exit) per request and the vring thread a wake-up, for up to this
+    /// much spinning per event: a busy volume can keep one core busy. See
+    /// docs/performance.md.
+    #[arg(long, env = "KEEL_POLL_US", default_value_t = 100)]
+    pub poll_us: u64,
+    /// Log the guest's kicks, requests and interrupts over each period of this many
+    /// milliseconds while a frontend is connected (diagnosis; 0: never).
+    #[arg(long, env = "KEEL_VHOST_COUNTERS_MS", default_value_t = 0)]
+    pub counters_every_ms: u64,
     /// Write the process id to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -453,6 +464,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        poll: Duration::from_micros(args.poll_us),
     };
     let att = Arc::new(Attachment {
         client: client.clone(),
@@ -514,6 +526,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     });
+
+    if args.counters_every_ms > 0 {
+        let att = att.clone();
+        let volume = args.volume;
+        let period = Duration::from_millis(args.counters_every_ms);
+        rt.spawn(async move {
+            let mut last = crate::backend::Counters::default();
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(now) = att.lock().session.as_ref().map(|s| s.counters()) else {
+                    continue;
+                };
+                if now.requests < last.requests {
+                    last = crate::backend::Counters::default(); // a new frontend session
+                }
+                let requests = now.requests - last.requests;
+                if requests > 0 {
+                    let per = |n: u64| n as f64 / requests as f64;
+                    tracing::info!(
+                        %volume,
+                        requests,
+                        kicks_per_request = format_args!("{:.3}", per(now.kicks - last.kicks)),
+                        signals_per_request = format_args!("{:.3}", per(now.signals - last.signals)),
+                        "guest counters"
+                    );
+                }
+                last = now;
+            }
+        });
+    }
 
     if let Some(p) = &args.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
