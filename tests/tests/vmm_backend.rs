@@ -439,6 +439,40 @@ fn polling_serves_requests_made_without_a_kick() -> Result<()> {
     Ok(())
 }
 
+/// A guest whose avail index runs further ahead than the queue holds (virtio-queue refuses to
+/// pop from such a ring) neither crashes keel-vhost nor keeps its vring thread spinning, with
+/// polling on or off.
+#[test]
+fn an_out_of_range_avail_index_does_not_spin_the_vring_thread() -> Result<()> {
+    use keel_tests::bench::{cpu_ticks, ticks_per_second};
+    for poll_us in ["100", "0"] {
+        let mut s = setup_with(1, false, &["--poll-us", poll_us])?;
+        let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+        assert_eq!(vmm.write(0, 0, &pattern(50, 0, 4096))?, VIRTIO_BLK_S_OK);
+        let layout = vmm.queue_layout(0)?;
+        let published = u16::from_le_bytes(
+            vmm.read_mem(layout.avail + 2, 2)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("short read"))?,
+        );
+        let bogus = published.wrapping_add(layout.size).wrapping_add(7);
+        vmm.write_mem(layout.avail + 2, &bogus.to_le_bytes())?;
+        let pid = s.vhost.pid().context("keel-vhost has no pid")?;
+        let before = cpu_ticks(pid);
+        for _ in 0..10 {
+            vmm.kick(0)?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let cpu = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
+        assert!(
+            cpu < 0.3,
+            "poll {poll_us}: keel-vhost used {cpu:.2} s of CPU in 1 s with a broken ring"
+        );
+        assert!(s.vhost.running(), "poll {poll_us}: keel-vhost died");
+    }
+    Ok(())
+}
+
 /// Writes a verified pattern over a region, then runs verified mixed I/O at depth 32 for
 /// `secs` seconds while `disrupt` acts on keel-storage from another thread.
 fn load_while(

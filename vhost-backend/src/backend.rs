@@ -147,6 +147,8 @@ struct Inner {
     requests: AtomicU64,
     /// Shared with the deferred signals (see [`crate::batch`]).
     signals: Arc<AtomicU64>,
+    /// A broken avail ring was logged (once: a hostile guest may kick forever).
+    broken_ring_logged: AtomicBool,
 }
 
 /// Totals since the device was created: a guest's kicks (queue events the vring thread
@@ -189,6 +191,7 @@ impl KeelBlk {
                 kicks: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 signals: Arc::new(AtomicU64::new(0)),
+                broken_ring_logged: AtomicBool::new(false),
             }),
         })
     }
@@ -366,6 +369,10 @@ impl Inner {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        // Rounds in a row that popped nothing although the ring said it had more: a guest
+        // whose avail index is out of range (virtio-queue refuses to pop then) would keep this
+        // loop spinning forever; after two such rounds the queue waits for its next kick.
+        let mut empty_rounds = 0;
         loop {
             if event_idx {
                 vring
@@ -389,6 +396,7 @@ impl Inner {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                empty_rounds = 0;
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 let head = chain.head_index();
                 let descs: Vec<Desc> = chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
@@ -406,6 +414,13 @@ impl Inner {
                 }
             }
             if !event_idx {
+                break;
+            }
+            empty_rounds += 1;
+            if empty_rounds > 2 {
+                if !self.broken_ring_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(queue, "the guest's avail ring index is out of range: waiting for its next kick (logged once)");
+                }
                 break;
             }
             if self.poll_avail(vring, &*mem) {
@@ -432,8 +447,14 @@ impl Inner {
             let q = vring.get_ref();
             let q = q.get_queue();
             match q.avail_idx(mem, Ordering::Acquire) {
-                Ok(idx) if idx.0 != q.next_avail() => return true,
-                Ok(_) => {}
+                // Only a count of new entries the queue can hold; anything else is a broken
+                // ring, left to `process_queue`'s check.
+                Ok(idx) => {
+                    let new = idx.0.wrapping_sub(q.next_avail());
+                    if new != 0 {
+                        return new <= q.size();
+                    }
+                }
                 Err(_) => return false,
             }
             if std::time::Instant::now() >= deadline {
