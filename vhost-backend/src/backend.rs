@@ -423,7 +423,7 @@ impl Inner {
                 }
                 break;
             }
-            if self.poll_avail(vring, &*mem) {
+            if self.poll_avail(vring, &mem) {
                 continue;
             }
             let more = vring
