@@ -538,17 +538,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let Some(now) = att.lock().session.as_ref().map(|s| s.counters()) else {
                     continue;
                 };
-                if now.requests < last.requests {
-                    last = crate::backend::Counters::default(); // a new frontend session
+                // A new frontend session starts its counters from zero.
+                if now.requests < last.requests || now.kicks < last.kicks || now.signals < last.signals {
+                    last = crate::backend::Counters::default();
                 }
-                let requests = now.requests - last.requests;
+                let requests = now.requests.saturating_sub(last.requests);
                 if requests > 0 {
                     let per = |n: u64| n as f64 / requests as f64;
                     tracing::info!(
                         %volume,
                         requests,
-                        kicks_per_request = format_args!("{:.3}", per(now.kicks - last.kicks)),
-                        signals_per_request = format_args!("{:.3}", per(now.signals - last.signals)),
+                        kicks_per_request = format_args!("{:.3}", per(now.kicks.saturating_sub(last.kicks))),
+                        signals_per_request = format_args!("{:.3}", per(now.signals.saturating_sub(last.signals))),
                         "guest counters"
                     );
                 }
