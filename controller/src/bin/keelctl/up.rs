@@ -89,8 +89,34 @@ impl ClusterFile {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Picks free loopback ports, distinct from each other and from those named `taken`: each
+/// stays bound until the picker is dropped, because a port closed at once can be handed out
+/// again by the next `bind(0)` (two storage servers once got the same port and one could not
+/// listen).
+struct Ports {
+    held: Vec<TcpListener>,
+    taken: std::collections::HashSet<u16>,
+}
+
+impl Ports {
+    fn new(taken: impl IntoIterator<Item = u16>) -> Ports {
+        Ports {
+            held: Vec::new(),
+            taken: taken.into_iter().collect(),
+        }
+    }
+
+    fn pick(&mut self) -> anyhow::Result<u16> {
+        for _ in 0..64 {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            let port = l.local_addr()?.port();
+            self.held.push(l);
+            if self.taken.insert(port) {
+                return Ok(port);
+            }
+        }
+        bail!("no free loopback port found")
+    }
 }
 
 struct Daemon {
@@ -227,11 +253,17 @@ fn cluster_file(dir: &Path, a: &UpArgs) -> anyhow::Result<ClusterFile> {
         if let Some(p) = a.port {
             c.controller = format!("https://127.0.0.1:{p}");
         }
+        let controller_port = c
+            .controller
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok());
+        let mut ports = Ports::new(c.servers.iter().map(|s| s.port).chain(controller_port));
         while c.servers.len() < a.servers as usize {
             let n = c.servers.len() + 1;
             c.servers.push(ServerEntry {
                 id: format!("s{n}"),
-                port: free_port()?,
+                port: ports.pick()?,
                 zone: format!("zone-{n}"),
             });
         }
@@ -241,9 +273,10 @@ fn cluster_file(dir: &Path, a: &UpArgs) -> anyhow::Result<ClusterFile> {
     if a.servers == 0 {
         bail!("--servers must be at least 1");
     }
+    let mut ports = Ports::new(a.port);
     let port = match a.port {
         Some(p) => p,
-        None => free_port()?,
+        None => ports.pick()?,
     };
     let c = ClusterFile {
         controller: format!("https://127.0.0.1:{port}"),
@@ -251,7 +284,7 @@ fn cluster_file(dir: &Path, a: &UpArgs) -> anyhow::Result<ClusterFile> {
             .map(|n| {
                 Ok(ServerEntry {
                     id: format!("s{n}"),
-                    port: free_port()?,
+                    port: ports.pick()?,
                     zone: format!("zone-{n}"),
                 })
             })
@@ -514,5 +547,22 @@ pub async fn run(a: UpArgs, dir: PathBuf) -> anyhow::Result<()> {
 fn stop_all(daemons: &mut [Daemon]) {
     for d in daemons.iter_mut().rev() {
         d.stop();
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::Ports;
+
+    #[test]
+    fn picked_ports_are_distinct_and_avoid_the_taken_ones() {
+        let mut first = Ports::new([]);
+        let taken = first.pick().expect("a port");
+        let mut ports = Ports::new([taken]);
+        let mut seen = std::collections::HashSet::from([taken]);
+        for _ in 0..200 {
+            let p = ports.pick().expect("a port");
+            assert!(seen.insert(p), "port {p} picked twice");
+        }
     }
 }
