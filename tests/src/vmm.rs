@@ -1231,6 +1231,42 @@ impl TestVmm {
         Ok(())
     }
 
+    /// Makes an avail entry naming descriptor `head` available on queue `q` as it is (no
+    /// descriptor is written, and `head` may lie outside the table: a broken or hostile
+    /// guest), publishes it and kicks unless the device suppressed the kick. Nothing is
+    /// reserved for it and no completion is awaited.
+    pub fn push_raw_head(&mut self, q: u16, head: u16) -> Result<()> {
+        self.vq(q)?;
+        let qi = usize::from(q);
+        Self::push_avail(&self.mem, &mut self.queues[qi], head)?;
+        self.notify(qi)
+    }
+
+    /// Waits up to `timeout` for the back-end to close the vhost-user connection (end of file
+    /// on the socket); true once it has (then [`TestVmm::peer_closed`] is too). A message the
+    /// back-end sends unasked meanwhile is an error.
+    pub fn wait_peer_closed(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        let fd = self.frontend.as_raw_fd();
+        while !self.peer_closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            let ready = poll_fds(&[fd], (deadline - now).min(POLL_SLICE))?;
+            if ready.first().copied().unwrap_or(false) {
+                match peer_state(fd) {
+                    PeerState::Closed => self.peer_closed = true,
+                    PeerState::Data => {
+                        bail!("the back-end sent an unrequested message on the vhost-user socket")
+                    }
+                    PeerState::Quiet => {}
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// True if the back-end still answers a `GET_FEATURES` round trip.
     pub fn alive(&mut self) -> bool {
         self.frontend.get_features().is_ok()

@@ -22,6 +22,12 @@
 //! time for requests in flight; any still running after that are abandoned: their late
 //! completions touch neither guest memory nor the ring, and the ring's next-avail index is
 //! rewound to the used index so the frontend re-offers them when it restarts the ring.
+//!
+//! **A broken avail ring ends the session** ([`ring_broken`]): a guest whose `avail.idx` runs
+//! more than the queue size ahead, or whose avail ring names a descriptor head the table does
+//! not have, could never see that request complete; keel-vhost logs it once and closes the
+//! vhost-user connection (as qemu-storage-daemon does), so the frontend sees the backend gone
+//! instead of a disk that merely looks slow. The daemon then serves the next frontend.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -31,11 +37,11 @@ use std::time::Duration;
 use keel_proto::{Op, ReqFlags, Status, VolumeId};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -147,8 +153,70 @@ struct Inner {
     requests: AtomicU64,
     /// Shared with the deferred signals (see [`crate::batch`]).
     signals: Arc<AtomicU64>,
-    /// A broken avail ring was logged (once: a hostile guest may kick forever).
-    broken_ring_logged: AtomicBool,
+    /// An unreadable avail ring was logged (once: a hostile guest may kick forever).
+    unreadable_ring_logged: AtomicBool,
+    /// The guest broke an avail ring ([`ring_broken`]): the session is over, nothing more is
+    /// popped, and the connection is closed as soon as [`Inner::session_end`] is known.
+    broken: AtomicBool,
+    /// Closes this session's vhost-user connection; given by the daemon once it accepted the
+    /// frontend ([`KeelBlk::set_session_end`]).
+    session_end: Mutex<Option<ShutdownHandle>>,
+}
+
+/// How a guest broke its avail ring; either way the request it made available could never be
+/// completed, so the session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// `avail.idx` is `pending` entries ahead of the next one to pop, more than the queue
+    /// holds: virtio-queue refuses to pop anything (`InvalidAvailRingIndex`).
+    AvailIdxAhead { pending: u16 },
+    /// The avail entry names descriptor `head`, outside the table: virtio-queue pops it as a
+    /// chain with no descriptors and then refuses to put it in the used ring.
+    HeadOutOfRange { head: u16 },
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::AvailIdxAhead { pending } => write!(
+                f,
+                "avail index {pending} entries ahead, more than the queue holds"
+            ),
+            Broken::HeadOutOfRange { head } => {
+                write!(f, "avail entry names descriptor {head}, outside the table")
+            }
+        }
+    }
+}
+
+/// Whether a split ring is broken: `avail_idx` is the guest's avail index, `next_avail` the
+/// next entry to pop, `size` the queue size and `head` the descriptor index the entry at
+/// `next_avail` holds (`None`: not read yet; only the index is checked). An empty ring is
+/// never broken; a full one (`size` entries pending) is fine.
+pub fn ring_broken(
+    avail_idx: u16,
+    next_avail: u16,
+    size: u16,
+    head: Option<u16>,
+) -> Option<Broken> {
+    let pending = avail_idx.wrapping_sub(next_avail);
+    if pending > size {
+        return Some(Broken::AvailIdxAhead { pending });
+    }
+    match head {
+        Some(head) if pending > 0 && head >= size => Some(Broken::HeadOutOfRange { head }),
+        _ => None,
+    }
+}
+
+/// The descriptor index in queue `q`'s avail ring entry `at` (taken modulo the size), if the
+/// ring can be read there. For the log only: the check uses what virtio-queue popped.
+fn avail_entry(q: &Queue, mem: &GuestMemoryMmap, at: u16) -> Option<u16> {
+    let slot = at.checked_rem(q.size())?;
+    let addr = GuestAddress(q.avail_ring()).checked_add(4 + 2 * u64::from(slot))?;
+    mem.load::<u16>(addr, Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
 }
 
 /// Totals since the device was created: a guest's kicks (queue events the vring thread
@@ -191,7 +259,9 @@ impl KeelBlk {
                 kicks: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 signals: Arc::new(AtomicU64::new(0)),
-                broken_ring_logged: AtomicBool::new(false),
+                unreadable_ring_logged: AtomicBool::new(false),
+                broken: AtomicBool::new(false),
+                session_end: Mutex::new(None),
             }),
         })
     }
@@ -213,6 +283,31 @@ impl KeelBlk {
         for q in 0..self.inner.queues.len() {
             self.inner.stop_queue(q);
         }
+        // The session is over: let its connection go.
+        self.inner
+            .session_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// Gives the device the means to end its session (the daemon, once it accepted the
+    /// frontend). A ring found broken before this closes the connection now.
+    pub fn set_session_end(&self, handle: ShutdownHandle) {
+        let mut slot = self
+            .inner
+            .session_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.inner.broken.load(Ordering::SeqCst) {
+            handle.shutdown();
+        }
+        *slot = Some(handle);
+    }
+
+    /// The guest broke a ring and the device ended (or is ending) the session.
+    pub fn ring_was_broken(&self) -> bool {
+        self.inner.broken.load(Ordering::SeqCst)
     }
 
     /// The capacity the guest is shown, in bytes.
@@ -355,7 +450,39 @@ impl Inner {
         o.front_seq = 0;
     }
 
+    /// The guest broke queue `queue`'s avail ring: logs it (once per session) and closes the
+    /// vhost-user connection. Requests in flight are then finished or abandoned as on any
+    /// disconnect (the daemon calls [`KeelBlk::shutdown`]).
+    fn end_session(
+        &self,
+        queue: usize,
+        broken: Broken,
+        avail_idx: u16,
+        next_avail: u16,
+        size: u16,
+        head: Option<u16>,
+    ) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                queue,
+                avail_idx,
+                next_avail,
+                queue_size = size,
+                head = ?head,
+                problem = %broken,
+                "the guest's avail ring is broken: ending the vhost-user session (logged once per session)"
+            );
+        }
+        let slot = self.session_end.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = slot.as_ref() {
+            handle.shutdown();
+        }
+    }
+
     fn process_queue(self: &Arc<Self>, queue: usize, vring: &VringRwLock) -> std::io::Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Ok(()); // the session is ending: nothing more is taken from the guest
+        }
         let Some(atomic) = self.memory() else {
             return Ok(());
         };
@@ -369,9 +496,9 @@ impl Inner {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        // Rounds in a row that popped nothing although the ring said it had more: a guest
-        // whose avail index is out of range (virtio-queue refuses to pop then) would keep this
-        // loop spinning forever; after two such rounds the queue waits for its next kick.
+        // Rounds in a row that popped nothing although the ring said it had more (an avail
+        // ring whose entries cannot be read) would keep this loop spinning forever; after two
+        // such rounds the queue waits for its next kick.
         let mut empty_rounds = 0;
         loop {
             if event_idx {
@@ -391,14 +518,41 @@ impl Inner {
                     }
                     self.throttled.store(false, Ordering::SeqCst);
                 }
+                // The ring's state, checked before popping: virtio-queue would log and refuse
+                // an avail index too far ahead on every kick, never completing anything.
+                let (avail_idx, next_avail, size) = {
+                    let q = vring.get_ref();
+                    let q = q.get_queue();
+                    (
+                        q.avail_idx(&*mem, Ordering::Acquire),
+                        q.next_avail(),
+                        q.size(),
+                    )
+                };
+                // An unreadable index: popping fails the same way (below, the empty rounds).
+                let avail_idx = avail_idx.map(|i| i.0).unwrap_or(next_avail);
+                if avail_idx == next_avail {
+                    break;
+                }
+                if let Some(broken) = ring_broken(avail_idx, next_avail, size, None) {
+                    let head = avail_entry(vring.get_ref().get_queue(), &mem, next_avail);
+                    self.end_session(queue, broken, avail_idx, next_avail, size, head);
+                    return Ok(());
+                }
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                // The head virtio-queue popped (not a second read the guest could race): one
+                // outside the table would yield no descriptors and could never be published.
+                if let Some(broken) = ring_broken(avail_idx, next_avail, size, Some(head)) {
+                    self.end_session(queue, broken, avail_idx, next_avail, size, Some(head));
+                    return Ok(());
+                }
                 empty_rounds = 0;
                 self.requests.fetch_add(1, Ordering::Relaxed);
-                let head = chain.head_index();
                 let descs: Vec<Desc> = chain.take(MAX_DESCRIPTORS + 1).map(Desc::from).collect();
                 let ticket = self.register(queue, head);
                 match request::parse(&descs, &*mem, &self.limits()) {
@@ -418,8 +572,8 @@ impl Inner {
             }
             empty_rounds += 1;
             if empty_rounds > 2 {
-                if !self.broken_ring_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(queue, "the guest's avail ring index is out of range: waiting for its next kick (logged once)");
+                if !self.unreadable_ring_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(queue, "the guest's avail ring cannot be read: waiting for its next kick (logged once)");
                 }
                 break;
             }
@@ -447,12 +601,11 @@ impl Inner {
             let q = vring.get_ref();
             let q = q.get_queue();
             match q.avail_idx(mem, Ordering::Acquire) {
-                // Only a count of new entries the queue can hold; anything else is a broken
-                // ring, left to `process_queue`'s check.
+                // New entries, or a broken ring: both go back to `process_queue` (which ends
+                // the session on the latter).
                 Ok(idx) => {
-                    let new = idx.0.wrapping_sub(q.next_avail());
-                    if new != 0 {
-                        return new <= q.size();
+                    if idx.0 != q.next_avail() {
+                        return true;
                     }
                 }
                 Err(_) => return false,
@@ -856,5 +1009,118 @@ impl VhostUserBackend for KeelBlk {
             )));
         };
         self.inner.process_queue(q, vring)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_broken_spots_an_index_too_far_ahead_and_a_head_outside_the_table() {
+        // Empty, one entry, a full ring: fine, whatever the head (not read yet).
+        assert_eq!(ring_broken(0, 0, 256, None), None);
+        assert_eq!(
+            ring_broken(5, 5, 256, Some(9999)),
+            None,
+            "empty: head ignored"
+        );
+        assert_eq!(ring_broken(1, 0, 256, Some(255)), None);
+        assert_eq!(
+            ring_broken(256, 0, 256, Some(0)),
+            None,
+            "a full ring is fine"
+        );
+        // The index across the u16 wrap.
+        assert_eq!(ring_broken(3, 65533, 8, Some(7)), None);
+        assert_eq!(
+            ring_broken(3, 65533, 4, None),
+            Some(Broken::AvailIdxAhead { pending: 6 })
+        );
+        // One past full, far ahead, or behind (a guest moving its index back).
+        assert_eq!(
+            ring_broken(257, 0, 256, None),
+            Some(Broken::AvailIdxAhead { pending: 257 })
+        );
+        assert_eq!(
+            ring_broken(100 + 256 + 7, 100, 256, Some(0)),
+            Some(Broken::AvailIdxAhead { pending: 263 }),
+            "the index is checked before the head"
+        );
+        assert_eq!(
+            ring_broken(9, 10, 256, None),
+            Some(Broken::AvailIdxAhead { pending: 65535 })
+        );
+        // Heads at and past the size.
+        assert_eq!(
+            ring_broken(1, 0, 256, Some(256)),
+            Some(Broken::HeadOutOfRange { head: 256 })
+        );
+        assert_eq!(
+            ring_broken(40, 30, 128, Some(u16::MAX)),
+            Some(Broken::HeadOutOfRange { head: u16::MAX })
+        );
+        // A zero-sized queue (vhost-user refuses one) is broken as soon as anything is pending.
+        assert_eq!(ring_broken(0, 0, 0, Some(0)), None);
+        assert_eq!(
+            ring_broken(1, 0, 0, Some(0)),
+            Some(Broken::AvailIdxAhead { pending: 1 })
+        );
+    }
+
+    /// What virtio-queue 0.18 itself does with the two broken rings, which is why
+    /// `process_queue` checks them: an index too far ahead pops nothing (forever), and a head
+    /// outside the table pops a chain with no descriptors that `add_used` then refuses.
+    #[test]
+    fn virtio_queue_neither_pops_nor_completes_a_broken_ring() {
+        const SIZE: u16 = 16;
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
+            .expect("guest memory");
+        let mut q = Queue::new(SIZE).expect("queue");
+        q.set_size(SIZE);
+        q.try_set_desc_table_address(GuestAddress(desc))
+            .expect("desc");
+        q.try_set_avail_ring_address(GuestAddress(avail))
+            .expect("avail");
+        q.try_set_used_ring_address(GuestAddress(used))
+            .expect("used");
+        q.set_ready(true);
+        let set_avail_idx = |i: u16| {
+            mem.write_obj(i.to_le(), GuestAddress(avail + 2))
+                .expect("avail idx")
+        };
+        let set_entry = |slot: u64, head: u16| {
+            mem.write_obj(head.to_le(), GuestAddress(avail + 4 + 2 * slot))
+                .expect("avail entry")
+        };
+
+        // avail.idx more than SIZE ahead: nothing pops, next_avail stays.
+        set_entry(0, 0);
+        set_avail_idx(SIZE + 1);
+        assert!(q.pop_descriptor_chain(&mem).is_none());
+        assert_eq!(q.next_avail(), 0);
+        let idx = q.avail_idx(&mem, Ordering::Acquire).expect("idx").0;
+        assert_eq!(
+            ring_broken(idx, q.next_avail(), q.size(), None),
+            Some(Broken::AvailIdxAhead { pending: SIZE + 1 })
+        );
+        assert_eq!(avail_entry(&q, &mem, q.next_avail()), Some(0));
+
+        // A head outside the table: popped, with no descriptor, and never publishable.
+        set_entry(0, SIZE + 3);
+        set_avail_idx(1);
+        assert_eq!(ring_broken(1, 0, SIZE, None), None, "the index is fine");
+        let chain = q.pop_descriptor_chain(&mem).expect("a chain is popped");
+        assert_eq!(chain.head_index(), SIZE + 3);
+        assert_eq!(chain.clone().count(), 0, "no descriptors");
+        assert_eq!(q.next_avail(), 1);
+        assert!(q.add_used(&mem, chain.head_index(), 0).is_err());
+        assert_eq!(q.next_used(), 0, "the guest never sees it completed");
+        assert_eq!(
+            ring_broken(1, 0, SIZE, Some(chain.head_index())),
+            Some(Broken::HeadOutOfRange { head: SIZE + 3 })
+        );
+        assert_eq!(avail_entry(&q, &mem, 0), Some(SIZE + 3));
     }
 }

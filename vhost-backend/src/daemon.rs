@@ -604,6 +604,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match daemon.start(&mut listener) {
             Ok(()) => {
                 tracing::info!("frontend connected");
+                // A guest that breaks its ring gets its session closed by the device.
+                if let Some(end) = daemon.shutdown_handle() {
+                    backend.set_session_end(end);
+                }
                 att.set_connected(true);
             }
             Err(e) => {
@@ -613,6 +617,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         match daemon.wait() {
+            Ok(()) if backend.ring_was_broken() => {
+                tracing::warn!("session closed by keel-vhost: the guest broke its ring")
+            }
             Ok(()) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "frontend session ended with an error"),
         }
