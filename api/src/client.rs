@@ -151,6 +151,24 @@ impl ApiClient {
             .map(|(s, b)| (s.as_u16(), b))
     }
 
+    /// `PUT path` with a body that is not JSON (`content_type`, e.g. a PEM CRL); the answer
+    /// is JSON.
+    pub async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Result<T, ClientError> {
+        let limit = self.timeout;
+        let (status, bytes) = tokio::time::timeout(
+            limit,
+            self.exchange_typed(Method::PUT, path, Some((body, content_type))),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(limit))??;
+        Self::answer(status, bytes)
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -166,6 +184,10 @@ impl ApiClient {
         let (status, bytes) = tokio::time::timeout(limit, self.exchange(method, path, body))
             .await
             .map_err(|_| ClientError::Timeout(limit))??;
+        Self::answer(status, bytes)
+    }
+
+    fn answer<T: DeserializeOwned>(status: StatusCode, bytes: Vec<u8>) -> Result<T, ClientError> {
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
         } else {
@@ -192,6 +214,16 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+        self.exchange_typed(method, path, body.map(|b| (b, "application/json")))
+            .await
+    }
+
+    async fn exchange_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &'static str)>,
+    ) -> Result<(StatusCode, Vec<u8>), ClientError> {
         let addr = self.addr;
         let tcp = TcpStream::connect(addr)
             .await
@@ -213,9 +245,13 @@ impl ApiClient {
             .uri(path)
             .header(http::header::HOST, addr.to_string())
             .header(http::header::ACCEPT, "application/json");
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((b, ct)) => {
+                req = req.header(http::header::CONTENT_TYPE, ct);
+                Some(b)
+            }
+            None => None,
+        };
         if let Some(t) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }

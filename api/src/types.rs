@@ -334,3 +334,26 @@ pub struct PrimaryReport {
     /// The primary's data-path address after the report, if it has one.
     pub primary: Option<String>,
 }
+
+/// The answer to a heartbeat (`POST /v1/servers/{id}/heartbeat`, `POST /v1/nodes/{id}/heartbeat`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HeartbeatAnswer {
+    /// The number of the certificate revocation list the controller holds (none yet: `null`).
+    /// A daemon that has applied a lower one fetches it from `GET /v1/pki/crl`.
+    pub crl_number: Option<u64>,
+}
+
+/// `GET /v1/pki/crl` and the answer to `PUT /v1/pki/crl`: the cluster's certificate
+/// revocation list, signed by the cluster CA (docs/security.md, "Certificates").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrlInfo {
+    /// Its CRL number: a CRL replaces only a lower-numbered one.
+    pub number: u64,
+    /// Serials it revokes (hexadecimal, as `keelctl pki list` shows them).
+    pub revoked: Vec<String>,
+    /// Its `thisUpdate`, seconds since the Unix epoch.
+    pub this_update: u64,
+    /// The CRL, PEM (`-----BEGIN X509 CRL-----`).
+    pub pem: String,
+}

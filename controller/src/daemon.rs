@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_proto::tls::TlsPaths;
+use keel_proto::tls::{TlsPaths, TlsSource};
 
 use crate::http::{router, serve, server_tls, AppState};
+use crate::pki::Revocations;
 use crate::push::Pusher;
 use crate::service::{Config, Controller};
-use crate::store::RedbStore;
+use crate::store::{MetaStore, RedbStore};
 
 /// Keel controller: owns volumes, placement and attachments; serves the HTTPS API.
 #[derive(clap::Parser, Debug, Clone)]
@@ -51,9 +52,14 @@ pub struct Args {
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let paths = TlsPaths::in_dir(&args.pki_dir, &format!("controller-{}", args.id));
-    let api_tls =
-        server_tls(&paths).context("loading TLS certificates (make them with `keelctl pki`)")?;
-    let push_tls = keel_proto::tls::client_config(&paths).context("loading TLS certificates")?;
+    // One source for the API server and the pushes: the certificate is re-read when renewed,
+    // the CRL applies to both.
+    let source = TlsSource::new(&paths)
+        .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let api_tls = server_tls(&source).context("TLS configuration of the API")?;
+    let push_tls = source
+        .client_config()
+        .context("TLS configuration of the pushes")?;
     let tokens: HashSet<String> = match &args.token_file {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("reading {}", p.display()))?
@@ -67,8 +73,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let db = args.data_dir.join("meta.redb");
-    let store = RedbStore::open(&db)
-        .with_context(|| format!("opening the metadata store {}", db.display()))?;
+    let store: Arc<dyn MetaStore> = Arc::new(
+        RedbStore::open(&db)
+            .with_context(|| format!("opening the metadata store {}", db.display()))?,
+    );
+    let revocations = Arc::new(Revocations::new(source, store.clone()));
     if let Some(p) = &args.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", p.display()))?;
@@ -78,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let controller = Controller::new(
-            Arc::new(store),
+            store,
             Pusher::new(push_tls, Duration::from_millis(args.push_timeout_ms)),
             Config {
                 failure_timeout: Duration::from_millis(args.failure_timeout_ms),
@@ -87,7 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
         );
         tokio::spawn(controller.clone().reconcile_forever());
-        let app = router(Arc::new(AppState { controller, tokens }));
+        let app = router(Arc::new(AppState {
+            controller,
+            tokens,
+            revocations,
+        }));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

@@ -36,16 +36,29 @@ pub const MAX_HEARTBEAT: usize = 8 << 20;
 /// Longest long poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// Largest CRL accepted by `PUT /v1/pki/crl`.
+pub const MAX_CRL: usize = keel_proto::pki::MAX_CRL_BYTES;
+
 /// Shared state of the handlers.
 pub struct AppState {
     pub controller: Arc<Controller>,
     /// Bearer tokens that authenticate operators.
     pub tokens: HashSet<String>,
+    /// The certificate revocation list in force.
+    pub revocations: Arc<crate::pki::Revocations>,
 }
 
-/// The client certificate's identity of the connection a request came on.
+/// The client certificate of the connection a request came on: its identity (or why it has
+/// none) and its serial, checked against the CRL on every request so that a connection made
+/// before a revocation is refused from then on too.
 #[derive(Clone)]
-struct ConnPeer(Option<Identity>);
+enum ConnPeer {
+    Anonymous,
+    Cert {
+        identity: Result<Identity, String>,
+        serial: Vec<u8>,
+    },
+}
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -75,7 +88,25 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             }
             return Err(ApiError::unauthorized("bearer token not recognised"));
         }
-        let peer = parts.extensions.get::<ConnPeer>().and_then(|p| p.0.clone());
+        let peer = match parts.extensions.get::<ConnPeer>() {
+            None | Some(ConnPeer::Anonymous) => None,
+            Some(ConnPeer::Cert { identity, serial }) => {
+                if state.revocations.is_revoked(serial) {
+                    return Err(ApiError::unauthorized(format!(
+                        "certificate serial {} has been revoked",
+                        keel_proto::pki::serial_hex(serial)
+                    )));
+                }
+                match identity {
+                    Ok(id) => Some(id.clone()),
+                    Err(why) => {
+                        return Err(ApiError::forbidden(format!(
+                            "the client certificate names no valid keel://<role>/<id>: {why}"
+                        )))
+                    }
+                }
+            }
+        };
         match peer {
             Some(Identity { role: Role::Admin, id }) => Ok(Caller::Admin(id)),
             Some(Identity { role: Role::Storage, id }) => Ok(Caller::Storage(id)),
@@ -139,6 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/volumes/{id}/primary-unreachable",
             post(primary_unreachable),
         )
+        .route("/v1/pki/crl", get(get_crl).put(put_crl))
         .fallback(|| async { ApiError::not_found("no such API path; see /openapi.json") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -179,9 +211,11 @@ async fn server_heartbeat(
     c: Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Answer<keel_api::HeartbeatAnswer> {
     s.controller.server_heartbeat(&c, &id, json(&body)?)?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(keel_api::HeartbeatAnswer {
+        crl_number: s.revocations.number(),
+    }))
 }
 
 async fn list_nodes(State(s): State<Arc<AppState>>, c: Caller) -> Answer<Vec<keel_api::NodeInfo>> {
@@ -202,9 +236,33 @@ async fn node_heartbeat(
     c: Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Answer<keel_api::HeartbeatAnswer> {
     s.controller.node_heartbeat(&c, &id, json(&body)?)?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(keel_api::HeartbeatAnswer {
+        crl_number: s.revocations.number(),
+    }))
+}
+
+/// The CRL in force: every authenticated caller (storage servers and node managers fetch it
+/// when a heartbeat answer names a newer number than theirs).
+async fn get_crl(State(s): State<Arc<AppState>>, _c: Caller) -> Answer<keel_api::CrlInfo> {
+    Ok(Json(s.revocations.get()?))
+}
+
+/// A new CRL (PEM or DER, at most [`MAX_CRL`] bytes), admin only: checked (the cluster CA
+/// signed it, its number is above the one in force), stored, applied at once.
+async fn put_crl(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    body: axum::body::Body,
+) -> Answer<keel_api::CrlInfo> {
+    admin(&c)?;
+    let body = axum::body::to_bytes(body, MAX_CRL).await.map_err(|_| {
+        ApiError::bad_request(format!(
+            "the CRL is larger than {MAX_CRL} bytes, or its upload failed"
+        ))
+    })?;
+    Ok(Json(s.revocations.put(&body)?))
 }
 
 /// `after` and `wait_ms` from the query string.
@@ -343,30 +401,13 @@ async fn primary_unreachable(
     ))
 }
 
-/// TLS for the API: the controller's certificate; client certificates from the cluster CA
-/// are verified when presented and optional (bearer tokens are the alternative).
+/// TLS for the API: the controller's certificate (re-read when its files change); client
+/// certificates from the cluster CA are verified (and checked against the CRL) when
+/// presented and optional (bearer tokens are the alternative).
 pub fn server_tls(
-    paths: &keel_proto::tls::TlsPaths,
+    source: &Arc<keel_proto::tls::TlsSource>,
 ) -> Result<Arc<rustls::ServerConfig>, keel_proto::tls::TlsError> {
-    use keel_proto::tls::{load_certs, load_key, TlsError};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(&paths.ca)? {
-        roots.add(c)?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    source.server_config_with(true, vec![b"http/1.1".to_vec()])
 }
 
 /// Accepts HTTPS connections forever.
@@ -394,13 +435,14 @@ pub async fn serve(
                         return;
                     }
                 };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| identity_from_cert(c.as_ref()).ok());
-            let peer = ConnPeer(peer);
+            let conn = stream.get_ref().1;
+            let peer = match conn.peer_certificates().and_then(|c| c.first()) {
+                None => ConnPeer::Anonymous,
+                Some(c) => ConnPeer::Cert {
+                    identity: identity_from_cert(c.as_ref()).map_err(|e| e.to_string()),
+                    serial: keel_proto::tls::peer_serial(conn).unwrap_or_default(),
+                },
+            };
             let svc =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());

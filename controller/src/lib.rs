@@ -7,6 +7,7 @@ pub mod http;
 pub mod membership;
 pub mod model;
 pub mod openapi;
+pub mod pki;
 pub mod placement;
 pub mod push;
 pub mod service;

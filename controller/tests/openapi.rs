@@ -35,6 +35,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/volumes/{id}/mirror-failed"),
     ("POST", "/v1/volumes/{id}/mirror-synced"),
     ("POST", "/v1/volumes/{id}/primary-unreachable"),
+    ("GET", "/v1/pki/crl"),
+    ("PUT", "/v1/pki/crl"),
 ];
 
 /// Routes that need no credentials.
@@ -288,15 +290,14 @@ fn error_responses_reference_the_error_schema() {
     }
     let error = &doc["components"]["schemas"]["Error"];
     assert_eq!(error["required"], json!(["code", "message"]));
-    // Heartbeats answer `{}`.
+    // Heartbeats answer the CRL number the controller holds.
     for path in ["/v1/servers/{id}/heartbeat", "/v1/nodes/{id}/heartbeat"] {
         assert_eq!(
             doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
                 ["$ref"],
-            "#/components/schemas/Empty"
+            "#/components/schemas/HeartbeatAnswer"
         );
     }
-    assert_eq!(doc["components"]["schemas"]["Empty"]["maxProperties"], 0);
 }
 
 // ----- the records of api/src/types.rs -----
@@ -481,6 +482,11 @@ fn check_field_schema(at: &str, ty: &str, s: &Value) {
                     "{at}: unsigned minimum"
                 );
             }
+        }
+        (None, Some("String")) => {
+            assert!(!nullable, "{at}: Option<Vec> is not handled");
+            assert_eq!(s["type"], "array", "{at}");
+            assert_eq!(s["items"]["type"], "string", "{at}");
         }
         (None, Some(item)) => {
             assert!(!nullable, "{at}: Option<Vec> is not handled");
@@ -898,7 +904,29 @@ fn sample_cases() -> Vec<Value> {
             json!({ "server": "127.0.0.1:1" }),
             false,
         ),
-        raw("Empty", json!({}), true),
+        case(
+            "HeartbeatAnswer",
+            &HeartbeatAnswer {
+                crl_number: Some(3),
+            },
+        ),
+        case("HeartbeatAnswer", &HeartbeatAnswer { crl_number: None }),
+        case(
+            "CrlInfo",
+            &CrlInfo {
+                number: 2,
+                revoked: vec!["3f2a".into(), "0a1b2c".into()],
+                this_update: 1_700_000_000,
+                pem: "-----BEGIN X509 CRL-----\n...\n-----END X509 CRL-----\n".into(),
+            },
+        ),
+        raw(
+            "CrlInfo",
+            json!({ "number": 1, "revoked": ["XYZ"], "this_update": 0, "pem": "" }),
+            false,
+        ),
+        // An older controller's heartbeat answer, `{}`, is still a valid answer.
+        raw("HeartbeatAnswer", json!({}), true),
         // Requests as people write them: defaults left out.
         raw("CreateVolume", json!({ "size": "1GiB" }), true),
         raw(
@@ -928,7 +956,7 @@ fn sample_cases() -> Vec<Value> {
             json!({ "id": "n1", "socket_dir": "/x", "health": "sideways", "last_seen_ms_ago": 0, "attachments": 0 }),
             false,
         ),
-        raw("Empty", json!({ "x": 1 }), false),
+        raw("HeartbeatAnswer", json!({ "crl_number": -1 }), false),
         raw("Error", json!({ "code": "not_found" }), false),
     ];
     for state in [VolumeState::Available, VolumeState::Deleting] {

@@ -130,11 +130,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// [`crate::replicate::MirrorFailure`]).
 pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<()> {
     let paths = TlsPaths::in_dir(&args.pki_dir, &format!("storage-{}", args.id));
-    let tls = keel_proto::tls::server_config(&paths)
+    // One source for serving, replicating and the controller: a renewed certificate is picked
+    // up without a restart, the CRL (kept in the data directory) applies to all.
+    let source = keel_proto::tls::TlsSource::new(&paths)
         .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let crl_file = args.data_dir.join("crl.pem");
+    keel_api::load_saved_crl(&source, &crl_file);
+    let tls = source.server_config().context("TLS configuration")?;
     // The same certificate, as a client of the mirrors.
-    let client_tls = keel_proto::tls::client_config(&paths)
-        .context("loading TLS certificates for replication")?;
+    let client_tls = source
+        .client_config()
+        .context("TLS configuration for replication")?;
     let replication = Replication {
         client_tls: Some(client_tls),
         timeout: std::time::Duration::from_millis(args.replication_timeout_ms.max(1)),
@@ -171,9 +177,8 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
         println!("keel-storage: listening on {addr}");
         tracing::info!(%addr, id = %args.id, "keel-storage ready");
         if let Some(url) = &args.controller {
-            let paths = TlsPaths::in_dir(&args.pki_dir, &format!("storage-{}", args.id));
-            let api_tls = keel_api::client_tls(&paths.ca, Some(&paths))
-                .context("loading TLS certificates for the controller")?;
+            let api_tls = keel_api::client_tls_from(&source)
+                .context("TLS configuration for the controller")?;
             let capacity = match args.capacity {
                 Some(c) => c,
                 None => free_space(&args.data_dir)?,
@@ -186,6 +191,8 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
                 zone: args.zone.clone(),
                 capacity_bytes: capacity,
                 interval: std::time::Duration::from_millis(args.heartbeat_ms),
+                tls: Some(source.clone()),
+                crl_file: Some(crl_file.clone()),
             };
             tokio::spawn(crate::register::run(
                 reg,

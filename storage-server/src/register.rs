@@ -24,6 +24,11 @@ pub struct Registration {
     pub zone: String,
     pub capacity_bytes: u64,
     pub interval: Duration,
+    /// The server's TLS (certificate, CRL): a heartbeat answer naming a newer CRL than the one
+    /// applied makes the server fetch and apply it (docs/security.md, "Certificates").
+    pub tls: Option<Arc<keel_proto::tls::TlsSource>>,
+    /// Where the applied CRL is kept across restarts.
+    pub crl_file: Option<std::path::PathBuf>,
 }
 
 async fn register(r: &Registration) {
@@ -96,8 +101,17 @@ pub async fn run(r: Registration, store: Arc<Store>, stats: Arc<Stats>, repl: Ar
     let path = format!("/v1/servers/{}/heartbeat", r.id);
     loop {
         let hb = heartbeat(&store, &stats, &repl);
-        match r.api.post::<_, serde_json::Value>(&path, &hb).await {
-            Ok(_) => {}
+        match r.api.post::<_, keel_api::HeartbeatAnswer>(&path, &hb).await {
+            Ok(answer) => {
+                if let Some(tls) = &r.tls {
+                    if let Err(e) =
+                        keel_api::sync_crl(&r.api, tls, answer.crl_number, r.crl_file.as_deref())
+                            .await
+                    {
+                        tracing::warn!(error = %e, "certificate revocation list not applied");
+                    }
+                }
+            }
             Err(e) if e.status() == Some(404) => register(&r).await,
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }

@@ -668,8 +668,13 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
         ..args
     };
     let paths = TlsPaths::in_dir(&args.pki_dir, &format!("node-{}", args.id));
-    let tls = keel_api::client_tls(&paths.ca, Some(&paths))
+    // A renewed certificate is picked up without a restart; the CRL the controller hands out
+    // (kept in the state directory) applies to the connections to it.
+    let source = keel_proto::tls::TlsSource::new(&paths)
         .context("loading TLS certificates (make them with `keelctl pki`)")?;
+    let crl_file = args.state_dir.join("crl.pem");
+    keel_api::load_saved_crl(&source, &crl_file);
+    let tls = keel_api::client_tls_from(&source).context("TLS configuration")?;
     let api = ApiClient::new(&args.controller, tls, None)?.with_timeout(Duration::from_secs(10));
     if let Some(p) = &args.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
@@ -705,10 +710,24 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
                     };
                     let path = format!("/v1/nodes/{}/heartbeat", args.id);
                     match api
-                        .post::<_, serde_json::Value>(&path, &NodeHeartbeat { attachments })
+                        .post::<_, keel_api::HeartbeatAnswer>(
+                            &path,
+                            &NodeHeartbeat { attachments },
+                        )
                         .await
                     {
-                        Ok(_) => {}
+                        Ok(answer) => {
+                            if let Err(e) = keel_api::sync_crl(
+                                &api,
+                                &source,
+                                answer.crl_number,
+                                Some(&crl_file),
+                            )
+                            .await
+                            {
+                                tracing::warn!(error = %e, "certificate revocation list not applied");
+                            }
+                        }
                         Err(e) if e.status() == Some(404) => register(&api, &args).await,
                         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }

@@ -7,10 +7,11 @@
 //! unavailable.
 
 mod output;
+mod pki;
 mod up;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -19,7 +20,6 @@ use keel_api::{
     ResizeVolume, ServerInfo, SizeInput, VolumeInfo,
 };
 use keel_proto::tls::TlsPaths;
-use keel_proto::{pki, Role};
 
 #[derive(Parser)]
 #[command(version, about = "Keel command-line tool", propagate_version = true)]
@@ -69,7 +69,7 @@ enum Cmd {
     /// Cluster certificates.
     Pki {
         #[command(subcommand)]
-        cmd: PkiCmd,
+        cmd: pki::PkiCmd,
     },
     /// Run one of Keel's daemons (used by `up`; each also exists as its own binary).
     #[command(hide = true)]
@@ -132,28 +132,6 @@ enum VolumeCmd {
 }
 
 #[derive(Subcommand)]
-enum PkiCmd {
-    /// Create a cluster CA (ca.pem, ca.key) in DIR.
-    Init {
-        #[arg(long = "pki-dir")]
-        pki_dir: PathBuf,
-    },
-    /// Issue a certificate for a daemon: writes <role>-<id>.pem and .key in DIR.
-    Issue {
-        #[arg(long = "pki-dir")]
-        pki_dir: PathBuf,
-        /// storage, node, controller or admin.
-        #[arg(long)]
-        role: Role,
-        #[arg(long)]
-        id: String,
-        /// Extra DNS names or IP addresses the holder is reached at.
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-    },
-}
-
-#[derive(Subcommand)]
 enum DaemonCmd {
     Controller(keel_controller::daemon::Args),
     Storage(keel_storage::daemon::Args),
@@ -188,7 +166,9 @@ fn client(cli: &Cli) -> anyhow::Result<ApiClient> {
     let tls = if cli.token.is_some() {
         keel_api::client_tls(&ca, None)
     } else {
-        keel_api::client_tls(&ca, Some(&TlsPaths::in_dir(&pki, "admin-keelctl")))
+        let admin = TlsPaths::in_dir(&pki, "admin-keelctl");
+        pki::warn_admin_expiry(&admin.cert);
+        keel_api::client_tls(&ca, Some(&admin))
     }
     .with_context(|| format!("loading credentials from {}", pki.display()))?;
     Ok(ApiClient::new(&url, tls, cli.token.clone())?)
@@ -261,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let fmt = cli.output;
     match &cli.cmd {
         Cmd::Up(a) => up::run(a.clone(), cli.dir.clone().unwrap_or_else(default_dir)).await,
-        Cmd::Pki { cmd } => pki_cmd(cmd),
+        Cmd::Pki { cmd } => pki::run(&cli, cmd).await,
         Cmd::Daemon { .. } => Ok(()),
         Cmd::Server { cmd: ListCmd::List } => {
             let list: Vec<ServerInfo> = client(&cli)?.get("/v1/servers").await?;
@@ -381,33 +361,4 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             output::volume(fmt, &v)
         }
     }
-}
-
-fn pki_cmd(cmd: &PkiCmd) -> anyhow::Result<()> {
-    match cmd {
-        PkiCmd::Init { pki_dir } => {
-            pki::init_ca(pki_dir)
-                .with_context(|| format!("creating a CA in {}", pki_dir.display()))?;
-            println!("created CA in {}", pki_dir.display());
-        }
-        PkiCmd::Issue {
-            pki_dir,
-            role,
-            id,
-            hosts,
-        } => {
-            let p = issue(pki_dir, *role, id, hosts)?;
-            println!("{}", p.cert.display());
-        }
-    }
-    Ok(())
-}
-
-fn issue(dir: &Path, role: Role, id: &str, hosts: &[String]) -> anyhow::Result<TlsPaths> {
-    pki::issue(dir, role, id, hosts).with_context(|| {
-        format!(
-            "issuing a {role} certificate (run `keelctl pki init --pki-dir {}` first)",
-            dir.display()
-        )
-    })
 }
