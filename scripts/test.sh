@@ -5,6 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The locked dependencies need rustc >= rust-version (Cargo.toml); say so before anything else.
+need_rust=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+have_rust=$(rustc --version 2>/dev/null | awk '{ sub(/-.*/, "", $2); print $2 }') || true
+if [ -z "$have_rust" ]; then
+  echo "keel: rustc not found; install Rust >= $need_rust (https://rustup.rs)" >&2
+  exit 1
+fi
+if [ "$(printf '%s\n' "$need_rust" "$have_rust" | sort -V | head -n1)" != "$need_rust" ]; then
+  echo "keel: rustc $have_rust is older than $need_rust, which Cargo.lock needs (rust-version" \
+    "in Cargo.toml): rustup update stable" >&2
+  exit 1
+fi
+
 scripts/deps.sh
 
 echo "== cargo fmt"

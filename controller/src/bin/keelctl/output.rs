@@ -244,14 +244,28 @@ pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow
                 v.id, a.mode, v.epoch
             );
             println!("socket: {}", a.socket);
-            println!(
-                "qemu:   -chardev socket,id=keel0,path={} -device vhost-user-blk-pci,chardev=keel0",
-                a.socket
-            );
+            print!("{}", qemu_hint(&a.socket));
         }
         None => println!("attached {}", v.id),
     }
     Ok(())
+}
+
+/// The QEMU options that attach a volume served on `socket`, several lines, each ending in a
+/// newline. keel-vhost reads and writes the guest's buffers directly, so the guest's RAM must
+/// be a shared memory backend; the node manager (`keel-vhost node`) offers `--num-queues`
+/// virtqueues (default 1), which `num-queues` must not exceed.
+fn qemu_hint(socket: &str) -> String {
+    // QEMU option values escape a comma by doubling it.
+    let path = socket.replace(',', ",,");
+    format!(
+        "qemu:   vhost-user needs the guest's RAM in shared memory (size = the guest's -m):\n\
+         \x20         -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -numa node,memdev=mem\n\
+         \x20         -chardev socket,id=keel0,path={path},reconnect=1\n\
+         \x20         -device vhost-user-blk-pci,chardev=keel0,num-queues=1\n\
+         \x20       num-queues may be raised up to the node's `keel-vhost node --num-queues` (default 1);\n\
+         \x20       see qemu-configs/qemu.sh and qemu-configs/README.md\n"
+    )
 }
 
 pub fn deleted(f: Format, r: &DeleteResult) -> anyhow::Result<()> {
@@ -271,7 +285,7 @@ pub fn deleted(f: Format, r: &DeleteResult) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod unit_tests {
-    use super::human;
+    use super::{human, qemu_hint};
 
     #[test]
     fn human_sizes() {
@@ -279,5 +293,21 @@ mod unit_tests {
         assert_eq!(human(1 << 30), "1 GiB");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(10 << 30), "10 GiB");
+    }
+
+    #[test]
+    fn qemu_hint_is_complete() {
+        let hint = qemu_hint("/run/keel/a,b.sock");
+        for needed in [
+            "-object memory-backend-memfd,id=mem,size=<guest RAM>,share=on",
+            "-numa node,memdev=mem",
+            "-chardev socket,id=keel0,path=/run/keel/a,,b.sock,reconnect=1",
+            "-device vhost-user-blk-pci,chardev=keel0,num-queues=1",
+            "vhost-user needs the guest's RAM in shared memory",
+        ] {
+            assert!(hint.contains(needed), "missing {needed:?} in:\n{hint}");
+        }
+        assert!(hint.ends_with('\n'));
+        assert!(hint.lines().all(|l| l.len() <= 100), "{hint}");
     }
 }
