@@ -84,7 +84,7 @@ pub struct Promotion {
 /// A read-write or read-only attachment made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
-    /// E was bumped and W := E (a read-write attach).
+    /// E was bumped (always: the access list changed), and for a read-write attach W := E.
     pub bumped: bool,
     /// The writer a forced takeover removed.
     pub fenced: Option<AttachmentRecord>,
@@ -286,8 +286,9 @@ pub fn promote(v: &mut VolumeRecord, up: impl Fn(&str) -> bool) -> Result<Promot
 }
 
 /// Attaches `a`. A read-write attach bumps E and sets W := E (the old writer, with `force`,
-/// is removed and fenced); a second read-write attach without `force` is refused. The same
-/// node and instance attached in the same mode is [`Change::Unchanged`].
+/// is removed and fenced); a second read-write attach without `force` is refused. A read-only
+/// attach bumps E only (the copies' access lists change: docs/security.md). The same node and
+/// instance attached in the same mode is [`Change::Unchanged`].
 pub fn attach(
     v: &mut VolumeRecord,
     a: AttachmentRecord,
@@ -325,8 +326,10 @@ pub fn attach(
             out.fenced = Some(w);
         }
         fence_writer(v);
-        out.bumped = true;
+    } else {
+        bump(v);
     }
+    out.bumped = true;
     v.attachments.push(a);
     Ok(Change::Changed(out))
 }
@@ -348,15 +351,40 @@ pub fn find_attachment(
         })
 }
 
-/// Removes attachment `a`; a forced detach of the writer bumps E and sets W := E (fencing it).
-/// Returns whether E was bumped.
+/// Removes attachment `a` and bumps E (the copies' access lists change); a forced detach of
+/// the writer also sets W := E (fencing it). Returns whether E moved (always).
 pub fn detach(v: &mut VolumeRecord, a: &AttachmentRecord, force: bool) -> bool {
     v.attachments.retain(|x| x != a);
     if force && a.mode == Mode::ReadWrite {
         fence_writer(v);
-        return true;
+    } else {
+        bump(v);
     }
-    false
+    true
+}
+
+/// The access list every copy of `v` is given with its membership (docs/security.md): each
+/// node with an attachment, read-write if any of its attachments is (one certificate per
+/// host: instances on one node share it), and the storage server of the primary, the only
+/// peer the mirrors take replicated requests from. Pure; sorted by node for stable pushes.
+pub fn access_list(v: &VolumeRecord) -> (Option<String>, Vec<keel_proto::members::Grant>) {
+    use keel_proto::members::{Access, Grant};
+    let mut grants: Vec<Grant> = Vec::new();
+    for a in &v.attachments {
+        let access = match a.mode {
+            Mode::ReadWrite => Access::ReadWrite,
+            Mode::ReadOnly => Access::ReadOnly,
+        };
+        match grants.iter_mut().find(|g| g.node == a.node) {
+            Some(g) => g.access = g.access.max(access),
+            None => grants.push(Grant {
+                node: a.node.clone(),
+                access,
+            }),
+        }
+    }
+    grants.sort_by(|a, b| a.node.cmp(&b.node));
+    (v.primary().map(|p| p.server.clone()), grants)
 }
 
 #[cfg(test)]

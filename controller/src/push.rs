@@ -23,6 +23,10 @@ pub struct Membership {
     pub mirrors: Vec<SocketAddr>,
     /// A primary's mirrors being rebuilt (empty for a mirror).
     pub rebuilding: Vec<SocketAddr>,
+    /// The primary's server id (what a mirror takes replicated requests from).
+    pub primary: Option<String>,
+    /// The node certificates that may use the copy (docs/security.md).
+    pub grants: Vec<keel_proto::members::Grant>,
 }
 
 /// Storage server administration, as this controller (its `controller-<id>` certificate).
@@ -107,6 +111,8 @@ impl Pusher {
             writer_epoch: Epoch(m.writer_epoch),
             mirrors: m.mirrors,
             rebuilding: m.rebuilding,
+            primary: m.primary,
+            grants: m.grants,
         };
         self.call(addr, req).await
     }

@@ -1043,6 +1043,7 @@ impl Controller {
             (c.role == CopyRole::Primary || self.server_up(&c.server))
                 && Some(c.server.as_str()) != skip
         });
+        let (primary, grants) = membership::access_list(v);
         let mut primary_ok = false;
         for c in order {
             let Some(addr) = addrs.get(&c.server) else {
@@ -1065,6 +1066,8 @@ impl Controller {
                 writer_epoch: v.writer_floor(),
                 mirrors: list,
                 rebuilding: rebuild,
+                primary: primary.clone(),
+                grants: grants.clone(),
             };
             match self.push.set_membership(*addr, &v.id, m).await {
                 Ok(()) => {

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::frame::{checksum, encode_membership, DecodeError, Frame, Request, Response};
+use crate::frame::{checksum, DecodeError, Frame, Request, Response};
 use crate::io::{connect, read_frame, FrameIoError};
+use crate::members::{Grant, MemberList};
 use crate::types::{Epoch, MemberRole, Op, Role, Status, VolumeId};
 
 /// How long [`admin_call`] waits for connecting, the TLS handshake and the answer together.
@@ -44,11 +45,16 @@ pub enum AdminRequest {
     /// refused. `writer_epoch` (at most `epoch`) is the epoch at which the volume's current
     /// writer attached; it travels in the request's `offset`, the mirrors in its payload (one
     /// `IP:PORT` per line for each in-sync mirror, one `rebuild IP:PORT` per line for each
-    /// mirror being rebuilt, at most 4 KiB; see [`crate::frame::parse_membership`]).
+    /// mirror being rebuilt; see [`crate::members`]).
     ///
     /// A primary forwards node mutations to its `rebuilding` mirrors too, without waiting for
     /// their success, and copies its data to them in the background (R7,
     /// `docs/replication.md`). An address may not be in both lists; a mirror has neither.
+    ///
+    /// The access list travels in the same payload, for every role (docs/security.md): the
+    /// node certificates that may use the copy (`grants`) and the storage server that is the
+    /// volume's primary (`primary`: on a mirror, the only peer whose replicated requests it
+    /// takes). Once answered, requests from anyone else are refused `Unauthorized`.
     SetMembership {
         volume: VolumeId,
         role: MemberRole,
@@ -56,6 +62,8 @@ pub enum AdminRequest {
         writer_epoch: Epoch,
         mirrors: Vec<SocketAddr>,
         rebuilding: Vec<SocketAddr>,
+        primary: Option<String>,
+        grants: Vec<Grant>,
     },
     /// Grow the copy to `size` bytes (a multiple of 512); shrinking is `BadRequest`.
     Resize { volume: VolumeId, size: u64 },
@@ -96,12 +104,20 @@ impl AdminRequest {
                 writer_epoch,
                 mirrors,
                 rebuilding,
+                primary,
+                grants,
                 ..
             } => (
                 *epoch,
                 writer_epoch.0,
                 *role as u32,
-                encode_membership(mirrors, rebuilding),
+                MemberList {
+                    in_sync: mirrors.clone(),
+                    rebuilding: rebuilding.clone(),
+                    primary: primary.clone(),
+                    grants: grants.clone(),
+                }
+                .encode(),
             ),
             AdminRequest::Resize { size, .. } => (Epoch(0), *size, 0, Vec::new()),
         };
@@ -259,6 +275,8 @@ mod unit_tests {
                     writer_epoch: Epoch(5),
                     mirrors: Vec::new(),
                     rebuilding: Vec::new(),
+                    primary: None,
+                    grants: Vec::new(),
                 },
                 (Op::SetMembership, Epoch(7), 5, 0),
             ),
@@ -292,6 +310,8 @@ mod unit_tests {
             writer_epoch: Epoch(9),
             mirrors: mirrors.clone(),
             rebuilding: Vec::new(),
+            primary: None,
+            grants: Vec::new(),
         };
         req.validate().expect("valid");
         let r = req.to_request(4);
@@ -310,6 +330,8 @@ mod unit_tests {
             writer_epoch: Epoch(9),
             mirrors: mirrors.clone(),
             rebuilding: vec![r3],
+            primary: None,
+            grants: Vec::new(),
         };
         req.validate().expect("valid");
         let r = req.to_request(5);
@@ -322,6 +344,23 @@ mod unit_tests {
             crate::frame::parse_membership(&r.payload).expect("parse"),
             (mirrors.clone(), vec![r3])
         );
+        // The access list travels in the same payload, on a mirror too.
+        let req = AdminRequest::SetMembership {
+            volume: v,
+            role: MemberRole::Mirror,
+            epoch: Epoch(9),
+            writer_epoch: Epoch(9),
+            mirrors: Vec::new(),
+            rebuilding: Vec::new(),
+            primary: Some("s1".into()),
+            grants: vec![Grant {
+                node: "n1".into(),
+                access: crate::members::Access::ReadOnly,
+            }],
+        };
+        req.validate().expect("valid");
+        let r = req.to_request(6);
+        assert_eq!(r.payload, b"primary s1\nnode n1 ro".to_vec());
         // A writer epoch above the epoch, mirrors on a mirror, or an address both in sync and
         // being rebuilt are refused before sending.
         for bad in [
@@ -332,6 +371,8 @@ mod unit_tests {
                 writer_epoch: Epoch(4),
                 mirrors: Vec::new(),
                 rebuilding: Vec::new(),
+                primary: None,
+                grants: Vec::new(),
             },
             AdminRequest::SetMembership {
                 volume: v,
@@ -340,6 +381,8 @@ mod unit_tests {
                 writer_epoch: Epoch(3),
                 mirrors: mirrors.clone(),
                 rebuilding: Vec::new(),
+                primary: None,
+                grants: Vec::new(),
             },
             AdminRequest::SetMembership {
                 volume: v,
@@ -348,6 +391,8 @@ mod unit_tests {
                 writer_epoch: Epoch(3),
                 mirrors: Vec::new(),
                 rebuilding: vec![r3],
+                primary: None,
+                grants: Vec::new(),
             },
             AdminRequest::SetMembership {
                 volume: v,
@@ -356,6 +401,8 @@ mod unit_tests {
                 writer_epoch: Epoch(3),
                 mirrors: mirrors.clone(),
                 rebuilding: vec![mirrors[1]],
+                primary: None,
+                grants: Vec::new(),
             },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");

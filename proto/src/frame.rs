@@ -28,8 +28,7 @@ pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KEEL");
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// The unit of offsets, lengths and volume sizes, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
-/// Largest membership list ([`Op::SetMembership`] payload) in bytes.
-pub const MAX_MEMBERSHIP_PAYLOAD: usize = 4096;
+pub use crate::members::{MAX_MEMBERSHIP_PAYLOAD, REBUILD_PREFIX};
 
 const TYPE_HELLO: u8 = 1;
 const TYPE_HELLO_REPLY: u8 = 2;
@@ -388,7 +387,10 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
         if let Some(reason) = membership_fields_error(epoch, offset, length, &payload, crc) {
             return invalid(reason);
         }
-        parse_membership(&payload)?;
+        let list = crate::members::MemberList::parse(&payload)?;
+        if MemberRole::from_u32(length) == Some(MemberRole::Mirror) && list.has_mirrors() {
+            return invalid("a mirror has no mirrors");
+        }
     } else if op.is_admin() {
         if let Some(reason) = admin_fields_error(op, offset, length, payload.len(), crc) {
             return invalid(reason);
@@ -428,7 +430,8 @@ fn decode_request(c: &mut Cursor<'_>, payload: Vec<u8>) -> Result<Request, Decod
 
 /// Why a set-membership request's fixed fields are malformed, if they are: `length` is the
 /// role, `offset` the writer epoch (not above `epoch`), the payload (the membership list) at
-/// most [`MAX_MEMBERSHIP_PAYLOAD`] bytes, empty for a mirror, with its checksum in `crc`.
+/// most [`MAX_MEMBERSHIP_PAYLOAD`] bytes (a mirror's without mirrors: checked after parsing),
+/// with its checksum in `crc`.
 fn membership_fields_error(
     epoch: Epoch,
     writer_epoch: u64,
@@ -436,17 +439,14 @@ fn membership_fields_error(
     payload: &[u8],
     crc: u32,
 ) -> Option<&'static str> {
-    let Some(role) = MemberRole::from_u32(length) else {
+    if MemberRole::from_u32(length).is_none() {
         return Some("role (length) must be 0 (primary) or 1 (mirror)");
-    };
+    }
     if writer_epoch > epoch.0 {
         return Some("writer epoch (offset) must not exceed the epoch");
     }
     if payload.len() > MAX_MEMBERSHIP_PAYLOAD {
-        return Some("membership list longer than 4 KiB");
-    }
-    if role == MemberRole::Mirror && !payload.is_empty() {
-        return Some("a mirror has no membership list");
+        return Some("membership list longer than 64 KiB");
     }
     if checksum(payload) != crc {
         return Some("membership list checksum mismatch");
@@ -460,54 +460,11 @@ pub fn parse_members(payload: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
     parse_membership(payload).map(|(in_sync, _)| in_sync)
 }
 
-/// The line prefix marking a mirror being rebuilt in a membership list.
-pub const REBUILD_PREFIX: &str = "rebuild ";
-
-/// Parses a membership list: UTF-8 text, one entry per line (a final newline is allowed), at
-/// most [`MAX_MEMBERSHIP_PAYLOAD`] bytes; an empty payload is an empty list. An entry is
-/// `IP:PORT` (an in-sync mirror) or `rebuild IP:PORT` (a mirror being rebuilt, R7). No address
-/// may appear twice, in the same list or in both. Returns `(in_sync, rebuilding)`, each in
-/// the order given.
+/// Parses a membership list ([`crate::members::MemberList::parse`]) and returns its in-sync
+/// mirrors and its mirrors being rebuilt, each in the order given.
 #[allow(clippy::type_complexity)]
 pub fn parse_membership(payload: &[u8]) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), DecodeError> {
-    let bad = |line: usize, reason: String| DecodeError::InvalidMembership { line, reason };
-    if payload.len() > MAX_MEMBERSHIP_PAYLOAD {
-        return Err(bad(
-            0,
-            format!(
-                "list of {} bytes exceeds {MAX_MEMBERSHIP_PAYLOAD}",
-                payload.len()
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(payload).map_err(|e| bad(0, format!("not UTF-8 text: {e}")))?;
-    let text = text.strip_suffix('\n').unwrap_or(text);
-    let (mut in_sync, mut rebuilding): (Vec<SocketAddr>, Vec<SocketAddr>) =
-        (Vec::new(), Vec::new());
-    if text.is_empty() {
-        return Ok((in_sync, rebuilding));
-    }
-    for (i, l) in text.split('\n').enumerate() {
-        let (addr, rebuild) = match l.strip_prefix(REBUILD_PREFIX) {
-            Some(rest) => (rest, true),
-            None => (l, false),
-        };
-        let a: SocketAddr = addr.parse().map_err(|_| {
-            bad(
-                i + 1,
-                format!("{l:?} is not an IP:PORT or rebuild IP:PORT entry"),
-            )
-        })?;
-        if in_sync.contains(&a) || rebuilding.contains(&a) {
-            return Err(bad(i + 1, format!("{a} is listed twice")));
-        }
-        if rebuild {
-            rebuilding.push(a);
-        } else {
-            in_sync.push(a);
-        }
-    }
-    Ok((in_sync, rebuilding))
+    crate::members::MemberList::parse(payload).map(|l| (l.in_sync, l.rebuilding))
 }
 
 /// Encodes a membership list of in-sync mirrors only: one `IP:PORT` per line.
@@ -515,16 +472,11 @@ pub fn encode_members(members: &[SocketAddr]) -> Vec<u8> {
     encode_membership(members, &[])
 }
 
-/// Encodes a membership list for an [`Op::SetMembership`] payload: one `IP:PORT` per line for
-/// each in-sync mirror, then one `rebuild IP:PORT` per line for each mirror being rebuilt.
+/// Encodes a membership list of mirrors only for an [`Op::SetMembership`] payload: one
+/// `IP:PORT` per line for each in-sync mirror, then one `rebuild IP:PORT` per line for each
+/// mirror being rebuilt.
 pub fn encode_membership(in_sync: &[SocketAddr], rebuilding: &[SocketAddr]) -> Vec<u8> {
-    in_sync
-        .iter()
-        .map(|a| a.to_string())
-        .chain(rebuilding.iter().map(|a| format!("{REBUILD_PREFIX}{a}")))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
+    crate::members::MemberList::mirrors(in_sync, rebuilding).encode()
 }
 
 /// Why an admin request's fields are malformed, if they are: no payload, and `offset` (the
@@ -976,7 +928,7 @@ mod unit_tests {
             decode_membership(membership(MemberRole::Primary, &[0xff, 0xfe])),
             Err(DecodeError::InvalidMembership { line: 0, .. })
         ));
-        // Too long: over 4 KiB even if every line is an address.
+        // Too long: over 64 KiB even if every line is an address.
         let mut long = Vec::new();
         let mut port = 1u16;
         while long.len() <= MAX_MEMBERSHIP_PAYLOAD {
@@ -985,7 +937,7 @@ mod unit_tests {
         }
         assert_eq!(
             reason_of(membership(MemberRole::Primary, &long)),
-            Some("membership list longer than 4 KiB")
+            Some("membership list longer than 64 KiB")
         );
         assert!(parse_members(&long).is_err());
         // Mirrors being rebuilt: `rebuild IP:PORT` lines, never also in sync or listed twice.
@@ -1021,8 +973,11 @@ mod unit_tests {
         }
         assert_eq!(
             reason_of(membership(MemberRole::Mirror, b"rebuild 10.0.0.1:7500")),
-            Some("a mirror has no membership list")
+            Some("a mirror has no mirrors")
         );
+        // A mirror's list holds access entries only.
+        decode_membership(membership(MemberRole::Mirror, b"primary s1\nnode n1 rw"))
+            .expect("a mirror's access list");
         let mut long = Vec::new();
         let mut port = 1u16;
         while long.len() <= MAX_MEMBERSHIP_PAYLOAD {
@@ -1031,12 +986,12 @@ mod unit_tests {
         }
         assert_eq!(
             reason_of(membership(MemberRole::Primary, &long)),
-            Some("membership list longer than 4 KiB")
+            Some("membership list longer than 64 KiB")
         );
-        // A mirror has no list; the checksum must match; the writer epoch is at most the epoch.
+        // A mirror has no mirrors; the checksum must match; the writer epoch is at most the epoch.
         assert_eq!(
             reason_of(membership(MemberRole::Mirror, b"10.0.0.1:7500")),
-            Some("a mirror has no membership list")
+            Some("a mirror has no mirrors")
         );
         let mut r = membership(MemberRole::Primary, b"10.0.0.1:7500");
         r.crc ^= 1;

@@ -7,6 +7,7 @@
 //! * [`tls`]: mutual TLS 1.3 configuration against the cluster CA, and the peer's identity
 //!   (role + id) taken from its certificate.
 //! * [`pki`]: creating a cluster CA and issuing role certificates (used by `keelctl pki` and tests).
+//! * [`members`]: a copy's membership list: its mirrors and its access list (who may use it).
 //! * [`admin`]: the controller's one-shot client for copy administration on a storage server.
 //! * [`fuzz`]: fuzz target bodies, replayed by `cargo test` over the checked-in corpus.
 //!
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod frame;
 pub mod fuzz;
 pub mod io;
+pub mod members;
 pub mod pki;
 pub mod tls;
 pub mod tuning;

@@ -25,7 +25,14 @@
 //! **Membership list.** A primary keeps the data-path addresses of its in-sync mirrors and of
 //! its mirrors being rebuilt in `<id>.members` next to the copy (one `IP:PORT` or
 //! `rebuild IP:PORT` per line), replaced atomically before the membership change that carries
-//! it is published.
+//! it is published. Every copy keeps its **access list** there too ([`keel_proto::members`]):
+//! the node certificates granted access (and how), and the primary's server id.
+//!
+//! **Access** ([`authorize`], docs/security.md): before any epoch rule, a node's request is
+//! refused `unauthorized` (with no epoch) unless its certificate id was granted, and a granted
+//! read-only node's mutation `read-only`; a storage peer's unless it is the primary the list
+//! names. The check is part of admission, under the same gate as the epoch: once a membership
+//! change that withdraws a grant returns, nothing of that peer is admitted any more.
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -35,7 +42,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 
-use keel_proto::{Epoch, Role, VolumeId};
+use keel_proto::members::{Access, MemberList};
+use keel_proto::tls::Identity;
+use keel_proto::{Epoch, Op, Role, VolumeId};
 
 use crate::dirty::{CopyIdentity, DirtyTracker};
 use crate::session::{ClientKey, Session, Sessions};
@@ -110,6 +119,37 @@ pub enum Refusal {
     /// A newer connection of the same client claimed the copy (carried: the copy's epoch):
     /// this connection was abandoned ([`crate::session`]).
     Superseded(Epoch),
+    /// A mutation from a node granted read-only access (carried: the copy's epoch).
+    ReadOnly(Epoch),
+    /// A node whose grant this copy withdrew (a detach, a takeover): it was fenced. Answered
+    /// `stale epoch` without an epoch, so its client fails the guest's I/O at once (a node
+    /// that never had a grant gets `unauthorized` and learns nothing).
+    Revoked,
+}
+
+/// How many withdrawn grants a copy remembers (in memory) to tell a fenced node so.
+const MAX_REVOKED: usize = 256;
+
+/// Whether an op changes data.
+pub fn is_mutation(op: Op) -> bool {
+    matches!(op, Op::Write | Op::WriteZeroes | Op::Discard)
+}
+
+/// The access rule (docs/security.md): may `peer` send data op `op` to a copy whose access
+/// list is `list`? A node needs a grant for its certificate id (read-write for a mutation); a
+/// storage server must be the primary the list names; nobody else sends data ops. Checked
+/// before the epoch rules, so a refusal tells the peer nothing about the copy. Pure, so the
+/// table of cases is unit-tested.
+pub fn authorize(list: &MemberList, peer: &Identity, op: Op, epoch: Epoch) -> Result<(), Refusal> {
+    match peer.role {
+        Role::Node => match list.access_of(&peer.id) {
+            None => Err(Refusal::Unauthorized),
+            Some(Access::ReadOnly) if is_mutation(op) => Err(Refusal::ReadOnly(epoch)),
+            Some(_) => Ok(()),
+        },
+        Role::Storage if list.primary.as_deref() == Some(peer.id.as_str()) => Ok(()),
+        _ => Err(Refusal::Unauthorized),
+    }
 }
 
 /// The epoch rules for a data request with epoch `request` from a peer of role `peer` on a copy
@@ -284,6 +324,12 @@ pub struct Copy {
     mirrors: RwLock<Arc<Vec<SocketAddr>>>,
     /// A primary's mirrors being rebuilt (R7; empty for a mirror), also in `<id>.members`.
     rebuilding: RwLock<Arc<Vec<SocketAddr>>>,
+    /// Who may use the copy (its list without mirrors), also in `<id>.members`. Replaced under
+    /// the gate, like the epoch.
+    access: RwLock<Arc<MemberList>>,
+    /// Nodes whose grant a membership change withdrew, newest last (in memory, at most
+    /// [`MAX_REVOKED`]): they are answered [`Refusal::Revoked`].
+    revoked: Mutex<std::collections::VecDeque<String>>,
     /// Orders a rebuild's chunk copies with node writes to the same chunks (R7): sharded by
     /// chunk index, shared by replicated node mutations, exclusive for one chunk's copy.
     chunk_locks: Vec<Arc<tokio::sync::RwLock<()>>>,
@@ -358,7 +404,7 @@ impl Copy {
         drop(f);
         // A list left behind by an earlier copy of the volume (deleted, with a crash before
         // its list went) does not belong to this one.
-        write_members(&members_path(path), &[], &[])?;
+        write_members(&members_path(path), &MemberList::default())?;
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         if let Some(dir) = path.parent() {
             File::open(dir)
@@ -411,8 +457,9 @@ impl Copy {
             // incremental one).
             header.incarnation = random_nonzero();
         }
+        let list = read_members(&members_path(path))?;
         let (mirrors, rebuilding) = if header.role == CopyRole::Primary {
-            read_members(&members_path(path))?
+            (list.in_sync.clone(), list.rebuilding.clone())
         } else {
             (Vec::new(), Vec::new())
         };
@@ -426,6 +473,8 @@ impl Copy {
             incarnation: header.incarnation,
             mirrors: RwLock::new(Arc::new(mirrors)),
             rebuilding: RwLock::new(Arc::new(rebuilding)),
+            access: RwLock::new(Arc::new(list.access_only())),
+            revoked: Mutex::new(std::collections::VecDeque::new()),
             chunk_locks: (0..CHUNK_LOCK_SHARDS)
                 .map(|_| Arc::new(tokio::sync::RwLock::new(())))
                 .collect(),
@@ -478,6 +527,14 @@ impl Copy {
     /// A primary's mirrors being rebuilt (empty for a mirror).
     pub fn rebuilding(&self) -> Arc<Vec<SocketAddr>> {
         self.rebuilding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Who may use the copy: its grants and its primary's server id (no mirrors).
+    pub fn access(&self) -> Arc<MemberList> {
+        self.access
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -586,7 +643,7 @@ impl Copy {
     }
 
     /// [`Copy::set_membership`] with a primary's mirrors being rebuilt (R7) as well; both
-    /// lists are durable in `<id>.members`. A mirror has neither.
+    /// lists are durable in `<id>.members`. A mirror has neither. The access list is kept.
     pub fn set_membership_rebuilding(
         &self,
         role: CopyRole,
@@ -595,6 +652,24 @@ impl Copy {
         mirrors: &[SocketAddr],
         rebuilding: &[SocketAddr],
     ) -> Result<(), CopyError> {
+        let mut list = (*self.access()).clone();
+        list.in_sync = mirrors.to_vec();
+        list.rebuilding = rebuilding.to_vec();
+        self.set_members(role, epoch, writer_epoch, &list)
+    }
+
+    /// [`Copy::set_membership_rebuilding`] with the access list as well (what the controller's
+    /// set membership carries): mirrors, grants and primary, durable in `<id>.members`. When
+    /// it returns, no request is admitted any more from a peer the new list does not allow.
+    pub fn set_members(
+        &self,
+        role: CopyRole,
+        epoch: Epoch,
+        writer_epoch: Epoch,
+        list: &MemberList,
+    ) -> Result<(), CopyError> {
+        let (mirrors, rebuilding) = (&list.in_sync[..], &list.rebuilding[..]);
+        let access = list.access_only();
         let mut h = self.lock_header();
         if self.deleted.load(Ordering::Acquire) {
             return Err(CopyError::Deleted);
@@ -611,7 +686,9 @@ impl Copy {
             CopyRole::Mirror => (Vec::new(), Vec::new()),
         };
         let header_same = epoch == h.epoch && role == h.role && writer_epoch == h.writer_epoch;
-        let mirrors_same = *self.mirrors() == mirrors && *self.rebuilding() == rebuilding;
+        let mirrors_same = *self.mirrors() == mirrors
+            && *self.rebuilding() == rebuilding
+            && *self.access() == access;
         if header_same && mirrors_same {
             self.membership_known
                 .fetch_max(epoch.0 + 1, Ordering::AcqRel);
@@ -621,7 +698,10 @@ impl Copy {
         // list, whose mirrors (already at the new epoch) refuse the old epoch, which makes the
         // primary ask the controller rather than acknowledge without them.
         if !mirrors_same {
-            write_members(&members_path(&self.path), &mirrors, &rebuilding)?;
+            let mut durable = access.clone();
+            durable.in_sync = mirrors.clone();
+            durable.rebuilding = rebuilding.clone();
+            write_members(&members_path(&self.path), &durable)?;
         }
         if !header_same {
             let mut next = h.clone();
@@ -655,6 +735,11 @@ impl Copy {
             .fetch_max(epoch.0 + 1, Ordering::AcqRel);
         *self.mirrors.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mirrors);
         *self.rebuilding.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rebuilding);
+        let old = std::mem::replace(
+            &mut *self.access.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(access),
+        );
+        self.note_revoked(&old, &self.access());
         Ok(())
     }
 
@@ -708,24 +793,65 @@ impl Copy {
         self.deleted.load(Ordering::Acquire)
     }
 
-    /// Checks a data request's epoch from a peer of role `peer` against the copy's
-    /// membership ([`admission`]), without admitting it (an early refusal; the decisive check
-    /// is [`Copy::admit`]'s).
-    pub fn check_epoch(&self, epoch: Epoch, peer: Role) -> Result<(), Refusal> {
+    /// Checks a data request `op` at `epoch` from `peer` against the copy's access list
+    /// ([`authorize`]) and membership ([`admission`]), without admitting it (an early refusal;
+    /// the decisive check is [`Copy::admit`]'s).
+    pub fn check_request(&self, epoch: Epoch, peer: &Identity, op: Op) -> Result<(), Refusal> {
+        self.authorize(peer, op)?;
         if self.deleted.load(Ordering::Acquire) {
             return Err(Refusal::Deleted);
         }
-        admission(self.role(), self.epoch(), self.writer_epoch(), epoch, peer)
+        admission(
+            self.role(),
+            self.epoch(),
+            self.writer_epoch(),
+            epoch,
+            peer.role,
+        )
+    }
+
+    /// [`authorize`] against the copy's access list; a node whose grant was withdrawn is
+    /// [`Refusal::Revoked`] rather than [`Refusal::Unauthorized`].
+    pub fn authorize(&self, peer: &Identity, op: Op) -> Result<(), Refusal> {
+        match authorize(&self.access(), peer, op, self.epoch()) {
+            Err(Refusal::Unauthorized) if peer.role == Role::Node && self.was_revoked(&peer.id) => {
+                Err(Refusal::Revoked)
+            }
+            r => r,
+        }
+    }
+
+    fn was_revoked(&self, node: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|n| n == node)
+    }
+
+    /// Remembers the nodes `old` granted and `new` does not; forgets those `new` grants.
+    fn note_revoked(&self, old: &MemberList, new: &MemberList) {
+        let mut r = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|n| new.access_of(n).is_none());
+        for g in &old.grants {
+            if new.access_of(&g.node).is_none() && !r.contains(&g.node) {
+                r.push_back(g.node.clone());
+            }
+        }
+        while r.len() > MAX_REVOKED {
+            r.pop_front();
+        }
     }
 
     fn admitted<'a>(
         &'a self,
         gate: RwLockReadGuard<'a, ()>,
         epoch: Epoch,
-        peer: Role,
+        peer: &Identity,
+        op: Op,
         session: Option<&Session>,
     ) -> Result<Admitted<'a>, Refusal> {
-        self.check_epoch(epoch, peer)?;
+        self.check_request(epoch, peer, op)?;
         if session.is_some_and(|s| !s.current()) {
             return Err(Refusal::Superseded(self.epoch()));
         }
@@ -737,10 +863,10 @@ impl Copy {
         })
     }
 
-    /// Admits a data request at `epoch` from a peer of role `peer`: the returned guard must be
-    /// held for the request's I/O. Waits while a membership change or deletion is in progress.
-    pub fn admit(&self, epoch: Epoch, peer: Role) -> Result<Admitted<'_>, Refusal> {
-        self.admit_in(epoch, peer, None)
+    /// Admits data request `op` at `epoch` from `peer`: the returned guard must be held for
+    /// the request's I/O. Waits while a membership change or deletion is in progress.
+    pub fn admit(&self, epoch: Epoch, peer: &Identity, op: Op) -> Result<Admitted<'_>, Refusal> {
+        self.admit_in(epoch, peer, op, None)
     }
 
     /// [`Copy::admit`] for a connection that claimed the copy: refused once a newer connection
@@ -748,11 +874,12 @@ impl Copy {
     pub fn admit_in(
         &self,
         epoch: Epoch,
-        peer: Role,
+        peer: &Identity,
+        op: Op,
         session: Option<&Session>,
     ) -> Result<Admitted<'_>, Refusal> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        self.admitted(gate, epoch, peer, session)
+        self.admitted(gate, epoch, peer, op, session)
     }
 
     /// A client's new connection claims the copy with `generation` (blocking: waits for the
@@ -766,15 +893,21 @@ impl Copy {
 
     /// [`Copy::admit`] without waiting: `None` if a membership change or deletion holds (or
     /// waits for) the gate.
-    pub fn try_admit(&self, epoch: Epoch, peer: Role) -> Option<Result<Admitted<'_>, Refusal>> {
-        self.try_admit_in(epoch, peer, None)
+    pub fn try_admit(
+        &self,
+        epoch: Epoch,
+        peer: &Identity,
+        op: Op,
+    ) -> Option<Result<Admitted<'_>, Refusal>> {
+        self.try_admit_in(epoch, peer, op, None)
     }
 
     /// [`Copy::try_admit`] for a connection that claimed the copy.
     pub fn try_admit_in(
         &self,
         epoch: Epoch,
-        peer: Role,
+        peer: &Identity,
+        op: Op,
         session: Option<&Session>,
     ) -> Option<Result<Admitted<'_>, Refusal>> {
         let gate = match self.gate.try_read() {
@@ -782,7 +915,7 @@ impl Copy {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(self.admitted(gate, epoch, peer, session))
+        Some(self.admitted(gate, epoch, peer, op, session))
     }
 
     fn check_ok(&self) -> Result<(), CopyError> {
@@ -1033,18 +1166,14 @@ pub fn members_path(copy: &Path) -> PathBuf {
     copy.with_extension("members")
 }
 
-/// In-sync mirrors and mirrors being rebuilt.
-type MemberLists = (Vec<SocketAddr>, Vec<SocketAddr>);
-
-/// Reads a membership list (in-sync mirrors, mirrors being rebuilt); a missing file is two
-/// empty lists.
-fn read_members(path: &Path) -> Result<MemberLists, CopyError> {
+/// Reads a membership list; a missing file is an empty list.
+fn read_members(path: &Path) -> Result<MemberList, CopyError> {
     match std::fs::read(path) {
-        Ok(b) => keel_proto::frame::parse_membership(&b).map_err(|e| CopyError::BadMembers {
+        Ok(b) => MemberList::parse(&b).map_err(|e| CopyError::BadMembers {
             path: path.to_owned(),
             reason: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Vec::new(), Vec::new())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MemberList::default()),
         Err(source) => Err(CopyError::Io {
             path: path.to_owned(),
             source,
@@ -1054,12 +1183,8 @@ fn read_members(path: &Path) -> Result<MemberLists, CopyError> {
 
 /// Replaces a membership list durably: a temporary file, fsync, rename, fsync of the
 /// directory. An empty list removes the file (and fsyncs the directory).
-fn write_members(
-    path: &Path,
-    mirrors: &[SocketAddr],
-    rebuilding: &[SocketAddr],
-) -> Result<(), CopyError> {
-    if mirrors.is_empty() && rebuilding.is_empty() {
+fn write_members(path: &Path, list: &MemberList) -> Result<(), CopyError> {
+    if list.is_empty() {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -1067,7 +1192,7 @@ fn write_members(
         }
     } else {
         let tmp = path.with_extension("members-tmp");
-        let mut text = keel_proto::frame::encode_membership(mirrors, rebuilding);
+        let mut text = list.encode();
         text.push(b'\n');
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all_at(&text, 0).map_err(io_err(&tmp))?;
@@ -1158,14 +1283,36 @@ mod unit_tests {
     use super::*;
 
     fn new_copy(dir: &Path) -> Copy {
-        Copy::create(
+        let c = Copy::create(
             &dir.join("v.keel"),
             VolumeId(7),
             8 << 20,
             CopyRole::Primary,
             Epoch(1),
         )
-        .expect("create")
+        .expect("create");
+        grant_n1(&c);
+        c
+    }
+
+    /// Grants node `n1` read-write access at the copy's current membership.
+    fn grant_n1(c: &Copy) {
+        let list = MemberList {
+            grants: vec![keel_proto::members::Grant {
+                node: "n1".into(),
+                access: Access::ReadWrite,
+            }],
+            ..MemberList::default()
+        };
+        c.set_members(c.role(), c.epoch(), c.writer_epoch(), &list)
+            .expect("grant");
+    }
+
+    fn n1() -> Identity {
+        Identity {
+            role: Role::Node,
+            id: "n1".into(),
+        }
     }
 
     #[test]
@@ -1272,7 +1419,7 @@ mod unit_tests {
     fn membership_never_goes_back_and_fences_admission() {
         let d = tempfile::tempdir().expect("tmp");
         let c = new_copy(d.path());
-        assert!(c.admit(Epoch(1), Role::Node).is_ok());
+        assert!(c.admit(Epoch(1), &n1(), Op::Write).is_ok());
         c.set_membership(CopyRole::Primary, Epoch(3), Epoch(3), &[])
             .expect("raise");
         let seq = c.header().sequence;
@@ -1288,18 +1435,18 @@ mod unit_tests {
             })
         ));
         assert_eq!(
-            c.admit(Epoch(1), Role::Node).err(),
+            c.admit(Epoch(1), &n1(), Op::Write).err(),
             Some(Refusal::Stale(Epoch(3)))
         );
         assert_eq!(
-            c.admit(Epoch(4), Role::Node).err(),
+            c.admit(Epoch(4), &n1(), Op::Write).err(),
             Some(Refusal::NotPrimary(Epoch(3)))
         );
-        assert!(c.admit(Epoch(3), Role::Node).is_ok());
+        assert!(c.admit(Epoch(3), &n1(), Op::Write).is_ok());
         c.set_membership(CopyRole::Mirror, Epoch(3), Epoch(3), &[])
             .expect("role");
         assert_eq!(
-            c.admit(Epoch(3), Role::Node).err(),
+            c.admit(Epoch(3), &n1(), Op::Write).err(),
             Some(Refusal::NotPrimary(Epoch(3)))
         );
     }
@@ -1308,7 +1455,7 @@ mod unit_tests {
     fn membership_change_waits_for_admitted_io() {
         let d = tempfile::tempdir().expect("tmp");
         let c = std::sync::Arc::new(new_copy(d.path()));
-        let admitted = c.admit(Epoch(1), Role::Node).expect("admit");
+        let admitted = c.admit(Epoch(1), &n1(), Op::Write).expect("admit");
         let (tx, rx) = std::sync::mpsc::channel();
         let c2 = c.clone();
         let t = std::thread::spawn(move || {
@@ -1327,10 +1474,13 @@ mod unit_tests {
             .expect("change completes");
         t.join().expect("join");
         assert_eq!(
-            c.admit(Epoch(1), Role::Node).err(),
+            c.admit(Epoch(1), &n1(), Op::Write).err(),
             Some(Refusal::Stale(Epoch(2)))
         );
-        assert!(c.try_admit(Epoch(2), Role::Node).expect("free").is_ok());
+        assert!(c
+            .try_admit(Epoch(2), &n1(), Op::Write)
+            .expect("free")
+            .is_ok());
     }
 
     #[test]
@@ -1369,7 +1519,10 @@ mod unit_tests {
         let c = new_copy(d.path());
         c.retire();
         assert!(c.is_deleted());
-        assert_eq!(c.admit(Epoch(1), Role::Node).err(), Some(Refusal::Deleted));
+        assert_eq!(
+            c.admit(Epoch(1), &n1(), Op::Write).err(),
+            Some(Refusal::Deleted)
+        );
         assert!(matches!(
             c.set_membership(CopyRole::Primary, Epoch(2), Epoch(2), &[]),
             Err(CopyError::Deleted)
@@ -1379,6 +1532,108 @@ mod unit_tests {
 
     /// The epoch rules, as a table: (copy role, copy epoch, writer epoch, request epoch, peer
     /// role) → outcome.
+    #[test]
+    fn access_rules_table() {
+        let list = MemberList::parse(b"primary s1\nnode w rw\nnode r ro").expect("list");
+        let id = |role, id: &str| Identity {
+            role,
+            id: id.into(),
+        };
+        let e = Epoch(4);
+        let unauth = Err(Refusal::Unauthorized);
+        let all = [
+            Op::Read,
+            Op::Write,
+            Op::Flush,
+            Op::Discard,
+            Op::WriteZeroes,
+            Op::Ping,
+            Op::Claim,
+        ];
+        for op in all {
+            // The writer's node may do everything; a node without a grant nothing.
+            assert_eq!(authorize(&list, &id(Role::Node, "w"), op, e), Ok(()));
+            assert_eq!(authorize(&list, &id(Role::Node, "evil"), op, e), unauth);
+            // A read-only grant: everything but mutations.
+            let want = if is_mutation(op) {
+                Err(Refusal::ReadOnly(e))
+            } else {
+                Ok(())
+            };
+            assert_eq!(
+                authorize(&list, &id(Role::Node, "r"), op, e),
+                want,
+                "{op:?}"
+            );
+            // Only the named primary among storage servers.
+            assert_eq!(authorize(&list, &id(Role::Storage, "s1"), op, e), Ok(()));
+            assert_eq!(authorize(&list, &id(Role::Storage, "s2"), op, e), unauth);
+            // Ids are not roles: a node called s1, a storage server called w.
+            assert_eq!(authorize(&list, &id(Role::Node, "s1"), op, e), unauth);
+            assert_eq!(authorize(&list, &id(Role::Storage, "w"), op, e), unauth);
+            assert_eq!(authorize(&list, &id(Role::Controller, "s1"), op, e), unauth);
+            assert_eq!(authorize(&list, &id(Role::Admin, "w"), op, e), unauth);
+            // An empty list allows nobody.
+            let none = MemberList::default();
+            assert_eq!(authorize(&none, &id(Role::Node, "w"), op, e), unauth);
+            assert_eq!(authorize(&none, &id(Role::Storage, "s1"), op, e), unauth);
+        }
+    }
+
+    #[test]
+    fn a_withdrawn_grant_refuses_at_admission_after_the_change_returns() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = new_copy(d.path());
+        assert!(c.admit(Epoch(1), &n1(), Op::Write).is_ok());
+        // The grant goes (a detach): the change waits for the admitted request, and nothing
+        // of n1 is admitted after it, whatever the epoch; the refusal names no epoch.
+        let admitted = c.admit(Epoch(1), &n1(), Op::Read).expect("admit");
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                c.set_members(
+                    CopyRole::Primary,
+                    Epoch(2),
+                    Epoch(1),
+                    &MemberList::default(),
+                )
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(
+                !h.is_finished(),
+                "the change waits for the admitted request"
+            );
+            drop(admitted);
+            h.join().expect("join").expect("set members");
+        });
+        let evil = Identity {
+            role: Role::Node,
+            id: "evil".into(),
+        };
+        for epoch in 0..6 {
+            for op in [Op::Read, Op::Write, Op::Flush] {
+                // The fenced node is told so (no epoch); one never granted learns nothing.
+                assert_eq!(
+                    c.admit(Epoch(epoch), &n1(), op).err(),
+                    Some(Refusal::Revoked)
+                );
+                assert_eq!(
+                    c.admit(Epoch(epoch), &evil, op).err(),
+                    Some(Refusal::Unauthorized)
+                );
+            }
+        }
+        // Durable: a reopened copy refuses n1 too (as a stranger: the withdrawn grants are
+        // remembered in memory only).
+        drop(c);
+        let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
+        assert_eq!(
+            c.admit(Epoch(2), &n1(), Op::Read).err(),
+            Some(Refusal::Unauthorized)
+        );
+        grant_n1(&c);
+        assert!(c.admit(Epoch(2), &n1(), Op::Read).is_ok());
+    }
+
     #[test]
     fn epoch_rules_table() {
         use CopyRole::{Mirror as M, Primary as P};
@@ -1432,13 +1687,13 @@ mod unit_tests {
         // A mirror dropped: epoch 2, same writer (1).
         c.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &[])
             .expect("bump");
-        assert!(c.admit(Epoch(1), Role::Node).is_ok());
-        assert!(c.admit(Epoch(2), Role::Node).is_ok());
+        assert!(c.admit(Epoch(1), &n1(), Op::Write).is_ok());
+        assert!(c.admit(Epoch(2), &n1(), Op::Write).is_ok());
         // A new writer at epoch 3 fences the old one.
         c.set_membership(CopyRole::Primary, Epoch(3), Epoch(3), &[])
             .expect("new writer");
         assert_eq!(
-            c.admit(Epoch(2), Role::Node).err(),
+            c.admit(Epoch(2), &n1(), Op::Write).err(),
             Some(Refusal::Stale(Epoch(3)))
         );
         // The writer epoch never goes back, and survives a reopen.
@@ -1558,12 +1813,12 @@ mod unit_tests {
             (c.mirrors().to_vec(), c.rebuilding().to_vec()),
             (vec![a], vec![b])
         );
-        let adm = c.admit(Epoch(1), Role::Node).expect("admit");
+        let adm = c.admit(Epoch(1), &n1(), Op::Write).expect("admit");
         assert_eq!(adm.rebuilding.to_vec(), vec![b]);
         drop(adm);
         assert_eq!(
             std::fs::read_to_string(members_path(c.path())).expect("members file"),
-            "127.0.0.1:7501\nrebuild 127.0.0.1:7502\n"
+            "127.0.0.1:7501\nrebuild 127.0.0.1:7502\nnode n1 rw\n"
         );
         drop(c);
         let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
@@ -1576,15 +1831,22 @@ mod unit_tests {
             .expect("membership");
         assert_eq!(
             std::fs::read_to_string(members_path(c.path())).expect("members file"),
-            "rebuild 127.0.0.1:7502\n"
+            "rebuild 127.0.0.1:7502\nnode n1 rw\n"
         );
         c.set_membership(CopyRole::Primary, Epoch(3), Epoch(1), &[a])
             .expect("membership");
         assert!(c.rebuilding().is_empty());
-        // A mirror has neither list.
+        // A mirror has neither list, but keeps its access list.
         c.set_membership_rebuilding(CopyRole::Mirror, Epoch(4), Epoch(1), &[a], &[b])
             .expect("membership");
         assert!(c.mirrors().is_empty() && c.rebuilding().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(members_path(c.path())).expect("members file"),
+            "node n1 rw\n"
+        );
+        // An empty list leaves no file.
+        c.set_members(CopyRole::Mirror, Epoch(4), Epoch(1), &MemberList::default())
+            .expect("membership");
         assert!(!members_path(c.path()).exists());
         // Chunk lock shards: ascending, distinct, covering the range.
         let ch = u64::from(CHUNK_SIZE);
@@ -1609,16 +1871,24 @@ mod unit_tests {
             "[::1]:7502".parse().expect("addr"),
         ];
         let mp = members_path(c.path());
+        c.set_members(
+            CopyRole::Primary,
+            Epoch(1),
+            Epoch(1),
+            &MemberList::default(),
+        )
+        .expect("no access list");
         assert!(!mp.exists());
+        grant_n1(&c);
         c.set_membership(CopyRole::Primary, Epoch(1), Epoch(1), &list)
             .expect("list at the same epoch");
         assert_eq!(*c.mirrors(), list);
-        let a = c.admit(Epoch(1), Role::Node).expect("admit");
+        let a = c.admit(Epoch(1), &n1(), Op::Write).expect("admit");
         assert_eq!((a.epoch, a.mirrors.to_vec()), (Epoch(1), list.clone()));
         drop(a);
         assert_eq!(
             std::fs::read_to_string(&mp).expect("members file"),
-            "127.0.0.1:7501\n[::1]:7502\n"
+            "127.0.0.1:7501\n[::1]:7502\nnode n1 rw\n"
         );
         drop(c);
         let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
@@ -1629,11 +1899,14 @@ mod unit_tests {
         drop(c);
         let c = Copy::open(&d.path().join("v.keel")).expect("reopen");
         assert_eq!(*c.mirrors(), list[1..].to_vec());
-        // Demoted: no list, the file is gone.
+        // Demoted: no mirrors, only the access list is left.
         c.set_membership(CopyRole::Mirror, Epoch(3), Epoch(1), &list)
             .expect("demote");
         assert!(c.mirrors().is_empty());
-        assert!(!mp.exists());
+        assert_eq!(
+            std::fs::read_to_string(&mp).expect("members file"),
+            "node n1 rw\n"
+        );
         // A damaged list is a clear error at open.
         c.set_membership(CopyRole::Primary, Epoch(4), Epoch(1), &list)
             .expect("promote");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use keel_proto::members::{Access, Grant};
 use keel_proto::tls::TlsPaths;
 use keel_proto::{parse_size, Epoch, VolumeId};
 
@@ -39,6 +40,11 @@ pub struct Args {
     /// Create a primary copy at startup unless it exists: VOLUME:SIZE[:EPOCH], e.g. 1:1GiB.
     #[arg(long = "create", value_name = "VOLUME:SIZE[:EPOCH]")]
     pub create: Vec<String>,
+    /// Grant node certificate NODE access to every `--create` copy (`:ro` for read-only).
+    /// Without a grant no node may use a copy; a server with a controller gets its grants from
+    /// it (docs/security.md). Repeat for several nodes.
+    #[arg(long = "grant", value_name = "NODE[:ro]", value_parser = parse_grant)]
+    pub grant: Vec<Grant>,
     /// Write the process id to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -83,6 +89,29 @@ fn free_space(dir: &std::path::Path) -> anyhow::Result<u64> {
         st
     };
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// `NODE` or `NODE:rw` (read-write), `NODE:ro` (read-only).
+fn parse_grant(s: &str) -> Result<Grant, String> {
+    let (node, access) = match s.split_once(':') {
+        None => (s, Access::ReadWrite),
+        Some((n, "rw")) => (n, Access::ReadWrite),
+        Some((n, "ro")) => (n, Access::ReadOnly),
+        Some((_, other)) => {
+            return Err(format!(
+                "access {other:?} is neither rw nor ro; use NODE, NODE:rw or NODE:ro"
+            ))
+        }
+    };
+    if !keel_proto::members::valid_id(node) {
+        return Err(format!(
+            "{node:?} is not a node certificate id (1 to 64 letters, digits, '-', '_' or '.')"
+        ));
+    }
+    Ok(Grant {
+        node: node.to_string(),
+        access,
+    })
 }
 
 fn parse_create(s: &str) -> anyhow::Result<(VolumeId, u64, Epoch)> {
@@ -158,6 +187,17 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
         let copy = store
             .create(vol, size, CopyRole::Primary, epoch)
             .with_context(|| format!("creating volume {vol}"))?;
+        if !args.grant.is_empty() {
+            let mut list = (*copy.access()).clone();
+            list.in_sync = copy.mirrors().to_vec();
+            list.rebuilding = copy.rebuilding().to_vec();
+            for g in &args.grant {
+                list.grants.retain(|x| x.node != g.node);
+                list.grants.push(g.clone());
+            }
+            copy.set_members(copy.role(), copy.epoch(), copy.writer_epoch(), &list)
+                .with_context(|| format!("granting access to volume {vol}"))?;
+        }
         tracing::info!(volume = %vol, size, epoch = %copy.epoch(), "copy ready");
     }
     if let Some(p) = &args.pid_file {
@@ -241,6 +281,17 @@ mod unit_tests {
         assert_eq!(e, Epoch(7));
         assert!(parse_create("1").is_err());
         assert!(parse_create("1:1GiB:x").is_err());
+    }
+
+    #[test]
+    fn grant_specs_parse() {
+        let g = parse_grant("n1").expect("parse");
+        assert_eq!((g.node.as_str(), g.access), ("n1", Access::ReadWrite));
+        assert_eq!(parse_grant("n1:ro").expect("ro").access, Access::ReadOnly);
+        assert_eq!(parse_grant("n1:rw").expect("rw").access, Access::ReadWrite);
+        assert!(parse_grant("n1:x").is_err());
+        assert!(parse_grant("*").is_err());
+        assert!(parse_grant("").is_err());
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! per connection is bounded by a byte budget, so a client that floods requests is slowed by
 //! TCP back-pressure instead of growing the server's memory.
 //!
-//! Data ops are for `node` peers on primaries and for `storage` peers (a primary replicating)
-//! on mirrors, copy administration ([`Op::is_admin`]) for `controller` peers, ping for anyone.
+//! Data ops are for `node` peers the copy's access list grants (on primaries) and for the
+//! `storage` peer it names as primary (replicating, on mirrors); copy administration
+//! ([`Op::is_admin`]) for `controller` peers; ping for anyone, but only those the copy knows
+//! learn its epoch (docs/security.md). Everyone else is refused `unauthorized` with epoch 0,
+//! whether or not the volume exists here.
 //! A data request is admitted on its copy ([`Copy::admit`]) for the duration of its I/O, so a
 //! membership change or deletion answered to the controller fences every later request (see
 //! `docs/protocol.md`). A node's mutation or flush on a primary with mirrors is also sent to
@@ -186,6 +189,7 @@ async fn serve_conn(
     stats: Arc<Stats>,
     repl: Arc<Replicator>,
 ) -> Result<(), FrameIoError> {
+    let peer = Arc::new(peer);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
     let tx = Responder { tx, stats };
@@ -240,11 +244,12 @@ async fn serve_conn(
                 }
             }
             Ok(Next::Ping) => {
-                let mut resp =
-                    Response::status(Status::Ok, req.request_id, store_epoch(&store, &req));
-                if peer.role == Role::Storage {
-                    // A primary asking who this copy is (incremental resync, R7).
-                    if let Some(c) = store.get(req.volume).filter(|c| !c.is_deleted()) {
+                let mut resp = Response::status(Status::Ok, req.request_id, Epoch(0));
+                // Only a peer the copy knows hears its epoch (and, for its primary, who the
+                // copy is: incremental resync, R7); anyone else learns that the server is up.
+                if let Some(c) = store.get(req.volume).filter(|c| ping_may_see(c, &peer)) {
+                    resp.epoch = c.epoch();
+                    if peer.role == Role::Storage && !c.is_deleted() {
                         resp.payload = c.identity().encode();
                         resp.crc = checksum(&resp.payload);
                     }
@@ -306,10 +311,10 @@ async fn serve_conn(
                 }
             }
             Ok(Next::Replicate(copy)) => {
-                let (tx, repl) = (tx.clone(), repl.clone());
+                let (tx, repl, peer) = (tx.clone(), repl.clone(), peer.clone());
                 let session = sessions.get(&req.volume).cloned();
                 tokio::spawn(async move {
-                    let resp = replicate(&repl, copy, req, session).await;
+                    let resp = replicate(&repl, copy, req, peer, session).await;
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -318,9 +323,8 @@ async fn serve_conn(
                 // Reads and writes the page cache can take without waiting are done right here
                 // (a thread hand-off costs more than a 4 KiB copy); everything else runs on the
                 // blocking pool so a slow disk never stalls the connection.
-                let role = peer.role;
                 let session = sessions.get(&req.volume).cloned();
-                let req = match try_cached(&copy, req, role, session.as_ref()) {
+                let req = match try_cached(&copy, req, &peer, session.as_ref()) {
                     Ok(resp) => {
                         drop(permit);
                         if !tx.send(op, length, resp) {
@@ -330,9 +334,9 @@ async fn serve_conn(
                     }
                     Err(req) => req,
                 };
-                let tx = tx.clone();
+                let (tx, peer) = (tx.clone(), peer.clone());
                 tokio::task::spawn_blocking(move || {
-                    let resp = execute(&copy, req, role, session.as_ref());
+                    let resp = execute(&copy, req, &peer, session.as_ref());
                     drop(permit);
                     tx.send(op, length, resp);
                 });
@@ -354,8 +358,11 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn store_epoch(store: &Store, req: &Request) -> Epoch {
-    store.get(req.volume).map(|c| c.epoch()).unwrap_or_default()
+/// Whether a ping from `peer` may learn the copy's epoch: the controller, or a peer the copy's
+/// access list allows (docs/security.md).
+fn ping_may_see(copy: &Copy, peer: &Identity) -> bool {
+    peer.role == Role::Controller
+        || crate::copy::authorize(&copy.access(), peer, Op::Ping, Epoch(0)).is_ok()
 }
 
 /// What to do with a request that passed [`check`].
@@ -397,6 +404,8 @@ fn refusal(req: &Request, r: Refusal) -> Response {
         Refusal::Stale(e) => (Status::StaleEpoch, e),
         Refusal::NotPrimary(e) => (Status::NotPrimary, e),
         Refusal::Unauthorized => (Status::Unauthorized, Epoch(0)),
+        Refusal::ReadOnly(e) => (Status::ReadOnly, e),
+        Refusal::Revoked => (Status::StaleEpoch, Epoch(0)),
         // Only an abandoned connection hears this; its client moved to a newer one.
         Refusal::Superseded(e) => (Status::NotPrimary, e),
     };
@@ -420,17 +429,20 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
     if !matches!(peer.role, Role::Node | Role::Storage) {
         return fail(Status::Unauthorized, Epoch(0));
     }
+    // A copy this server does not hold is refused as one the peer may not use: a peer
+    // without a grant learns nothing, not even whether the volume exists here.
     let Some(copy) = store.get(req.volume) else {
-        return fail(Status::UnknownVolume, Epoch(0));
+        return fail(Status::Unauthorized, Epoch(0));
     };
     if req.op == Op::Claim {
-        return if peer.role == Role::Node {
-            Ok(Next::Claim(copy))
-        } else {
-            fail(Status::Unauthorized, Epoch(0))
-        };
+        if peer.role != Role::Node {
+            return fail(Status::Unauthorized, Epoch(0));
+        }
+        copy.authorize(peer, Op::Claim)
+            .map_err(|r| refusal(req, r))?;
+        return Ok(Next::Claim(copy));
     }
-    copy.check_epoch(req.epoch, peer.role)
+    copy.check_request(req.epoch, peer, req.op)
         .map_err(|r| refusal(req, r))?;
     let epoch = copy.epoch();
     if req.op.has_range() {
@@ -482,6 +494,7 @@ async fn replicate(
     repl: &Replicator,
     copy: Arc<Copy>,
     req: Request,
+    peer: Arc<Identity>,
     session: Option<Session>,
 ) -> Response {
     let mut chunk_guards = Vec::new();
@@ -501,7 +514,7 @@ async fn replicate(
     let mut local_done = None;
     let mut snap_tx = Some(snap_tx);
     if inline {
-        match copy.try_admit_in(req.epoch, Role::Node, session.as_ref()) {
+        match copy.try_admit_in(req.epoch, &peer, req.op, session.as_ref()) {
             None => {}
             Some(Err(r)) => {
                 // No snapshot: the mirrors are not sent to.
@@ -527,7 +540,7 @@ async fn replicate(
         None => {
             let local_copy = copy.clone();
             LocalOp::Running(tokio::task::spawn_blocking(move || {
-                match local_copy.admit_in(req.epoch, Role::Node, session.as_ref()) {
+                match local_copy.admit_in(req.epoch, &peer, req.op, session.as_ref()) {
                     Err(r) => refusal(&req, r),
                     Ok(admitted) => {
                         // What the mirrors get: the membership this op was admitted under.
@@ -671,7 +684,7 @@ const INLINE_WRITE_MAX: u32 = 64 << 10;
 fn try_cached(
     copy: &Copy,
     req: Request,
-    peer: Role,
+    peer: &Identity,
     session: Option<&Session>,
 ) -> Result<Response, Request> {
     if req.length > INLINE_MAX || req.flags.fua() || !matches!(req.op, Op::Read | Op::Write) {
@@ -679,10 +692,10 @@ fn try_cached(
     }
     // Never wait for the gate on the connection's task: a membership change holds it across
     // an fdatasync.
-    let _admitted = match copy.try_admit_in(req.epoch, peer, session) {
+    let _admitted = match copy.try_admit_in(req.epoch, peer, req.op, session) {
         None => return Err(req),
         Some(Err(r)) => return Ok(refusal(&req, r)),
-        Some(Ok(a)) if needs_mirrors(&req, peer, &a) => {
+        Some(Ok(a)) if needs_mirrors(&req, peer.role, &a) => {
             return Ok(Response::status(
                 Status::NotPrimary,
                 req.request_id,
@@ -713,7 +726,7 @@ fn try_cached(
                 _ if req.length <= INLINE_WRITE_MAX => perform(copy, &req),
                 _ => return Err(req),
             };
-            mark_local(copy, Op::Write, offset, len, peer);
+            mark_local(copy, Op::Write, offset, len, peer.role);
             Ok(resp)
         }
         _ => Err(req),
@@ -721,15 +734,15 @@ fn try_cached(
 }
 
 /// Admits a checked request on its copy and runs it (blocking).
-fn execute(copy: &Copy, req: Request, peer: Role, session: Option<&Session>) -> Response {
-    match copy.admit_in(req.epoch, peer, session) {
-        Ok(a) if needs_mirrors(&req, peer, &a) => {
+fn execute(copy: &Copy, req: Request, peer: &Identity, session: Option<&Session>) -> Response {
+    match copy.admit_in(req.epoch, peer, req.op, session) {
+        Ok(a) if needs_mirrors(&req, peer.role, &a) => {
             Response::status(Status::NotPrimary, req.request_id, a.epoch)
         }
         Ok(_admitted) => {
             let (op, offset, len) = (req.op, req.offset, req.length);
             let resp = perform(copy, &req);
-            mark_local(copy, op, offset, len, peer);
+            mark_local(copy, op, offset, len, peer.role);
             resp
         }
         Err(r) => refusal(&req, r),
@@ -859,13 +872,18 @@ fn administer(store: &Store, req: &Request) -> Response {
                 return Response::status(Status::UnknownVolume, req.request_id, Epoch(0));
             };
             // The decoder checked the list; a list it refused never gets here.
-            let (mirrors, rebuilding) = match keel_proto::frame::parse_membership(&req.payload) {
+            let list = match keel_proto::members::MemberList::parse(&req.payload) {
                 Ok(m) => m,
                 Err(_) => return Response::status(Status::BadRequest, req.request_id, current()),
             };
-            c.set_membership_rebuilding(role, req.epoch, Epoch(req.offset), &mirrors, &rebuilding)
+            c.set_members(role, req.epoch, Epoch(req.offset), &list)
                 .map(|()| {
-                    tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, writer_epoch = %c.writer_epoch(), mirrors = ?mirrors, rebuilding = ?rebuilding, "membership set");
+                    let grants: Vec<String> = list
+                        .grants
+                        .iter()
+                        .map(|g| format!("{} {}", g.node, g.access.as_str()))
+                        .collect();
+                    tracing::info!(volume = %v, role = ?role, epoch = %req.epoch, writer_epoch = %c.writer_epoch(), mirrors = ?list.in_sync, rebuilding = ?list.rebuilding, primary = ?list.primary, grants = ?grants, "membership set");
                     ok(&c)
                 })
         }

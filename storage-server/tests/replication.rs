@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use keel_proto::frame::checksum;
 use keel_proto::io::{connect, read_frame, ClientStream};
+use keel_proto::members::{Access, Grant, MemberList};
 use keel_proto::tls::{client_config, server_config, TlsPaths};
 use keel_proto::{Epoch, Frame, Op, Request, Role, Status, VolumeId};
-use keel_storage::copy::CopyRole;
+use keel_storage::copy::{Copy, CopyRole};
 use keel_storage::replicate::{
     BoxFuture, MirrorFailure, NewMembership, Refused, Replication, Replicator,
 };
@@ -70,6 +71,21 @@ impl MirrorFailure for DropMirror {
             })
         })
     }
+}
+
+/// The access list of these tests: node `n` read-write, `p` the primary (docs/security.md).
+fn allow(c: Arc<Copy>) -> Arc<Copy> {
+    let list = MemberList {
+        primary: Some("p".into()),
+        grants: vec![Grant {
+            node: "n".into(),
+            access: Access::ReadWrite,
+        }],
+        ..MemberList::default()
+    };
+    c.set_members(c.role(), c.epoch(), c.writer_epoch(), &list)
+        .expect("access list");
+    c
 }
 
 async fn start(
@@ -143,12 +159,16 @@ async fn a_dropped_mirror_lets_the_op_be_acknowledged_a_refused_one_does_not() {
     };
     let paddr = start(&pki, "p", primary.clone(), Some(repl)).await;
     for m in [&m1, &m2] {
-        m.create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
-            .expect("mirror copy");
+        allow(
+            m.create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
+                .expect("mirror copy"),
+        );
     }
-    let p = primary
-        .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
-        .expect("primary copy");
+    let p = allow(
+        primary
+            .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("primary copy"),
+    );
     p.set_membership(CopyRole::Primary, Epoch(2), Epoch(1), &[a1, a2])
         .expect("membership");
 
@@ -324,12 +344,16 @@ async fn a_write_missed_by_a_mirror_being_put_in_sync_is_not_acknowledged() {
         Arc::new(Stats::default()),
         repl.clone(),
     ));
-    mirror
-        .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
-        .expect("mirror copy");
-    let p = primary
-        .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
-        .expect("primary copy");
+    allow(
+        mirror
+            .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(2))
+            .expect("mirror copy"),
+    );
+    let p = allow(
+        primary
+            .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("primary copy"),
+    );
     p.write(0, &[5; 4096]).expect("data");
     p.set_membership_rebuilding(CopyRole::Primary, Epoch(2), Epoch(1), &[], &[maddr])
         .expect("membership");
@@ -383,15 +407,19 @@ async fn a_restarted_primary_acknowledges_no_write_its_rebuilding_mirror_missed_
     keel_proto::pki::init_ca(&pki).expect("ca");
     let mirror = Arc::new(Store::open(&d.path().join("m")).expect("store"));
     let maddr = start(&pki, "m", mirror.clone(), None).await;
-    mirror
-        .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(3))
-        .expect("mirror copy");
+    allow(
+        mirror
+            .create(VOL, 8 << 20, CopyRole::Mirror, Epoch(3))
+            .expect("mirror copy"),
+    );
     {
         // Before the crash.
         let before = Store::open(&d.path().join("p")).expect("store");
-        let p = before
-            .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
-            .expect("primary copy");
+        let p = allow(
+            before
+                .create(VOL, 8 << 20, CopyRole::Primary, Epoch(1))
+                .expect("primary copy"),
+        );
         p.set_membership_rebuilding(CopyRole::Primary, Epoch(2), Epoch(1), &[], &[maddr])
             .expect("membership");
     }

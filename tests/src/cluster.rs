@@ -101,6 +101,10 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
+/// The node certificate ids granted read-write access to the copies a test makes without a
+/// controller (`--create`, [`replicate`]); any other node is refused (docs/security.md).
+pub const TEST_NODES: [&str; 2] = ["n1", "n2"];
+
 /// A running keel-storage.
 pub struct Storage {
     child: Option<Child>,
@@ -135,6 +139,12 @@ impl Storage {
             .arg(id);
         for c in creates {
             cmd.arg("--create").arg(c);
+        }
+        if !creates.is_empty() {
+            // Copies made without a controller grant the test nodes access themselves.
+            for n in TEST_NODES {
+                cmd.arg("--grant").arg(n);
+            }
         }
         let (child, line) = start_until_ready(cmd, "keel-storage: listening on ", "keel-storage")?;
         let addr = line
@@ -492,7 +502,8 @@ pub fn control_args(dir: &Path) -> Vec<String> {
 /// Sets up a replicated volume by hand, as the controller would (certificate `controller-c1`):
 /// an empty mirror copy on each of `mirrors` and the primary on `primary`, created at epoch 1,
 /// then the membership at epoch 2 (writer epoch 1) pushed to the mirrors first, then to the
-/// primary. Clients write with epoch 2.
+/// primary. Clients write with epoch 2. Nodes [`TEST_NODES`] are granted read-write access and
+/// the mirrors take replicated requests from the primary's certificate only.
 pub fn replicate(
     pki: &Pki,
     volume: &str,
@@ -501,9 +512,17 @@ pub fn replicate(
     mirrors: &[&Storage],
 ) -> Result<()> {
     use keel_proto::admin::{admin_call, AdminRequest};
+    use keel_proto::members::{Access, Grant};
     use keel_proto::tls::{client_config, TlsPaths};
     use keel_proto::{Epoch, MemberRole, VolumeId};
     let volume: VolumeId = volume.parse()?;
+    let grants: Vec<Grant> = TEST_NODES
+        .iter()
+        .map(|n| Grant {
+            node: n.to_string(),
+            access: Access::ReadWrite,
+        })
+        .collect();
     pki.issue(Role::Controller, "c1")?;
     let cfg = client_config(&TlsPaths::in_dir(&pki.dir, "controller-c1"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -550,6 +569,8 @@ pub fn replicate(
                     writer_epoch: Epoch(1),
                     mirrors: Vec::new(),
                     rebuilding: Vec::new(),
+                    primary: Some(primary.id.clone()),
+                    grants: grants.clone(),
                 },
             )
             .await?;
@@ -563,6 +584,8 @@ pub fn replicate(
                 writer_epoch: Epoch(1),
                 mirrors: mirrors.iter().map(|m| m.addr).collect(),
                 rebuilding: Vec::new(),
+                primary: Some(primary.id.clone()),
+                grants: grants.clone(),
             },
         )
         .await?;

@@ -117,6 +117,29 @@ pub fn socket(answer: &Value) -> Result<PathBuf> {
     Ok(PathBuf::from(s))
 }
 
+/// Waits for `socket` to appear and connects a test VMM to it (retrying while keel-vhost
+/// is between bind and listen), for up to 30 s.
+pub fn connect_vmm(socket: &Path, opts: crate::vmm::VmmOptions) -> Result<crate::vmm::TestVmm> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = if socket.exists() {
+            match crate::vmm::TestVmm::connect(socket, opts.clone()) {
+                Ok(v) => return Ok(v),
+                Err(e) => format!("{e:#}"),
+            }
+        } else {
+            "socket does not exist".to_string()
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "cannot connect a VMM to {} within 30 s: {err}",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The epoch `keelctl volume describe -o json` shows.
 pub fn epoch(describe: &Value) -> u64 {
     describe["epoch"].as_u64().expect("describe shows an epoch")

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keel_tests::cluster::bin;
 use keel_tests::keel_up::{
-    alive, attachments, epoch, kill, socket, terminate, volume_args, wait_until, Cluster, Out,
+    alive, attachments, connect_vmm, epoch, kill, socket, terminate, volume_args, wait_until,
+    Cluster, Out,
 };
 use keel_tests::vmm::*;
 use serde_json::Value;
@@ -23,27 +24,9 @@ fn vmm_opts(io_timeout: Duration) -> VmmOptions {
     }
 }
 
-/// Waits for `socket` to appear and connects a test VMM to it (retrying while keel-vhost
-/// is between bind and listen).
+/// Waits for `socket` to appear and connects a test VMM to it.
 fn connect(socket: &Path, io_timeout: Duration) -> Result<TestVmm> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let err = if socket.exists() {
-            match TestVmm::connect(socket, vmm_opts(io_timeout)) {
-                Ok(v) => return Ok(v),
-                Err(e) => format!("{e:#}"),
-            }
-        } else {
-            "socket does not exist".to_string()
-        };
-        if Instant::now() > deadline {
-            bail!(
-                "cannot connect a VMM to {} within 30 s: {err}",
-                socket.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    connect_vmm(socket, vmm_opts(io_timeout))
 }
 
 /// The pid of the keel-vhost serving `socket`, from the node manager's records in

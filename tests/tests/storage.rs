@@ -9,11 +9,12 @@ use anyhow::Result;
 use keel_proto::admin::{admin_call, AdminError, AdminRequest};
 use keel_proto::frame::{checksum, MAX_FRAME_LEN};
 use keel_proto::io::{connect, read_frame, ClientStream};
+use keel_proto::members::{Access, Grant};
 use keel_proto::tls::{client_config, TlsPaths};
 use keel_proto::{
     Epoch, Frame, MemberRole, Op, ReqFlags, Request, Response, Role, Status, VolumeId,
 };
-use keel_tests::cluster::{Pki, Storage};
+use keel_tests::cluster::{Pki, Storage, TEST_NODES};
 use tokio::io::AsyncWriteExt;
 
 const VOL: VolumeId = VolumeId(0x51);
@@ -216,10 +217,12 @@ fn every_op_and_refusal() -> Result<()> {
         assert_eq!(c.call(r).await?.status, Status::ChecksumMismatch);
         let (_, d) = c.read(0, 4096).await?;
         assert_eq!(d, pattern(2, 4096));
-        // Unknown volume.
+        // A volume the server does not hold is refused like one the node may not use: no
+        // grant, no epoch, nothing said about whether it exists.
         let mut r = c.req(Op::Read, 0, 512, Vec::new());
         r.volume = VolumeId(0x999);
-        assert_eq!(c.call(r).await?.status, Status::UnknownVolume);
+        let resp = c.call(r).await?;
+        assert_eq!((resp.status, resp.epoch), (Status::Unauthorized, Epoch(0)));
         // An older epoch is fenced; a newer one is not (yet) served here.
         c.epoch = Epoch(0);
         let resp = {
@@ -440,7 +443,8 @@ fn concurrent_connections_share_a_volume() -> Result<()> {
     rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..4u64 {
-            let mut c = Client::new(&pki, Role::Node, &format!("n{t}"), &storage).await?;
+            let node = TEST_NODES[t as usize % TEST_NODES.len()];
+            let mut c = Client::new(&pki, Role::Node, node, &storage).await?;
             tasks.push(tokio::spawn(async move {
                 for i in 0..16u64 {
                     let off = (t * 16 + i) * 8192;
@@ -499,7 +503,8 @@ fn set_membership(volume: VolumeId, role: MemberRole, epoch: u64) -> AdminReques
     membership(volume, role, epoch, epoch, &[])
 }
 
-/// Set membership with a writer epoch and (for a primary) in-sync mirrors.
+/// Set membership with a writer epoch and (for a primary) in-sync mirrors; the access list of
+/// these tests: nodes [`TEST_NODES`] read-write, `s1` the primary.
 fn membership(
     volume: VolumeId,
     role: MemberRole,
@@ -507,13 +512,33 @@ fn membership(
     writer_epoch: u64,
     mirrors: &[&Storage],
 ) -> AdminRequest {
+    membership_rebuilding(volume, role, epoch, writer_epoch, mirrors, &[])
+}
+
+/// [`membership`] with mirrors being rebuilt.
+fn membership_rebuilding(
+    volume: VolumeId,
+    role: MemberRole,
+    epoch: u64,
+    writer_epoch: u64,
+    mirrors: &[&Storage],
+    rebuilding: &[&Storage],
+) -> AdminRequest {
     AdminRequest::SetMembership {
         volume,
         role,
         epoch: Epoch(epoch),
         writer_epoch: Epoch(writer_epoch),
         mirrors: mirrors.iter().map(|s| s.addr).collect(),
-        rebuilding: Vec::new(),
+        rebuilding: rebuilding.iter().map(|s| s.addr).collect(),
+        primary: Some("s1".into()),
+        grants: TEST_NODES
+            .iter()
+            .map(|n| Grant {
+                node: n.to_string(),
+                access: Access::ReadWrite,
+            })
+            .collect(),
     }
 }
 
@@ -531,10 +556,14 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
         let req = create(v, 16 << 20, MemberRole::Primary, 3);
         assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(3)));
         assert!(copy_file(&storage, v).exists());
-        // A node at the copy's epoch reads and writes it.
+        // A new copy serves nobody: its access list is empty until a membership grants it.
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
         c.vol = v;
         c.epoch = Epoch(3);
+        assert_eq!(c.read(0, 512).await?.0, Status::Unauthorized);
+        let grant = membership(v, MemberRole::Primary, 3, 3, &[]);
+        assert_eq!(admin(&pki, &storage, &grant).await?, (Status::Ok, Epoch(3)));
+        // A node at the copy's epoch reads and writes it.
         let data = pattern(7, 1 << 20);
         assert_eq!(c.write(15 << 20, data.clone()).await?, Status::Ok);
         let (st, back) = c.read(15 << 20, 1 << 20).await?;
@@ -575,6 +604,9 @@ fn admin_created_copy_serves_nodes_and_create_is_idempotent() -> Result<()> {
         );
         c.vol = w;
         c.epoch = Epoch(1);
+        assert_eq!(c.read(0, 512).await?.0, Status::Unauthorized);
+        let grant = membership(w, MemberRole::Mirror, 1, 1, &[]);
+        assert_eq!(admin(&pki, &storage, &grant).await?, (Status::Ok, Epoch(1)));
         assert_eq!(c.read(0, 512).await?.0, Status::NotPrimary);
         // Malformed requests are refused before anything is sent.
         let bad = create(VolumeId(0x54), 1000, MemberRole::Primary, 1);
@@ -869,10 +901,11 @@ fn delete_copy_refuses_later_io_and_is_idempotent() -> Result<()> {
             (Status::Ok, Epoch(1))
         );
         assert!(!copy_file(&storage, VOL).exists(), "the file is gone");
-        // The open connection's next requests find no volume.
-        assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
-        assert_eq!(c.write(0, vec![1; 512]).await?, Status::UnknownVolume);
-        assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::UnknownVolume);
+        // The open connection's next requests find no volume (refused as for any volume the
+        // server does not hold: no grant).
+        assert_eq!(c.read(0, 512).await?.0, Status::Unauthorized);
+        assert_eq!(c.write(0, vec![1; 512]).await?, Status::Unauthorized);
+        assert_eq!(c.simple(Op::Flush, 0, 0).await?, Status::Unauthorized);
         // Retried: still ok. Other ops on it: unknown volume.
         assert_eq!(
             admin(&pki, &storage, &delete).await?,
@@ -890,10 +923,12 @@ fn delete_copy_refuses_later_io_and_is_idempotent() -> Result<()> {
     storage.restart()?;
     rt.block_on(async {
         let mut c = Client::new(&pki, Role::Node, "n1", &storage).await?;
-        assert_eq!(c.read(0, 512).await?.0, Status::UnknownVolume);
-        // Created again, it is a fresh, zeroed copy.
+        assert_eq!(c.read(0, 512).await?.0, Status::Unauthorized);
+        // Created again, it is a fresh, zeroed copy (with a fresh, empty access list).
         let req = create(VOL, 8 << 20, MemberRole::Primary, 5);
         assert_eq!(admin(&pki, &storage, &req).await?, (Status::Ok, Epoch(5)));
+        let grant = membership(VOL, MemberRole::Primary, 5, 5, &[]);
+        assert_eq!(admin(&pki, &storage, &grant).await?, (Status::Ok, Epoch(5)));
         c.epoch = Epoch(5);
         let (st, d) = c.read(0, 65536).await?;
         assert_eq!(st, Status::Ok);
@@ -976,13 +1011,39 @@ fn replication_puts_every_acknowledged_write_on_the_mirror() -> Result<()> {
             checksum(&read_all(&mut n, 0, SPAN).await?),
             checksum(&model)
         );
-        // The mirror holds the same bytes: read it as a storage server would.
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        // The mirror holds the same bytes: read it as its primary would.
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(2);
         assert_eq!(
             checksum(&read_all(&mut m, 0, SPAN).await?),
             checksum(&model),
             "every acknowledged write is on the mirror"
+        );
+        // Another storage server's certificate (not the primary the mirror's access list
+        // names) may not write into the mirror, at any epoch, and learns no epoch; nothing
+        // it sent lands.
+        let mut rogue = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        for e in 0..6 {
+            rogue.epoch = Epoch(e);
+            for op in [Op::Write, Op::WriteZeroes, Op::Discard, Op::Read, Op::Flush] {
+                let (off, len, payload) = match op {
+                    Op::Write => (0, 4096, pattern(99, 4096)),
+                    Op::Flush => (0, 0, Vec::new()),
+                    _ => (0, 4096, Vec::new()),
+                };
+                let r = rogue.req(op, off, len, payload);
+                let resp = rogue.call(r).await?;
+                assert_eq!(
+                    (resp.status, resp.epoch),
+                    (Status::Unauthorized, Epoch(0)),
+                    "{op:?} at epoch {e}"
+                );
+            }
+        }
+        assert_eq!(
+            checksum(&read_all(&mut m, 0, SPAN).await?),
+            checksum(&model),
+            "nothing the other storage server sent landed on the mirror"
         );
         // Nodes are not served by the mirror; storage servers are not served by the primary.
         let mut nm = Client::new(&pki, Role::Node, "n1", &s2).await?;
@@ -1018,7 +1079,7 @@ fn replication_puts_every_acknowledged_write_on_the_mirror() -> Result<()> {
         model[0..65536].copy_from_slice(&data);
         assert_eq!(n.write(0, data).await?, Status::Ok);
         assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::Ok);
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(3);
         assert_eq!(
             checksum(&read_all(&mut m, 0, SPAN).await?),
@@ -1037,7 +1098,7 @@ fn mirror_refuses_replication_at_another_epoch() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (pki, s1, s2) = replicated_pair(dir.path())?;
     rt().block_on(async {
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(1);
         let r = m.req(Op::Write, 0, 4096, pattern(1, 4096));
         let resp = m.call(r).await?;
@@ -1175,14 +1236,7 @@ fn malformed_membership_lists_are_refused() -> Result<()> {
         r.crc = checksum(&r.payload);
         c.send(&r).await?;
         assert!(c.recv().await.is_err(), "no answer to a malformed frame");
-        let bad = AdminRequest::SetMembership {
-            volume: VOL,
-            role: MemberRole::Mirror,
-            epoch: Epoch(2),
-            writer_epoch: Epoch(1),
-            mirrors: vec![storage.addr],
-            rebuilding: Vec::new(),
-        };
+        let bad = membership(VOL, MemberRole::Mirror, 2, 1, &[&storage]);
         let r = admin_as(&pki, Role::Controller, "c1", &storage, &bad).await?;
         assert!(matches!(r, Err(AdminError::Invalid(_))), "{r:?}");
         let mut n = Client::new(&pki, Role::Node, "n1", &storage).await?;
@@ -1236,6 +1290,8 @@ fn rebuild_fills_a_new_mirror_while_writes_continue() -> Result<()> {
     rt().block_on(async {
         let c = create(VOL, SIZE as u64, MemberRole::Primary, 1);
         assert_eq!(admin(&pki, &s1, &c).await?, (Status::Ok, Epoch(1)));
+        let grant = membership(VOL, MemberRole::Primary, 1, 1, &[]);
+        assert_eq!(admin(&pki, &s1, &grant).await?, (Status::Ok, Epoch(1)));
         let mut model = vec![0u8; SIZE];
         let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
         for (i, piece) in model.chunks_mut(1 << 20).enumerate() {
@@ -1247,14 +1303,9 @@ fn rebuild_fills_a_new_mirror_while_writes_continue() -> Result<()> {
         // The mirror: a fresh, empty copy at the new epoch.
         let c = create(VOL, SIZE as u64, MemberRole::Mirror, 2);
         assert_eq!(admin(&pki, &s2, &c).await?, (Status::Ok, Epoch(2)));
-        let p = AdminRequest::SetMembership {
-            volume: VOL,
-            role: MemberRole::Primary,
-            epoch: Epoch(2),
-            writer_epoch: Epoch(1),
-            mirrors: Vec::new(),
-            rebuilding: vec![s2.addr],
-        };
+        let m = membership(VOL, MemberRole::Mirror, 2, 1, &[]);
+        assert_eq!(admin(&pki, &s2, &m).await?, (Status::Ok, Epoch(2)));
+        let p = membership_rebuilding(VOL, MemberRole::Primary, 2, 1, &[], &[&s2]);
         let t0 = std::time::Instant::now();
         assert_eq!(admin(&pki, &s1, &p).await?, (Status::Ok, Epoch(2)));
         // Writes during the rebuild: 192 KiB at offsets straddling 4 MiB chunk boundaries and
@@ -1272,7 +1323,7 @@ fn rebuild_fills_a_new_mirror_while_writes_continue() -> Result<()> {
         let writes_done = t0.elapsed();
         // The mirror converges to the model (the copy finished and no forwarded write was
         // lost or overwritten by an older chunk copy).
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(2);
         let want = checksum(&model);
         let mut synced = None;
@@ -1391,7 +1442,7 @@ fn dropped_mirror_with_three_dirty_chunks(
             );
         }
         assert_eq!(n.simple(Op::Flush, 0, 0).await?, Status::Ok);
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(2);
         assert_eq!(
             chunk_sums(&mut m, 64 << 20).await?,
@@ -1431,14 +1482,7 @@ fn dropped_mirror_with_three_dirty_chunks(
 async fn rejoin_as_rebuilding(pki: &Pki, s1: &Storage, s2: &Storage, epoch: u64) -> Result<()> {
     let m = membership(VOL, MemberRole::Mirror, epoch, 1, &[]);
     assert_eq!(admin(pki, s2, &m).await?, (Status::Ok, Epoch(epoch)));
-    let p = AdminRequest::SetMembership {
-        volume: VOL,
-        role: MemberRole::Primary,
-        epoch: Epoch(epoch),
-        writer_epoch: Epoch(1),
-        mirrors: Vec::new(),
-        rebuilding: vec![s2.addr],
-    };
+    let p = membership_rebuilding(VOL, MemberRole::Primary, epoch, 1, &[], &[s2]);
     assert_eq!(admin(pki, s1, &p).await?, (Status::Ok, Epoch(epoch)));
     Ok(())
 }
@@ -1456,7 +1500,7 @@ fn incremental_resync_copies_only_the_chunks_dirtied_since_the_drop() -> Result<
         dropped_mirror_with_three_dirty_chunks(dir.path(), Some((6 * CHUNK + 4096, &probe)))?;
     rt().block_on(async {
         let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         let t0 = std::time::Instant::now();
         rejoin_as_rebuilding(&pki, &s1, &s2, 4).await?;
         m.epoch = Epoch(4);
@@ -1495,7 +1539,9 @@ fn a_recreated_mirror_copy_is_resynced_whole() -> Result<()> {
         assert_eq!(admin(&pki, &s2, &del).await?.0, Status::Ok);
         let c = create(VOL, 64 << 20, MemberRole::Mirror, 4);
         assert_eq!(admin(&pki, &s2, &c).await?, (Status::Ok, Epoch(4)));
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let grant = membership(VOL, MemberRole::Mirror, 4, 1, &[]);
+        assert_eq!(admin(&pki, &s2, &grant).await?, (Status::Ok, Epoch(4)));
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         m.epoch = Epoch(4);
         let (st, d) = m.read(0, 4096).await?;
         assert_eq!((st, d), (Status::Ok, vec![0u8; 4096]), "a new, empty copy");
@@ -1527,7 +1573,7 @@ fn after_a_primary_restart_the_resync_is_whole_then_incremental_again() -> Resul
     s1.restart()?;
     rt().block_on(async {
         let mut n = Client::new(&pki, Role::Node, "n1", &s1).await?;
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         rejoin_as_rebuilding(&pki, &s1, &s2, 4).await?;
         m.epoch = Epoch(4);
         let got = wait_for_chunks(&mut n, &mut m, 64 << 20, &[]).await?;
@@ -1602,7 +1648,7 @@ fn resync_figures_for_a_1_gib_volume() -> Result<()> {
         assert_eq!(n.write(100 * CHUNK, pattern(2, 4096)).await?, Status::Ok);
         assert_eq!(n.write(255 * CHUNK, pattern(3, 4096)).await?, Status::Ok);
         s2.pause(false);
-        let mut m = Client::new(&pki, Role::Storage, "s9", &s2).await?;
+        let mut m = Client::new(&pki, Role::Storage, "s1", &s2).await?;
         // Until chunk `last` (the last one a pass copies) matches on both copies.
         async fn until_equal(n: &mut Client, m: &mut Client, last: u64) -> Result<()> {
             let want = checksum(&read_all(n, last * CHUNK, CHUNK as usize).await?);

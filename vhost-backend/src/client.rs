@@ -105,11 +105,12 @@ pub struct ClientConfig {
 }
 
 /// Connects and claims the volume at `generation` before anything else is sent (the answer
-/// comes first: the server handles the claim before it reads the next frame). A server
-/// that does not hold the volume answers the claim with an error: the connection is used
-/// anyway, and its requests get that error as before. `not primary` means a newer connection
-/// of this client claimed already (a clock that went back): an error, retried with a new
-/// generation.
+/// comes first: the server handles the claim before it reads the next frame). A server that
+/// does not hold the volume, or holds no grant for this node, answers `unauthorized`: an
+/// error, retried with backoff while the guest stalls (the grant may be on its way). `not
+/// primary` means a newer connection of this client claimed already (a clock that went back):
+/// an error, retried with a new generation. Any other answer: the connection is used, and its
+/// requests get that answer's error as before.
 async fn connect_and_claim(
     cfg: &ClientConfig,
     server: SocketAddr,
@@ -128,6 +129,12 @@ async fn connect_and_claim(
             Err(keel_proto::io::FrameIoError::Handshake(format!(
                 "claim at generation {generation} refused: a newer connection of this client exists"
             )))
+        }
+        Some(Frame::Response(r)) if r.request_id == 0 && r.status == Status::Unauthorized => {
+            // No grant for this node there (yet): retried with backoff, the guest stalls.
+            Err(keel_proto::io::FrameIoError::Handshake(
+                "claim refused: the server holds no grant for this node on the volume (not attached, or the controller's push has not reached it yet)".into(),
+            ))
         }
         Some(Frame::Response(r)) if r.request_id == 0 => Ok((s, peer)),
         Some(other) => Err(keel_proto::io::FrameIoError::Handshake(format!(
@@ -394,6 +401,9 @@ struct Table {
     stale_backoff: Duration,
     /// A `stale epoch` was logged since the last success (keeps the log to one line a stall).
     stale_logged: bool,
+    /// `unauthorized` was logged since the last success (the server holds no grant for this
+    /// node yet: logged once).
+    unauthorized_logged: bool,
     epoch: Arc<EpochCell>,
     retry_stale_epoch: bool,
     /// The ping awaiting its answer on this connection: id and when it was sent.
@@ -420,6 +430,7 @@ impl Table {
             resend_at: None,
             stale_backoff: STALE_BACKOFF_MIN,
             stale_logged: false,
+            unauthorized_logged: false,
             epoch,
             retry_stale_epoch,
             ping: None,
@@ -932,6 +943,7 @@ fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Ste
                 return Step::Continue;
             }
             t.stale_logged = false;
+            t.unauthorized_logged = false;
             t.stale_backoff = STALE_BACKOFF_MIN;
             t.completed_one();
             if let Some(p) = t.inflight.remove(&id) {
@@ -943,6 +955,16 @@ fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Ste
             t.resend(id, out);
         }
         Status::NotPrimary => return Step::Reconnect("server is not primary for this epoch"),
+        Status::Unauthorized => {
+            // The server holds no grant for this node (docs/security.md): the controller's
+            // push of the attachment has not reached it yet, or this node was detached (then
+            // the node manager stops this process). The guest stalls; `io_fail_after` ends it.
+            if !t.unauthorized_logged {
+                t.unauthorized_logged = true;
+                tracing::warn!(volume = %p.req.volume, "the storage server refuses this node (no grant for the volume there yet): requests wait and are resent");
+            }
+            t.park(id);
+        }
         Status::StaleEpoch => {
             let ours = t.epoch.get();
             let sent = p.req.epoch;
