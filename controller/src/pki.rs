@@ -112,3 +112,59 @@ impl Revocations {
         Ok(info(&crl))
     }
 }
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+    use crate::store::RedbStore;
+    use keel_proto::tls::TlsPaths;
+    use keel_proto::Role;
+
+    #[test]
+    fn a_crl_is_checked_stored_applied_and_kept_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki_dir = dir.path().join("pki");
+        pki::init_ca(&pki_dir).expect("ca");
+        let paths: TlsPaths = pki::issue(&pki_dir, Role::Controller, "main", &[]).expect("issue");
+        let node = pki::issue(&pki_dir, Role::Node, "n1", &[]).expect("issue");
+        let serial = pki::summarize_file(&node.cert).expect("summary").serial;
+        let db = dir.path().join("meta.redb");
+        let store: Arc<dyn MetaStore> = Arc::new(RedbStore::open(&db).expect("store"));
+        let r = Revocations::new(TlsSource::new(&paths).expect("source"), store.clone());
+        assert_eq!(r.number(), None);
+        assert_eq!(r.get().expect_err("none yet").status, 404);
+
+        let first = pki::revoke(&pki_dir, &[(serial.clone(), "node-n1".into())]).expect("revoke");
+        let info = r.put(first.crl_pem.as_bytes()).expect("put");
+        assert_eq!(
+            (info.number, info.revoked.clone()),
+            (1, vec![serial.clone()])
+        );
+        assert!(r.is_revoked(&pki::parse_serial(&serial).expect("serial")));
+        assert_eq!(r.get().expect("get"), info);
+
+        // The same number again: conflict; another CA's CRL and garbage: bad request.
+        let e = r.put(first.crl_pem.as_bytes()).expect_err("same number");
+        assert_eq!(e.code, "conflict");
+        assert!(e.message.contains("not newer"), "{e}");
+        let other = dir.path().join("other");
+        pki::init_ca(&other).expect("ca");
+        let foreign = pki::revoke(&other, &[("0a".into(), "x".into())]).expect("revoke");
+        let e = r.put(foreign.crl_pem.as_bytes()).expect_err("foreign");
+        assert_eq!(e.code, "bad_request");
+        assert!(e.message.contains("not signed"), "{e}");
+        assert_eq!(
+            r.put(b"\x30\x03\x02\x01").expect_err("junk").code,
+            "bad_request"
+        );
+        assert_eq!(r.number(), Some(1));
+
+        let second = pki::revoke(&pki_dir, &[("0b".into(), "x".into())]).expect("revoke");
+        assert_eq!(r.put(second.crl_pem.as_bytes()).expect("put").number, 2);
+        // A restarted controller applies the stored CRL before serving.
+        drop(r);
+        let again = Revocations::new(TlsSource::new(&paths).expect("source"), store);
+        assert_eq!(again.number(), Some(2));
+        assert!(again.is_revoked(&[0x0b]));
+    }
+}
