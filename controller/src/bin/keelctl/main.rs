@@ -272,7 +272,7 @@ fn enc(s: &str) -> String {
 /// Input keelctl itself rejects (exit code 5, like the controller's `bad_request`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct InvalidInput(String);
+pub struct InvalidInput(pub String);
 
 fn size_arg(s: &str) -> anyhow::Result<SizeInput> {
     keel_proto::parse_size(s).map_err(InvalidInput)?;

@@ -117,18 +117,23 @@ pub fn date(unix: i64) -> String {
     )
 }
 
-fn validity(days: Option<u32>, role: Role) -> anyhow::Result<IssueOptions> {
-    Ok(match days {
-        Some(d) => IssueOptions::days(d)?,
-        None => IssueOptions::for_role(role),
-    })
+/// `--days N` as a validity (a bad N is invalid input: exit code 5).
+fn days(d: u32) -> anyhow::Result<IssueOptions> {
+    IssueOptions::days(d).map_err(|e| crate::InvalidInput(e.to_string()).into())
+}
+
+fn validity(d: Option<u32>, role: Role) -> anyhow::Result<IssueOptions> {
+    match d {
+        Some(d) => days(d),
+        None => Ok(IssueOptions::for_role(role)),
+    }
 }
 
 pub async fn run(cli: &Cli, cmd: &PkiCmd) -> anyhow::Result<()> {
     match cmd {
         PkiCmd::Init { pki_dir: d, days } => {
             let dir = pki_dir(cli, d);
-            pki::init_ca_with(&dir, IssueOptions::days(*days)?)
+            pki::init_ca_with(&dir, self::days(*days)?)
                 .with_context(|| format!("creating a CA in {}", dir.display()))?;
             let s = pki::summarize_file(&dir.join("ca.pem"))?;
             println!(
@@ -163,6 +168,9 @@ pub async fn run(cli: &Cli, cmd: &PkiCmd) -> anyhow::Result<()> {
             let dir = pki_dir(cli, d);
             let old = pki::summarize_file(&dir.join(format!("{name}.pem")))
                 .with_context(|| format!("reading the certificate {name} in {}", dir.display()))?;
+            if let Some(d) = days {
+                self::days(*d)?;
+            }
             let new = pki::renew(&dir, name, *days)
                 .with_context(|| format!("renewing {name} in {}", dir.display()))?;
             if cli.output == Format::Json {
@@ -241,7 +249,8 @@ async fn revoke(
     let serials = match (name, serial) {
         (Some(n), _) => serials_of(dir, n)?,
         (None, Some(s)) => {
-            let hex = pki::serial_hex(&pki::parse_serial(s)?);
+            let serial = pki::parse_serial(s).map_err(|e| crate::InvalidInput(e.to_string()))?;
+            let hex = pki::serial_hex(&serial);
             let who = pki::issued(dir)?
                 .into_iter()
                 .find(|e| e.serial == hex)
