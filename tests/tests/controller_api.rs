@@ -109,9 +109,12 @@ fn cli_volume_lifecycle_placement_and_bad_input() -> Result<()> {
         &["--read-only"],
     ))?;
     assert_eq!(ro["mode"], "read_only");
+    // A read-only attach changes the copies' access list: E moves by one (the writer epoch
+    // does not: the writer is not fenced; docs/security.md, A2).
     assert_eq!(
-        ro["epoch"], epoch1,
-        "a read-only attach does not fence the writer"
+        ro["epoch"].as_u64(),
+        Some(epoch1 + 1),
+        "a read-only attach bumps the epoch once"
     );
     let o = c.ctl(&volume_args("attach", "data", "nodeX", "vm1", &[]))?;
     assert_eq!(o.code, 3, "{o:?}");
