@@ -582,6 +582,7 @@ impl TlsSource {
             number: crl.number,
             revoked: crl.revoked.len(),
         };
+        revocations().send_replace(Arc::new(next.revoked.clone()));
         *cur = next;
         Ok(change)
     }
@@ -772,6 +773,29 @@ impl ServerCertVerifier for ServerVerifier {
             .provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// The serials revoked by the last CRL any [`TlsSource`] of this process applied (a daemon has
+/// one source; every CRL of a cluster lists every serial revoked so far).
+fn revocations() -> &'static tokio::sync::watch::Sender<Arc<HashSet<Vec<u8>>>> {
+    static REVOKED: std::sync::OnceLock<tokio::sync::watch::Sender<Arc<HashSet<Vec<u8>>>>> =
+        std::sync::OnceLock::new();
+    REVOKED.get_or_init(|| tokio::sync::watch::channel(Arc::new(HashSet::new())).0)
+}
+
+/// Resolves once a CRL applied in this process revokes `serial` (big-endian, as
+/// [`peer_serial`] gives it): a server ends the established connections of a revoked peer.
+pub async fn revoked(serial: Vec<u8>) {
+    let mut rx = revocations().subscribe();
+    loop {
+        if rx.borrow_and_update().contains(&serial) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            // The sender is a static: never dropped.
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -171,7 +171,30 @@ pub async fn serve_shared(
             match accept(tcp, &acceptor).await {
                 Ok((stream, peer)) => {
                     tracing::info!(%addr, %peer, "client connected");
-                    match serve_conn(stream, peer.clone(), store, stats, repl).await {
+                    // A CRL that revokes the peer's certificate ends the connection
+                    // (docs/security.md, "Certificates").
+                    let serial = keel_proto::tls::peer_serial(stream.get_ref().1);
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(stream.get_ref().0);
+                    let conn = serve_conn(stream, peer.clone(), store, stats, repl);
+                    tokio::pin!(conn);
+                    let done = match serial {
+                        Some(serial) => tokio::select! {
+                            r = &mut conn => r,
+                            () = keel_proto::tls::revoked(serial) => {
+                                tracing::warn!(%addr, %peer, "the peer's certificate was revoked: closing its connection");
+                                // SAFETY: `fd` is the socket of the stream `conn` owns, and
+                                // `conn` has not returned, so the fd is open and still this
+                                // connection's. shutdown(2) only ends the connection: reads
+                                // see its end and serve_conn finishes as after a disconnect.
+                                unsafe {
+                                    libc::shutdown(fd, libc::SHUT_RDWR);
+                                }
+                                conn.await
+                            }
+                        },
+                        None => conn.await,
+                    };
+                    match done {
                         Ok(()) => tracing::info!(%addr, %peer, "client disconnected"),
                         Err(e) => tracing::warn!(%addr, %peer, error = %e, "connection closed"),
                     }

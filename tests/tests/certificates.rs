@@ -204,6 +204,44 @@ fn storage_ping(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Vec<
     })
 }
 
+/// A data-path connection kept open across a revocation.
+struct Held {
+    rt: tokio::runtime::Runtime,
+    stream: keel_proto::io::ClientStream,
+    next: u64,
+}
+
+impl Held {
+    fn open(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Held> {
+        let rt = rt();
+        let (stream, _) = rt.block_on(connect(addr, tls, Role::Storage))?;
+        Ok(Held {
+            rt,
+            stream,
+            next: 1,
+        })
+    }
+
+    /// A ping on this connection; an error once the server closed it.
+    fn ping(&mut self) -> Result<()> {
+        self.next += 1;
+        let id = self.next;
+        let s = &mut self.stream;
+        self.rt.block_on(async move {
+            let req = Request::new(Op::Ping, id, VolumeId(1), Epoch(0));
+            s.write_all(&Frame::Request(req).to_bytes()).await?;
+            s.flush().await?;
+            let mut buf = Vec::new();
+            match tokio::time::timeout(Duration::from_secs(5), read_frame(s, &mut buf)).await {
+                Ok(Ok(Some(Frame::Response(r)))) if r.request_id == id => Ok(()),
+                Ok(Ok(other)) => bail!("ping answered {other:?}"),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => bail!("no answer to a ping within 5 s"),
+            }
+        })
+    }
+}
+
 /// Whether any copy file under `dir` holds `needle`.
 fn copies_contain(dir: &Path, needle: &[u8]) -> Result<bool> {
     let mut stack = vec![dir.to_path_buf()];
@@ -501,6 +539,10 @@ fn bad_certificates_are_refused_by_the_controller_and_storage_before_any_state_c
         .context("an admin certificate works before it is revoked")?;
     c.json(&["volume", "delete", "before-revocation"])?;
     storage_ping(addr, client(&node_revoked)?).context("a node pings before revocation")?;
+    // A connection made before the revocation: the server closes it once the CRL arrives.
+    let mut held = Held::open(addr, client(&node_revoked)?)?;
+    held.ping()
+        .context("the held connection works before revocation")?;
 
     let o = c.ctl(&["pki", "revoke", "--name", "node-revoked"])?;
     ensure!(o.code == 0, "pki revoke: {o:?}");
@@ -526,6 +568,22 @@ fn bad_certificates_are_refused_by_the_controller_and_storage_before_any_state_c
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
+        }
+    }
+    loop {
+        match held.ping() {
+            Err(e) => {
+                report.push(format!(
+                    "storage    | {:<70} | closed {:?} after revoke returned: {e:#}",
+                    "revoked (node certificate, connection made before)",
+                    revoked_at.elapsed()
+                ));
+                break;
+            }
+            Ok(()) if revoked_at.elapsed() > bound => {
+                bail!("a revoked node's connection is still served after {bound:?}")
+            }
+            Ok(()) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
     for (s, after, why) in &reached {
