@@ -124,6 +124,17 @@ fn refused_everywhere(
     Ok(())
 }
 
+/// A two-server cluster with volume `t` (two copies) attached read-write to node1/vm1, whose
+/// guest (the returned VMM) wrote pattern 0xA at [`SPOTS`].
+fn writer_of_t(dir: &Path) -> Result<(Cluster, TestVmm)> {
+    let cluster = Cluster::up(&dir.join("keel"), 2, "4GiB")?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
+    let (sock, _) = cluster.attach("t", "node1", "vm1", &[])?;
+    let mut vm1 = vmm(&sock)?;
+    write_spots(&mut vm1, 0xA)?;
+    Ok((cluster, vm1))
+}
+
 /// A node certificate with no attachment (`keel://node/evil`, the cluster's CA) tries every
 /// op at every epoch from 1 to 6 on both copies of a volume attached read-write to node1:
 /// each is refused `unauthorized` with no epoch, exactly as for a volume that does not exist;
@@ -131,11 +142,7 @@ fn refused_everywhere(
 #[test]
 fn a_node_without_a_grant_is_refused_at_every_epoch_and_nothing_lands() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::up(&dir.path().join("keel"), 2, "4GiB")?;
-    cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
-    let (sock, _) = cluster.attach("t", "node1", "vm1", &[])?;
-    let mut vm1 = vmm(&sock)?;
-    write_spots(&mut vm1, 0xA)?;
+    let (cluster, mut vm1) = writer_of_t(dir.path())?;
     let d = cluster.describe("t")?;
     let (vol, copies) = layout(&cluster, &d)?;
     assert_eq!(copies.len(), 2, "two copies: {d}");
@@ -205,11 +212,7 @@ fn register_node(cluster: &Cluster, id: &str, socket_dir: &Path) -> Result<()> {
 #[test]
 fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::up(&dir.path().join("keel"), 2, "4GiB")?;
-    cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
-    let (sock, _) = cluster.attach("t", "node1", "vm1", &[])?;
-    let mut vm1 = vmm(&sock)?;
-    write_spots(&mut vm1, 0xA)?;
+    let (cluster, mut vm1) = writer_of_t(dir.path())?;
     let pki_dir = cluster.dir.join("pki");
     let pki = Pki {
         dir: pki_dir.clone(),
