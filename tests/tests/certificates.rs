@@ -538,6 +538,11 @@ fn bad_certificates_are_refused_by_the_controller_and_storage_before_any_state_c
         .map_err(anyhow::Error::msg)
         .context("an admin certificate works before it is revoked")?;
     c.json(&["volume", "delete", "before-revocation"])?;
+    c.wait_for(
+        Duration::from_secs(20),
+        "the deleted volume to be gone",
+        || (volume_names(&c).ok()? == ["target"]).then_some(()),
+    )?;
     storage_ping(addr, client(&node_revoked)?).context("a node pings before revocation")?;
     // A connection made before the revocation: the server closes it once the CRL arrives.
     let mut held = Held::open(addr, client(&node_revoked)?)?;
