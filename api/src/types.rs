@@ -42,6 +42,10 @@ pub struct CopyReport {
     pub size: u64,
     pub epoch: u64,
     pub role: String,
+    /// CRC32C of the copy's access list (its grants and named primary; docs/security.md):
+    /// the controller pushes the membership again when it differs from the record's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_crc32c: Option<u32>,
 }
 
 /// Request counters a storage server reports (totals since it started).

@@ -48,6 +48,8 @@ pub enum Refusal {
         instance: String,
         node: String,
     },
+    #[error("volume {volume} is attached on {MAX_NODES} nodes already, the most its copies' access list holds; detach it somewhere first")]
+    TooManyNodes { volume: String },
     #[error("volume {volume} has no primary")]
     NoPrimary { volume: String },
     #[error("the primary of volume {volume} is up")]
@@ -73,6 +75,11 @@ impl Refusal {
         )
     }
 }
+
+/// Most nodes one volume may be attached on: each is a line of its copies' access list, which
+/// must stay within [`keel_proto::members::MAX_MEMBERSHIP_PAYLOAD`] (a node id is at most 64
+/// bytes: 256 lines of at most 73 bytes, with the mirrors' lines, fit easily).
+pub const MAX_NODES: usize = 256;
 
 /// A promotion (R6): `old` was the primary's server, `new` the promoted mirror's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +316,13 @@ pub fn attach(
             node: x.node.clone(),
         });
     }
+    let nodes: std::collections::BTreeSet<&str> =
+        v.attachments.iter().map(|x| x.node.as_str()).collect();
+    if !nodes.contains(a.node.as_str()) && nodes.len() >= MAX_NODES {
+        return Err(Refusal::TooManyNodes {
+            volume: v.id.clone(),
+        });
+    }
     let mut out = Attached {
         bumped: false,
         fenced: None,
@@ -367,6 +381,18 @@ pub fn detach(v: &mut VolumeRecord, a: &AttachmentRecord, force: bool) -> bool {
 /// node with an attachment, read-write if any of its attachments is (one certificate per
 /// host: instances on one node share it), and the storage server of the primary, the only
 /// peer the mirrors take replicated requests from. Pure; sorted by node for stable pushes.
+/// The digest of [`access_list`] a storage server reports for a copy that has it
+/// ([`keel_proto::members::MemberList::access_digest`]).
+pub fn access_digest(v: &VolumeRecord) -> u32 {
+    let (primary, grants) = access_list(v);
+    keel_proto::members::MemberList {
+        primary,
+        grants,
+        ..Default::default()
+    }
+    .access_digest()
+}
+
 pub fn access_list(v: &VolumeRecord) -> (Option<String>, Vec<keel_proto::members::Grant>) {
     use keel_proto::members::{Access, Grant};
     let mut grants: Vec<Grant> = Vec::new();
@@ -389,3 +415,101 @@ pub fn access_list(v: &VolumeRecord) -> (Option<String>, Vec<keel_proto::members
 
 #[cfg(test)]
 mod model_tests;
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+    use crate::model::VolumeRecordState;
+    use keel_proto::members::Access;
+
+    fn volume() -> VolumeRecord {
+        VolumeRecord {
+            id: "00000000000000ab".into(),
+            name: None,
+            size: 1 << 20,
+            replicas: 2,
+            state: VolumeRecordState::Ready,
+            epoch: 1,
+            writer_epoch: 1,
+            copies: ["s1", "s2"]
+                .iter()
+                .enumerate()
+                .map(|(i, s)| CopyRecord {
+                    server: s.to_string(),
+                    role: if i == 0 {
+                        CopyRole::Primary
+                    } else {
+                        CopyRole::Mirror
+                    },
+                    in_sync: true,
+                    rebuilding: false,
+                })
+                .collect(),
+            attachments: vec![],
+            created_at_unix: 0,
+        }
+    }
+
+    fn att(node: &str, instance: &str, mode: Mode) -> AttachmentRecord {
+        AttachmentRecord {
+            node: node.into(),
+            instance: instance.into(),
+            mode,
+            socket: String::new(),
+            attached_at_unix: 0,
+        }
+    }
+
+    #[test]
+    fn every_attachment_change_moves_e_and_the_access_list() {
+        let mut v = volume();
+        let empty = access_digest(&v);
+        assert_eq!(access_list(&v), (Some("s1".into()), vec![]));
+        // Read-only attach: E moves, W stays; n2 may read.
+        assert!(matches!(
+            attach(&mut v, att("n2", "r", Mode::ReadOnly), false),
+            Ok(Change::Changed(Attached { bumped: true, .. }))
+        ));
+        assert_eq!((v.epoch, v.writer_floor()), (2, 1));
+        let ro = access_digest(&v);
+        assert_ne!(ro, empty);
+        // Read-write attach of another instance on the same node: one entry, read-write.
+        assert!(attach(&mut v, att("n2", "w", Mode::ReadWrite), false).is_ok());
+        assert_eq!((v.epoch, v.writer_floor()), (3, 3));
+        let (_, grants) = access_list(&v);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].access, Access::ReadWrite);
+        // Detaching the writer instance leaves n2 read-only again; E moves, W stays.
+        let w = find_attachment(&v, "n2", "w").expect("attached");
+        assert!(detach(&mut v, &w, false));
+        assert_eq!((v.epoch, v.writer_floor()), (4, 3));
+        assert_eq!(access_digest(&v), ro);
+        // The primary named follows a promotion-like role change.
+        v.copies[0].role = CopyRole::Mirror;
+        v.copies[1].role = CopyRole::Primary;
+        assert_eq!(access_list(&v).0.as_deref(), Some("s2"));
+        assert_ne!(access_digest(&v), ro);
+    }
+
+    #[test]
+    fn a_volume_is_attached_on_at_most_max_nodes() {
+        let mut v = volume();
+        for n in 0..MAX_NODES {
+            attach(&mut v, att(&format!("n{n}"), "r", Mode::ReadOnly), false).expect("attach");
+        }
+        // Another instance on a node already there is fine; a new node is refused.
+        attach(&mut v, att("n0", "r2", Mode::ReadOnly), false).expect("same node");
+        assert!(matches!(
+            attach(&mut v, att("extra", "r", Mode::ReadOnly), false),
+            Err(Refusal::TooManyNodes { .. })
+        ));
+        // The full list still fits a set-membership payload.
+        let (primary, grants) = access_list(&v);
+        let list = keel_proto::members::MemberList {
+            primary,
+            grants,
+            ..Default::default()
+        };
+        assert!(list.encode().len() < keel_proto::members::MAX_MEMBERSHIP_PAYLOAD / 4);
+    }
+}

@@ -156,6 +156,11 @@ impl LastProbe {
     }
 }
 
+/// The access digest of a new copy (an empty list): the reconciler then pushes its list.
+fn empty_access() -> Option<u32> {
+    Some(keel_proto::members::MemberList::default().access_digest())
+}
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -400,7 +405,15 @@ impl Controller {
 
     /// Records a push the server acknowledged, so `describe` need not wait for its next
     /// heartbeat to show the copy current.
-    fn note_copy(&self, server: &str, volume: &str, size: u64, epoch: u64, role: CopyRole) {
+    fn note_copy(
+        &self,
+        server: &str,
+        volume: &str,
+        size: u64,
+        epoch: u64,
+        role: CopyRole,
+        access: Option<u32>,
+    ) {
         let mut live = self.live();
         let Some(l) = live.servers.get_mut(server) else {
             return;
@@ -410,6 +423,7 @@ impl Controller {
             size,
             epoch,
             role: role.as_str().into(),
+            access_crc32c: access,
         };
         match l.hb.copies.iter_mut().find(|c| c.volume == volume) {
             Some(c) => *c = report,
@@ -854,7 +868,14 @@ impl Controller {
                 failed = Some(format!("creating the copy on server {}: {e}", c.server));
                 break;
             }
-            self.note_copy(&c.server, &rec.id, rec.size, rec.epoch, c.role);
+            self.note_copy(
+                &c.server,
+                &rec.id,
+                rec.size,
+                rec.epoch,
+                c.role,
+                empty_access(),
+            );
         }
         if let Some(why) = failed {
             // Undo: remove what was made, then the record.
@@ -1044,6 +1065,7 @@ impl Controller {
                 && Some(c.server.as_str()) != skip
         });
         let (primary, grants) = membership::access_list(v);
+        let digest = membership::access_digest(v);
         let mut primary_ok = false;
         for c in order {
             let Some(addr) = addrs.get(&c.server) else {
@@ -1071,7 +1093,7 @@ impl Controller {
             };
             match self.push.set_membership(*addr, &v.id, m).await {
                 Ok(()) => {
-                    self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role);
+                    self.note_copy(&c.server, &v.id, v.size, v.epoch, c.role, Some(digest));
                     primary_ok |= c.role == CopyRole::Primary;
                 }
                 Err(e) => {
@@ -1080,6 +1102,27 @@ impl Controller {
             }
         }
         primary_ok
+    }
+
+    /// Pushes an attachment change (a new access list: docs/security.md, A2) before the API
+    /// call answers; a primary that did not take it is asked again twice (after 200 ms and
+    /// 1 s) with the newest record, then left to the reconciler (which also compares the
+    /// access digests the servers report).
+    async fn push_access_change(&self, v: &VolumeRecord) {
+        if self.push_membership(v, false).await {
+            return;
+        }
+        for wait in [Duration::from_millis(200), Duration::from_secs(1)] {
+            tokio::time::sleep(wait).await;
+            let latest = match self.load::<VolumeRecord>(&volume_key(&v.id)) {
+                Ok(Some((r, _))) if r.epoch >= v.epoch => r,
+                _ => return,
+            };
+            if self.push_membership(&latest, false).await {
+                return;
+            }
+        }
+        tracing::warn!(volume = %v.id, epoch = v.epoch, "the primary has not taken the new access list; the reconciler keeps pushing it");
     }
 
     /// The id of the server whose data-path address is `addr` (`IP:PORT`), if any.
@@ -1325,7 +1368,7 @@ impl Controller {
             // W unchanged, so the current writer is not fenced by its new copy.
             let w = v.writer_floor();
             match self.push.create_copy(*addr, &v.id, v.size, c.role, w).await {
-                Ok(()) => self.note_copy(&c.server, &v.id, v.size, w, c.role),
+                Ok(()) => self.note_copy(&c.server, &v.id, v.size, w, c.role, empty_access()),
                 Err(e) => {
                     tracing::warn!(volume = %v.id, server = %c.server, error = %e, "creating the re-placed copy failed; retrying")
                 }
@@ -1457,7 +1500,7 @@ impl Controller {
             }
         })?;
         if bumped {
-            let _ = self.push_membership(&v, false).await;
+            self.push_access_change(&v).await;
         }
         if let Some(w) = fenced {
             tracing::warn!(volume = %id, old_node = %w.node, old_instance = %w.instance, epoch = v.epoch, "forced takeover: old writer fenced");
@@ -1498,7 +1541,7 @@ impl Controller {
             Ok(true)
         })?;
         if bumped {
-            let _ = self.push_membership(&v, false).await;
+            self.push_access_change(&v).await;
         }
         tracing::info!(volume = %id, node = %req.node, instance = %req.instance, force = req.force, "detached");
         self.volume_info(&v)
@@ -1676,6 +1719,7 @@ impl Controller {
                     // Any copy (on a live server) behind the record: push the whole membership
                     // again, in order (R2); the pushes are idempotent.
                     let (mut small, mut stale) = (false, false);
+                    let digest = membership::access_digest(&v);
                     for c in &v.copies {
                         let live = self.live();
                         let Some(l) = live.servers.get(&c.server) else {
@@ -1687,6 +1731,10 @@ impl Controller {
                         if let Some(r) = l.hb.copies.iter().find(|r| r.volume == v.id) {
                             small |= r.size < v.size;
                             stale |= r.epoch < v.epoch || r.role != c.role.as_str();
+                            // An access list that differs from the record's (a server upgraded
+                            // from before access lists, a copy created after the last push, a
+                            // lost push at the same epoch): push again (docs/security.md).
+                            stale |= r.access_crc32c.is_some_and(|a| a != digest);
                         }
                     }
                     if small || stale {

@@ -739,6 +739,7 @@ fn sample_cases() -> Vec<Value> {
                     size: 1 << 30,
                     epoch: 1,
                     role: "primary".into(),
+                    access_crc32c: Some(0x1c2d_3e4f),
                 }],
                 counters: counters.clone(),
                 rebuilds: vec![keel_api::RebuildReport {

@@ -108,6 +108,13 @@ impl MemberList {
         }
     }
 
+    /// A digest of the access list (primary and grants, not the mirrors): what a storage
+    /// server reports for each copy, so the controller can tell a copy whose access list
+    /// differs from the volume record's and push it again.
+    pub fn access_digest(&self) -> u32 {
+        crc32c::crc32c(&self.access_only().encode())
+    }
+
     /// Whether nothing is listed.
     pub fn is_empty(&self) -> bool {
         !self.has_mirrors() && self.primary.is_none() && self.grants.is_empty()

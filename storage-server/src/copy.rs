@@ -652,10 +652,8 @@ impl Copy {
         mirrors: &[SocketAddr],
         rebuilding: &[SocketAddr],
     ) -> Result<(), CopyError> {
-        let mut list = (*self.access()).clone();
-        list.in_sync = mirrors.to_vec();
-        list.rebuilding = rebuilding.to_vec();
-        self.set_members(role, epoch, writer_epoch, &list)
+        let list = MemberList::mirrors(mirrors, rebuilding);
+        self.set_members_with(role, epoch, writer_epoch, &list, None)
     }
 
     /// [`Copy::set_membership_rebuilding`] with the access list as well (what the controller's
@@ -668,9 +666,23 @@ impl Copy {
         writer_epoch: Epoch,
         list: &MemberList,
     ) -> Result<(), CopyError> {
+        self.set_members_with(role, epoch, writer_epoch, list, Some(list.access_only()))
+    }
+
+    /// Sets the membership with `list`'s mirrors and with `access`, or (`None`) keeping the
+    /// access list the copy has, read under the header lock so a concurrent change of it is
+    /// never overwritten with an older one.
+    fn set_members_with(
+        &self,
+        role: CopyRole,
+        epoch: Epoch,
+        writer_epoch: Epoch,
+        list: &MemberList,
+        access: Option<MemberList>,
+    ) -> Result<(), CopyError> {
         let (mirrors, rebuilding) = (&list.in_sync[..], &list.rebuilding[..]);
-        let access = list.access_only();
         let mut h = self.lock_header();
+        let access = access.unwrap_or_else(|| (*self.access()).clone());
         if self.deleted.load(Ordering::Acquire) {
             return Err(CopyError::Deleted);
         }
@@ -797,7 +809,7 @@ impl Copy {
     /// ([`authorize`]) and membership ([`admission`]), without admitting it (an early refusal;
     /// the decisive check is [`Copy::admit`]'s).
     pub fn check_request(&self, epoch: Epoch, peer: &Identity, op: Op) -> Result<(), Refusal> {
-        self.authorize(peer, op)?;
+        self.authorize(peer, op, epoch)?;
         if self.deleted.load(Ordering::Acquire) {
             return Err(Refusal::Deleted);
         }
@@ -810,11 +822,19 @@ impl Copy {
         )
     }
 
-    /// [`authorize`] against the copy's access list; a node whose grant was withdrawn is
-    /// [`Refusal::Revoked`] rather than [`Refusal::Unauthorized`].
-    pub fn authorize(&self, peer: &Identity, op: Op) -> Result<(), Refusal> {
+    /// [`authorize`] against the copy's access list for a request at `epoch`; a node whose
+    /// grant was withdrawn is [`Refusal::Revoked`] rather than [`Refusal::Unauthorized`]. A
+    /// node's request at an epoch above the copy's gets [`Refusal::Unauthorized`] instead of
+    /// `Revoked` or `ReadOnly`: it comes from an attachment newer than this copy's membership
+    /// (a re-attach, a read-only node made writer) whose push has not arrived yet, so its
+    /// client must wait, not fail the guest's I/O.
+    pub fn authorize(&self, peer: &Identity, op: Op, epoch: Epoch) -> Result<(), Refusal> {
+        let ahead = epoch > self.epoch();
         match authorize(&self.access(), peer, op, self.epoch()) {
-            Err(Refusal::Unauthorized) if peer.role == Role::Node && self.was_revoked(&peer.id) => {
+            Err(Refusal::Revoked | Refusal::ReadOnly(_)) if ahead => Err(Refusal::Unauthorized),
+            Err(Refusal::Unauthorized)
+                if peer.role == Role::Node && !ahead && self.was_revoked(&peer.id) =>
+            {
                 Err(Refusal::Revoked)
             }
             r => r,
@@ -1611,11 +1631,16 @@ mod unit_tests {
         };
         for epoch in 0..6 {
             for op in [Op::Read, Op::Write, Op::Flush] {
-                // The fenced node is told so (no epoch); one never granted learns nothing.
-                assert_eq!(
-                    c.admit(Epoch(epoch), &n1(), op).err(),
-                    Some(Refusal::Revoked)
-                );
+                // The fenced node is told so (no epoch) up to the copy's epoch (2); above it, a
+                // request may come from a newer attachment of the same node (a re-attach whose
+                // push is on its way): it waits (`unauthorized`) rather than failing. One never
+                // granted learns nothing.
+                let want = if epoch <= 2 {
+                    Refusal::Revoked
+                } else {
+                    Refusal::Unauthorized
+                };
+                assert_eq!(c.admit(Epoch(epoch), &n1(), op).err(), Some(want));
                 assert_eq!(
                     c.admit(Epoch(epoch), &evil, op).err(),
                     Some(Refusal::Unauthorized)
@@ -1632,6 +1657,19 @@ mod unit_tests {
         );
         grant_n1(&c);
         assert!(c.admit(Epoch(2), &n1(), Op::Read).is_ok());
+        // A read-only node's write is refused `read-only` at the copy's epoch, but waits when
+        // it comes from a newer attachment (the node made writer, the push on its way).
+        let ro = MemberList::parse(b"node n1 ro").expect("list");
+        c.set_members(CopyRole::Primary, Epoch(2), Epoch(1), &ro)
+            .expect("read-only");
+        assert_eq!(
+            c.admit(Epoch(2), &n1(), Op::Write).err(),
+            Some(Refusal::ReadOnly(Epoch(2)))
+        );
+        assert_eq!(
+            c.admit(Epoch(3), &n1(), Op::Write).err(),
+            Some(Refusal::Unauthorized)
+        );
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub struct Args {
     pub create: Vec<String>,
     /// Grant node certificate NODE access to every `--create` copy (`:ro` for read-only).
     /// Without a grant no node may use a copy; a server with a controller gets its grants from
-    /// it (docs/security.md). Repeat for several nodes.
-    #[arg(long = "grant", value_name = "NODE[:ro]", value_parser = parse_grant)]
+    /// it only (docs/security.md), so this is refused with `--controller`. Repeat for several
+    /// nodes.
+    #[arg(long = "grant", value_name = "NODE[:ro]", value_parser = parse_grant, conflicts_with = "controller")]
     pub grant: Vec<Grant>,
     /// Write the process id to this file.
     #[arg(long)]

@@ -83,6 +83,7 @@ fn heartbeat(store: &Store, stats: &Stats, repl: &Replicator) -> ServerHeartbeat
                     CopyRole::Primary => "primary".into(),
                     CopyRole::Mirror => "mirror".into(),
                 },
+                access_crc32c: Some(c.access().access_digest()),
             })
             .collect(),
         counters: ServerCounters {

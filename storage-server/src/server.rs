@@ -461,7 +461,7 @@ fn check(store: &Store, peer: &Identity, req: &Request) -> Result<Next, Response
         if peer.role != Role::Node {
             return fail(Status::Unauthorized, Epoch(0));
         }
-        copy.authorize(peer, Op::Claim)
+        copy.authorize(peer, Op::Claim, req.epoch)
             .map_err(|r| refusal(req, r))?;
         return Ok(Next::Claim(copy));
     }

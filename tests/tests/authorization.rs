@@ -96,21 +96,21 @@ fn primary(copies: &[(String, SocketAddr)]) -> Result<SocketAddr> {
 }
 
 /// Sends every op at every epoch 1..=6 as `role`/`id` to `addr`, and requires each answer to
-/// be `want` with epoch 0 (ping: `ok`, epoch 0, no payload). Offsets are the writer's spots.
+/// be `want(epoch)` with epoch 0 (ping: `ok`, epoch 0, no payload). Offsets are the writer's spots.
 fn refused_everywhere(
     pki: &Path,
     role: Role,
     id: &str,
     addr: SocketAddr,
     volume: VolumeId,
-    want: Status,
+    want: impl Fn(u64) -> Status,
 ) -> Result<()> {
     let mut c = WireClient::connect(pki, role, id, addr)?;
     for e in 1..=6u64 {
         for op in OPS {
             for (s, _) in SPOTS {
                 let r = c.probe(op, volume, Epoch(e), s * 512, 0xEE)?;
-                let expect = if op == Op::Ping { Status::Ok } else { want };
+                let expect = if op == Op::Ping { Status::Ok } else { want(e) };
                 anyhow::ensure!(
                     (r.status, r.epoch) == (expect, Epoch(0)) && r.payload.is_empty(),
                     "{role}/{id} {op:?} at epoch {e} to {addr}: answered {} at epoch {} with {} bytes, expected {expect} at epoch 0",
@@ -153,14 +153,9 @@ fn a_node_without_a_grant_is_refused_at_every_epoch_and_nothing_lands() -> Resul
     }
     .issue(Role::Node, "evil")?;
     for (role, addr) in &copies {
-        refused_everywhere(
-            &pki_dir,
-            Role::Node,
-            "evil",
-            *addr,
-            vol,
-            Status::Unauthorized,
-        )
+        refused_everywhere(&pki_dir, Role::Node, "evil", *addr, vol, |_| {
+            Status::Unauthorized
+        })
         .with_context(|| format!("the {role}"))?;
         // A volume the server does not hold gets the very same answers: nothing is revealed.
         refused_everywhere(
@@ -169,7 +164,7 @@ fn a_node_without_a_grant_is_refused_at_every_epoch_and_nothing_lands() -> Resul
             "evil",
             *addr,
             VolumeId(0xdead_beef),
-            Status::Unauthorized,
+            |_| Status::Unauthorized,
         )?;
     }
     // Negative control: the same probe with node1's own certificate at the volume's epoch is
@@ -247,10 +242,18 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
         assert_eq!(st, VIRTIO_BLK_S_IOERR, "a read-only node's write at {s}");
     }
     let mut raw = WireClient::connect(&pki_dir, Role::Node, "node2", primary(&copies)?)?;
+    // `read-only` up to the copy's epoch; above it (a newer attachment, maybe read-write,
+    // whose push is on its way) the request waits: `unauthorized`. Neither writes.
+    let now = epoch(&d);
     for e in 1..=6u64 {
         for op in [Op::Write, Op::Discard, Op::WriteZeroes] {
             let r = raw.probe(op, vol, Epoch(e), 0, 0xD)?;
-            assert_eq!(r.status, Status::ReadOnly, "node2 {op:?} at epoch {e}");
+            let want = if e <= now {
+                Status::ReadOnly
+            } else {
+                Status::Unauthorized
+            };
+            assert_eq!(r.status, want, "node2 {op:?} at epoch {e} (copy at {now})");
         }
     }
     verify_spots(&mut vm1, 0xA, "after the read-only node's writes")?;
@@ -267,16 +270,21 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
         "--force",
     ])?;
     assert_eq!(o.code, 0, "detach failed: {}", o.stderr);
+    // Fenced (`stale epoch`, no epoch) at the copies' epoch and below; above it a request could
+    // come from a newer attachment whose grant is on its way, and waits (`unauthorized`).
+    let fenced = |now: u64| {
+        move |e: u64| {
+            if e <= now {
+                Status::StaleEpoch
+            } else {
+                Status::Unauthorized
+            }
+        }
+    };
+    let e = epoch(&cluster.describe("t")?);
     for (role, addr) in &copies {
-        refused_everywhere(
-            &pki_dir,
-            Role::Node,
-            "node2",
-            *addr,
-            vol,
-            Status::StaleEpoch,
-        )
-        .with_context(|| format!("detached node2 on the {role}"))?;
+        refused_everywhere(&pki_dir, Role::Node, "node2", *addr, vol, fenced(e))
+            .with_context(|| format!("detached node2 on the {role}"))?;
     }
     let (st, _) = vm2.read(0, 0, 4096)?;
     assert_eq!(st, VIRTIO_BLK_S_IOERR, "a detached node's read fails");
@@ -288,15 +296,8 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
     let d = cluster.describe("t")?;
     let (_, copies) = layout(&cluster, &d)?;
     for (role, addr) in &copies {
-        refused_everywhere(
-            &pki_dir,
-            Role::Node,
-            "node1",
-            *addr,
-            vol,
-            Status::StaleEpoch,
-        )
-        .with_context(|| format!("taken-over node1 on the {role}"))?;
+        refused_everywhere(&pki_dir, Role::Node, "node1", *addr, vol, fenced(epoch(&d)))
+            .with_context(|| format!("taken-over node1 on the {role}"))?;
     }
     let st = vm1.write(0, 0, &pattern(0xE, 0, 4096))?;
     assert_eq!(
@@ -321,5 +322,87 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
             "sector {s} changed"
         );
     }
+    Ok(())
+}
+
+/// A7: a storage server whose copies lost their access lists (as after an upgrade from before
+/// access lists: members files with mirror lines only) is given them again by the reconciler,
+/// without an epoch change; the writer's guest stalls meanwhile, never fails.
+#[test]
+fn an_access_list_lost_on_a_server_is_pushed_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Long failure and primary timeouts: the primary's restart must not cause a failover here
+    // (neither through its missing heartbeats nor through keel-vhost's report).
+    let cluster = Cluster::up_with_args(
+        &dir.path().join("keel"),
+        2,
+        "4GiB",
+        &[
+            "--failure-timeout-ms",
+            "60000",
+            "--primary-timeout-ms",
+            "60000",
+        ],
+    )?;
+    cluster.json(&["volume", "create", "64MiB", "--name", "t"])?;
+    let (sock, _) = cluster.attach("t", "node1", "vm1", &[])?;
+    let mut vm1 = vmm(&sock)?;
+    write_spots(&mut vm1, 0xA)?;
+    let d = cluster.describe("t")?;
+    let e0 = epoch(&d);
+    let primary_id = d["copies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["role"] == "primary"))
+        .and_then(|c| c["server"].as_str())
+        .context("no primary")?
+        .to_string();
+    let name = format!("storage-{primary_id}");
+    cluster.hold(&name)?;
+    let old = cluster.kill9(&name)?;
+    let copies_dir = cluster.dir.join("storage").join(&primary_id).join("copies");
+    let mut stripped = 0;
+    for e in std::fs::read_dir(&copies_dir)?.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "members") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p)?;
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("node ") && !l.starts_with("primary "))
+            .collect();
+        anyhow::ensure!(
+            kept.len() < text.lines().count(),
+            "{text:?} had no access entries"
+        );
+        stripped += 1;
+        if kept.is_empty() {
+            std::fs::remove_file(&p)?;
+        } else {
+            std::fs::write(&p, kept.join("\n") + "\n")?;
+        }
+    }
+    assert_eq!(stripped, 1, "one copy's list in {}", copies_dir.display());
+    cluster.release(&name)?;
+    cluster.wait_restart(&name, old)?;
+    // The writer goes on (after a stall while the reconciler pushes the list again).
+    write_spots(&mut vm1, 0xC)?;
+    verify_spots(
+        &mut vm1,
+        0xC,
+        "the writer after its primary's list was restored",
+    )?;
+    let d = cluster.describe("t")?;
+    assert_eq!(epoch(&d), e0, "restoring an access list needs no new epoch");
+    let restored = std::fs::read_dir(&copies_dir)?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "members"))
+        .map(|e| std::fs::read_to_string(e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .concat();
+    assert!(
+        restored.contains("node node1 rw") && restored.contains(&format!("primary {primary_id}")),
+        "the primary's list was not pushed again: {restored:?}"
+    );
     Ok(())
 }

@@ -116,7 +116,7 @@ async fn connect_and_claim(
     server: SocketAddr,
     epoch: Epoch,
     generation: u64,
-) -> Result<(ClientStream, keel_proto::tls::Identity), keel_proto::io::FrameIoError> {
+) -> Result<Option<(ClientStream, keel_proto::tls::Identity)>, keel_proto::io::FrameIoError> {
     let (mut s, peer) = connect(server, cfg.tls.clone(), Role::Storage).await?;
     let mut claim = Request::new(Op::Claim, 0, cfg.volume, epoch);
     claim.offset = generation;
@@ -130,13 +130,11 @@ async fn connect_and_claim(
                 "claim at generation {generation} refused: a newer connection of this client exists"
             )))
         }
+        // No grant for this node there (yet): retried with backoff, the guest stalls.
         Some(Frame::Response(r)) if r.request_id == 0 && r.status == Status::Unauthorized => {
-            // No grant for this node there (yet): retried with backoff, the guest stalls.
-            Err(keel_proto::io::FrameIoError::Handshake(
-                "claim refused: the server holds no grant for this node on the volume (not attached, or the controller's push has not reached it yet)".into(),
-            ))
+            Ok(None)
         }
-        Some(Frame::Response(r)) if r.request_id == 0 => Ok((s, peer)),
+        Some(Frame::Response(r)) if r.request_id == 0 => Ok(Some((s, peer))),
         Some(other) => Err(keel_proto::io::FrameIoError::Handshake(format!(
             "expected the claim's answer, got {other:?}"
         ))),
@@ -687,13 +685,26 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
             }
         };
         let stream = match attempt {
-            Ok((s, peer)) => {
+            Ok(Some((s, peer))) => {
                 tracing::info!(%server, %peer, volume = %cfg.volume, resend = t.inflight.len(), "connected to storage");
                 backoff = Duration::from_millis(50);
                 s
             }
-            Err(e) => {
-                tracing::warn!(%server, error = %e, retry_in = ?backoff, "cannot reach storage; requests stall until it answers");
+            failed => {
+                match failed {
+                    Err(e) => {
+                        tracing::warn!(%server, error = %e, retry_in = ?backoff, "cannot reach storage; requests stall until it answers")
+                    }
+                    Ok(_) => {
+                        // The server answered: it is alive, it just holds no grant for this
+                        // node yet (docs/security.md).
+                        t.note_answer(Instant::now());
+                        if !t.unauthorized_logged {
+                            t.unauthorized_logged = true;
+                            tracing::warn!(%server, volume = %cfg.volume, "the storage server holds no grant for this node on the volume (not attached there, or the controller's push has not reached it yet): requests stall and the claim is retried");
+                        }
+                    }
+                }
                 let sleep = tokio::time::sleep(backoff);
                 tokio::pin!(sleep);
                 let mut switched = false;
