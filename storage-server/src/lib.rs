@@ -1,5 +1,6 @@
 //! keel-storage: holds volume copies on local disk and serves Keel's data path.
 //!
+//! * [`admission`]: who may send a data request to a copy, and at which epochs (pure rules).
 //! * [`copy`]: one copy's on-disk format and its I/O (see `docs/format.md`).
 //! * [`sync`]: group commit of fdatasync for flushes and FUA writes.
 //! * [`dirty`]: a primary's dirty-chunk maps of its mirrors, for incremental resync.
@@ -10,6 +11,7 @@
 //! * [`register`]: registration with the controller and heartbeats.
 //! * [`daemon`]: the `keel-storage` daemon's arguments and main loop.
 
+pub mod admission;
 pub mod copy;
 pub mod daemon;
 pub mod dirty;

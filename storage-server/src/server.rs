@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::is_mutation;
 use crate::copy::{Copy, CopyError, CopyRole, Refusal, SECTOR};
 use crate::replicate::{Replication, Replicator};
 use crate::session::Session;
@@ -402,15 +403,10 @@ enum Next {
     Claim(Arc<Copy>),
 }
 
-/// Whether an op changes data (what a dirty-chunk map records).
-fn mutation(op: Op) -> bool {
-    matches!(op, Op::Write | Op::WriteZeroes | Op::Discard)
-}
-
 /// A node's mutation applied on the local path only (the copy had no mirror to send it to):
 /// dirty for every mirror the copy tracks (a dropped mirror, R7).
 fn mark_local(copy: &Copy, req_op: Op, offset: u64, len: u32, peer: Role) {
-    if peer == Role::Node && mutation(req_op) {
+    if peer == Role::Node && is_mutation(req_op) {
         copy.dirty().mark_unacked(offset, u64::from(len), &[]);
     }
 }
@@ -654,7 +650,7 @@ async fn replicate(
     // the ask and blocks.
     let mut refuse_for = Vec::new();
     if let Some(acked) = &acked {
-        if mutation(mirror_req.op) {
+        if is_mutation(mirror_req.op) {
             copy.dirty()
                 .mark_unacked(mirror_req.offset, u64::from(mirror_req.length), acked);
         }
