@@ -105,6 +105,28 @@ fn signal(child: &Child, sig: i32) {
 /// controller (`--create`, [`replicate`]); any other node is refused (docs/security.md).
 pub const TEST_NODES: [&str; 2] = ["n1", "n2"];
 
+/// Waits (up to 5 s) until every thread of process `pid` is stopped (`T` in
+/// `/proc/PID/task/*/stat`).
+fn wait_stopped(pid: u32) {
+    let stopped = || -> Option<bool> {
+        let mut all = true;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // The state follows the command name, which is in parentheses.
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            all &= state == "T" || state == "t";
+        }
+        Some(all)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stopped() == Some(false) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// A running keel-storage.
 pub struct Storage {
     child: Option<Child>,
@@ -195,10 +217,16 @@ impl Storage {
         self.child.take()
     }
 
-    /// SIGSTOP / SIGCONT.
+    /// SIGSTOP / SIGCONT. A stop returns once every thread of the process is stopped: the
+    /// signal alone is asynchronous, and on a busy machine a thread could still answer a
+    /// request sent right after it (seen once: `hung_mirror_times_out_into_not_primary` got
+    /// `ok` from a mirror it had just stopped).
     pub fn pause(&self, on: bool) {
         if let Some(c) = &self.child {
             signal(c, if on { libc::SIGSTOP } else { libc::SIGCONT });
+            if on {
+                wait_stopped(c.id());
+            }
         }
     }
 }
