@@ -1,7 +1,51 @@
 //! The records of the controller's JSON API (`/v1/...`). Field names are the stable JSON
 //! names scripts rely on; new fields may be added, none are renamed or removed within `v1`.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Request bodies must be JSON objects: serde's derived `Deserialize` also reads a struct from
+/// an array of its fields in order (`["1GiB"]` would be a create), which the API refuses. Each
+/// request record derives with `#[serde(remote = "Self")]` (inherent `serialize` and
+/// `deserialize`), and this implements the traits: serialization unchanged, deserialization
+/// only from a map.
+macro_rules! object_only {
+    ($($ty:ident),* $(,)?) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                $ty::serialize(self, s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct ObjectOnly;
+                impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str(concat!("a JSON object (", stringify!($ty), ")"))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$ty, A::Error> {
+                        $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(ObjectOnly)
+            }
+        }
+    )*};
+}
+
+object_only!(
+    ServerRegistration,
+    ServerHeartbeat,
+    NodeRegistration,
+    NodeHeartbeat,
+    CreateVolume,
+    ResizeVolume,
+    AttachVolume,
+    DetachVolume,
+    MirrorFailed,
+    PrimaryUnreachable,
+);
 
 /// A size in a request body: a byte count (`1073741824`) or a human size (`"1GiB"`, `"512MiB"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +67,7 @@ impl SizeInput {
 
 /// `POST /v1/servers`: a storage server announces itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct ServerRegistration {
     /// Must equal the id in the caller's certificate (`keel://storage/<id>`).
     pub id: String,
@@ -60,6 +105,7 @@ pub struct ServerCounters {
 
 /// `POST /v1/servers/{id}/heartbeat`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct ServerHeartbeat {
     /// Bytes the server's copies occupy (provisioned sizes).
     pub used_bytes: u64,
@@ -113,6 +159,7 @@ pub struct ServerInfo {
 
 /// `POST /v1/nodes`: a node manager announces itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct NodeRegistration {
     /// Must equal the id in the caller's certificate (`keel://node/<id>`).
     pub id: String,
@@ -131,6 +178,7 @@ pub struct AttachmentReport {
 
 /// `POST /v1/nodes/{id}/heartbeat`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct NodeHeartbeat {
     pub attachments: Vec<AttachmentReport>,
 }
@@ -147,6 +195,8 @@ pub struct NodeInfo {
 
 /// `POST /v1/volumes`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+#[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub size: SizeInput,
     /// Copies to keep on distinct servers, 1 to 3 (2 when absent: a primary and one mirror).
@@ -158,12 +208,16 @@ pub struct CreateVolume {
 
 /// `POST /v1/volumes/{id}/resize`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+#[serde(deny_unknown_fields)]
 pub struct ResizeVolume {
     pub size: SizeInput,
 }
 
 /// `POST /v1/volumes/{id}/attach`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+#[serde(deny_unknown_fields)]
 pub struct AttachVolume {
     pub node: String,
     pub instance: String,
@@ -176,6 +230,8 @@ pub struct AttachVolume {
 
 /// `POST /v1/volumes/{id}/detach`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
+#[serde(deny_unknown_fields)]
 pub struct DetachVolume {
     pub node: String,
     pub instance: String,
@@ -299,6 +355,7 @@ pub struct HealthInfo {
 /// `POST /v1/volumes/{id}/mirror-failed`: the volume's primary could not replicate to one of
 /// its in-sync mirrors (docs/replication.md, R5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct MirrorFailed {
     /// The mirror's data-path address, `IP:PORT`, as in the primary's membership.
     pub mirror: String,
@@ -317,6 +374,7 @@ pub struct MembershipInfo {
 /// controller probes the primary itself before it promotes a mirror, so one node's broken
 /// link cannot flap the volume (docs/replication.md, R6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct PrimaryUnreachable {
     /// The data-path address (`IP:PORT`) keel-vhost was sending to.
     pub server: String,

@@ -1,13 +1,22 @@
 //! The records the controller keeps in its metadata store, one record per key:
 //! `server/<id>`, `node/<id>`, `volume/<hex id>`. A volume record holds its copies and
 //! attachments, so every volume change (attach, takeover, resize, delete) is one
-//! compare-and-swap of one record.
+//! compare-and-swap of one record. Two kinds of keys make multi-record decisions atomic (one
+//! store transaction with the volume record):
+//! * `name/<name>` → the JSON string of the id of the volume with that name (created only if
+//!   absent, together with the volume; removed with it). `""` marks a name several volumes
+//!   created before the index held: it resolves only while one of them is left.
+//! * `alloc/<server>` → a reservation fence: every change that adds bytes to a server's copies
+//!   rewrites it, comparing the version read *before* counting the server's allocation, so two
+//!   reservations counted against the same allocation cannot both commit.
 
 use serde::{Deserialize, Serialize};
 
 pub const SERVER_PREFIX: &str = "server/";
 pub const NODE_PREFIX: &str = "node/";
 pub const VOLUME_PREFIX: &str = "volume/";
+pub const NAME_PREFIX: &str = "name/";
+pub const ALLOC_PREFIX: &str = "alloc/";
 
 pub fn server_key(id: &str) -> String {
     format!("{SERVER_PREFIX}{id}")
@@ -17,6 +26,12 @@ pub fn node_key(id: &str) -> String {
 }
 pub fn volume_key(id: &str) -> String {
     format!("{VOLUME_PREFIX}{id}")
+}
+pub fn name_key(name: &str) -> String {
+    format!("{NAME_PREFIX}{name}")
+}
+pub fn alloc_key(server: &str) -> String {
+    format!("{ALLOC_PREFIX}{server}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,4 +167,78 @@ pub fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The id an argument names if it has the shape of a volume id: 1 to 32 hex digits
+/// (case-insensitive), optionally after `vol-` — what `keel_proto::VolumeId` parses. Returned
+/// as stored: lowercase, without the prefix. Volume names never have this shape (see
+/// [`volume_name_problem`]), so an argument is either an id or a name, never both.
+pub fn id_shape(s: &str) -> Option<String> {
+    let t = s.strip_prefix("vol-").unwrap_or(s);
+    (!t.is_empty() && t.len() <= 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| t.to_ascii_lowercase())
+}
+
+/// Why `s` cannot be a volume name, if it cannot: a name is 1 to 64 of `[A-Za-z0-9._-]`, not
+/// only hex digits, and not starting with `vol-` (any case) — the shapes of volume ids.
+pub fn volume_name_problem(s: &str) -> Option<&'static str> {
+    if !valid_name(s) {
+        Some("use 1 to 64 letters, digits, '.', '_' or '-'")
+    } else if s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some("a name of hex digits only has the shape of a volume id; add a letter beyond a-f or another character")
+    } else if s.len() >= 4 && s[..4].eq_ignore_ascii_case("vol-") {
+        Some("names starting with \"vol-\" are reserved for volume ids")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_names_do_not_overlap() {
+        assert_eq!(
+            id_shape("8453725B2D48D218").as_deref(),
+            Some("8453725b2d48d218")
+        );
+        assert_eq!(
+            id_shape("vol-8453725b2d48d218").as_deref(),
+            Some("8453725b2d48d218")
+        );
+        assert_eq!(id_shape("deadbeef").as_deref(), Some("deadbeef"));
+        assert_eq!(id_shape("data1"), None);
+        assert_eq!(id_shape("vol-"), None);
+        for bad in [
+            "deadbeef",
+            "8453725b2d48d218",
+            "vol-8453725b2d48d218",
+            "VOL-x",
+            "vol-data",
+            "",
+            "a b",
+            "0123456789abcdef0123456789abcdef0",
+        ] {
+            assert!(volume_name_problem(bad).is_some(), "{bad:?} accepted");
+        }
+        for good in ["data1", "race-2", "vm.disk_0", "volume-1", "x"] {
+            assert_eq!(volume_name_problem(good), None, "{good:?} refused");
+            assert_eq!(id_shape(good), None, "{good:?} is id-shaped");
+        }
+        // Every id shape is refused as a name.
+        for id in [
+            "a",
+            "0",
+            "vol-0",
+            "vol-ABC",
+            "ffffffffffffffffffffffffffffffff",
+        ] {
+            assert!(id_shape(id).is_some());
+            assert!(
+                volume_name_problem(id).is_some(),
+                "{id:?} accepted as a name"
+            );
+        }
+    }
 }

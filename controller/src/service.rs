@@ -3,7 +3,9 @@
 //!
 //! Ordering rules (see docs/controller.md):
 //! 1. A change is first committed to the metadata store (one compare-and-swap of one
-//!    record), then pushed to the storage servers. A push that fails is retried by the
+//!    record, or one transaction over every record the decision read: a volume's name key,
+//!    the reservation fences of the servers it takes room on), then pushed to the storage
+//!    servers. A push that fails is retried by the
 //!    reconciler until the server reports the recorded state.
 //! 2. A read-write attach (and a forced detach) bumps the volume's epoch. The API answers only
 //!    after the push of the new epoch to the copies was tried; once a copy has it, it refuses
@@ -21,7 +23,6 @@ use keel_api::{
     NodeAttachment, NodeAttachments, NodeHeartbeat, NodeInfo, NodeRegistration, ResizeVolume,
     ServerHeartbeat, ServerInfo, ServerRegistration, VolumeInfo, VolumeState,
 };
-use keel_proto::VolumeId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -200,6 +201,23 @@ fn check_name(what: &str, s: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Refuses what cannot be a volume name (id shapes included: ids and names never collide).
+fn check_volume_name(s: &str) -> Result<(), ApiError> {
+    match volume_name_problem(s) {
+        None => Ok(()),
+        Some(why) => Err(ApiError::bad_request(format!(
+            "volume name {s:?} is refused: {why}"
+        ))),
+    }
+}
+
+fn to_json<T: Serialize>(t: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(t).map_err(|e| ApiError::internal(format!("encoding a record: {e}")))
+}
+
+/// How often a transaction that lost a race is re-read and retried before the API answers 503.
+const TXN_ATTEMPTS: usize = 64;
+
 fn new_volume_id() -> String {
     let mut b = [0u8; 8];
     let ok = std::fs::File::open("/dev/urandom")
@@ -219,14 +237,185 @@ fn new_volume_id() -> String {
 
 impl Controller {
     pub fn new(store: Arc<dyn MetaStore>, push: Pusher, cfg: Config) -> Arc<Controller> {
-        Arc::new(Controller {
+        let c = Arc::new(Controller {
             store,
             push,
             live: Mutex::new(Live::default()),
             cfg,
             started: Instant::now(),
             probes: Mutex::new(HashMap::new()),
-        })
+        });
+        if let Err(e) = c.index_names() {
+            tracing::warn!(error = %e, "indexing volume names failed; names resolve by scanning");
+        }
+        c
+    }
+
+    /// Builds the `name/` keys of volumes created before the name index existed (and repairs
+    /// markers of names held by several such volumes once one is left). A name several of
+    /// them share gets the marker `""`: it is refused for new volumes, and resolving it is
+    /// refused while more than one holds it.
+    fn index_names(&self) -> Result<(), ApiError> {
+        let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (v, _) in self.list::<VolumeRecord>(VOLUME_PREFIX)? {
+            if let Some(n) = v.name {
+                by_name.entry(n).or_default().push(v.id);
+            }
+        }
+        for (key, v) in blocking(|| self.store.list(NAME_PREFIX))? {
+            let name = &key[NAME_PREFIX.len()..];
+            if !by_name.contains_key(name) && v.value == b"\"\"" {
+                let _ = self.txn(&[(key.clone(), v.version)], &[], std::slice::from_ref(&key))?;
+            }
+        }
+        for (name, ids) in by_name {
+            let key = name_key(&name);
+            let want = if ids.len() == 1 {
+                ids[0].clone()
+            } else {
+                String::new()
+            };
+            let (expected, put) = match self.load::<String>(&key)? {
+                None => (0, true),
+                Some((cur, ver)) => (ver, cur.is_empty() && !want.is_empty()),
+            };
+            if put {
+                if ids.len() > 1 {
+                    tracing::warn!(name = %name, ids = ?ids, "volumes created before names were unique share a name: resolve them by id");
+                }
+                self.txn(&[(key.clone(), expected)], &[(key, to_json(&want)?)], &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One store transaction (see [`MetaStore::txn`]): `Ok(true)` when applied.
+    fn txn(
+        &self,
+        compares: &[(String, u64)],
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<bool, ApiError> {
+        let compares: Vec<(&str, u64)> = compares.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let puts: Vec<(&str, &[u8])> = puts
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let deletes: Vec<&str> = deletes.iter().map(String::as_str).collect();
+        Ok(blocking(|| self.store.txn(&compares, &puts, &deletes))?.is_some())
+    }
+
+    /// The versions of the servers' reservation fences (`alloc/<server>`; 0: none yet). Read
+    /// before counting allocations: a reservation compares them.
+    fn fences(&self) -> Result<HashMap<String, u64>, ApiError> {
+        Ok(blocking(|| self.store.list(ALLOC_PREFIX))?
+            .into_iter()
+            .map(|(k, v)| (k[ALLOC_PREFIX.len()..].to_string(), v.version))
+            .collect())
+    }
+
+    /// Like [`Controller::update_volume`] for changes that take room on servers: `f` sees the
+    /// record and the current allocations and returns the servers it adds bytes to (`None`:
+    /// nothing to change). The record and those servers' fences are written in one
+    /// transaction comparing the versions read before the allocations were counted, so two
+    /// reservations can never both count the same free space. Returns the record and whether
+    /// it changed.
+    fn update_volume_reserving(
+        &self,
+        id: &str,
+        mut f: impl FnMut(
+            &mut VolumeRecord,
+            &HashMap<String, (u64, u64)>,
+        ) -> Result<Option<Vec<String>>, ApiError>,
+    ) -> Result<(VolumeRecord, bool), ApiError> {
+        let key = volume_key(id);
+        for _ in 0..TXN_ATTEMPTS {
+            let fences = self.fences()?;
+            let alloc = self.allocations()?;
+            let (mut vol, version) = self
+                .load::<VolumeRecord>(&key)?
+                .ok_or_else(|| ApiError::not_found(format!("volume {id} not found")))?;
+            let Some(servers) = f(&mut vol, &alloc)? else {
+                return Ok((vol, false));
+            };
+            let mut compares = vec![(key.clone(), version)];
+            let mut puts = vec![(key.clone(), to_json(&vol)?)];
+            for s in &servers {
+                compares.push((alloc_key(s), fences.get(s).copied().unwrap_or(0)));
+                puts.push((alloc_key(s), to_json(&id)?));
+            }
+            if self.txn(&compares, &puts, &[])? {
+                return Ok((vol, true));
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "volume {id} keeps changing concurrently; retry"
+        )))
+    }
+
+    /// Removes a volume's record, and its name key if it names this volume, in one
+    /// transaction — if the record still satisfies `only_if`.
+    fn remove_volume(
+        &self,
+        id: &str,
+        only_if: impl Fn(&VolumeRecord) -> bool,
+    ) -> Result<(), ApiError> {
+        let key = volume_key(id);
+        for _ in 0..TXN_ATTEMPTS {
+            let Some((cur, ver)) = self.load::<VolumeRecord>(&key)? else {
+                return Ok(());
+            };
+            if !only_if(&cur) {
+                return Ok(());
+            }
+            let mut compares = vec![(key.clone(), ver)];
+            let mut deletes = vec![key.clone()];
+            if let Some(n) = &cur.name {
+                let nk = name_key(n);
+                if let Some((holder, nver)) = self.load::<String>(&nk)? {
+                    if holder == id {
+                        compares.push((nk.clone(), nver));
+                        deletes.push(nk);
+                    }
+                }
+            }
+            if self.txn(&compares, &[], &deletes)? {
+                return Ok(());
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "volume {id} keeps changing concurrently; retry"
+        )))
+    }
+
+    /// The volume named `name`: through its `name/` key; for names indexed as shared by
+    /// volumes older than the index (or, defensively, an index that does not match), by a
+    /// scan that refuses ambiguity.
+    fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRecord>, ApiError> {
+        let Some((id, _)) = self.load::<String>(&name_key(name))? else {
+            return Ok(None);
+        };
+        if !id.is_empty() {
+            if let Some((v, _)) = self.load::<VolumeRecord>(&volume_key(&id))? {
+                if v.name.as_deref() == Some(name) {
+                    return Ok(Some(v));
+                }
+            }
+        }
+        let mut found: Vec<VolumeRecord> = self
+            .list::<VolumeRecord>(VOLUME_PREFIX)?
+            .into_iter()
+            .map(|(v, _)| v)
+            .filter(|v| v.name.as_deref() == Some(name))
+            .collect();
+        if found.len() > 1 {
+            let ids: Vec<&str> = found.iter().map(|v| v.id.as_str()).collect();
+            return Err(ApiError::conflict(format!(
+                "several volumes created before names were unique are named {name}: {}; use the id",
+                ids.join(", ")
+            )));
+        }
+        Ok(found.pop())
     }
 
     pub fn store(&self) -> &Arc<dyn MetaStore> {
@@ -640,34 +829,28 @@ impl Controller {
 
     // ----- volumes -----
 
-    /// Finds a volume by id or by name.
+    /// Finds a volume by id or by name. An argument of id shape (1 to 32 hex digits,
+    /// optionally after `vol-`) is looked up as an id only, anything else as a name only:
+    /// names never have an id's shape, so one can never reach another volume.
     pub fn resolve(&self, id_or_name: &str) -> Result<VolumeRecord, ApiError> {
-        if id_or_name.parse::<VolumeId>().is_ok() {
-            let id = id_or_name
-                .strip_prefix("vol-")
-                .unwrap_or(id_or_name)
-                .to_ascii_lowercase();
-            if let Some((v, _)) = self.load::<VolumeRecord>(&volume_key(&id))? {
-                return Ok(v);
-            }
+        if let Some(id) = id_shape(id_or_name) {
+            return match self.load::<VolumeRecord>(&volume_key(&id))? {
+                Some((v, _)) => Ok(v),
+                None => Err(ApiError::not_found(format!(
+                    "no volume has the id {id} (an argument of hex digits, optionally after vol-, is always an id, never a name; `keelctl volume list` shows the volumes)"
+                ))),
+            };
         }
-        if valid_name(id_or_name) {
-            let found: Vec<VolumeRecord> = self
-                .list::<VolumeRecord>(VOLUME_PREFIX)?
-                .into_iter()
-                .map(|(v, _)| v)
-                .filter(|v| v.name.as_deref() == Some(id_or_name))
-                .collect();
-            if let Some(v) = found.into_iter().next() {
-                return Ok(v);
-            }
-            return Err(ApiError::not_found(format!(
-                "volume {id_or_name} not found (no volume has that id or name; `keelctl volume list` shows them)"
+        if !valid_name(id_or_name) {
+            return Err(ApiError::bad_request(format!(
+                "{id_or_name:?} is neither a volume id (hex digits, optionally after vol-) nor a volume name (1 to 64 letters, digits, '.', '_' or '-')"
             )));
         }
-        Err(ApiError::bad_request(format!(
-            "{id_or_name:?} is not a volume id (hex digits) or name"
-        )))
+        self.volume_by_name(id_or_name)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no volume is named {id_or_name} (`keelctl volume list` shows the volumes)"
+            ))
+        })
     }
 
     fn volume_info(&self, v: &VolumeRecord) -> Result<VolumeInfo, ApiError> {
@@ -790,69 +973,91 @@ impl Controller {
             )));
         }
         if let Some(n) = &req.name {
-            check_name("volume name", n)?;
-            if n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ApiError::bad_request(format!(
-                    "volume name {n:?} has the form of a volume id (16 hex digits); pick another name"
-                )));
+            check_volume_name(n)?;
+        }
+        // One transaction: the record, its name key (only if absent) and the fences of the
+        // servers it takes room on (only if no other reservation came since the allocations
+        // were counted). A lost race re-reads and decides again.
+        let mut committed = None;
+        for _ in 0..TXN_ATTEMPTS {
+            let mut compares = Vec::new();
+            let mut puts = Vec::new();
+            if let Some(n) = &req.name {
+                if let Some((holder, _)) = self.load::<String>(&name_key(n))? {
+                    return Err(ApiError::conflict(if holder.is_empty() {
+                        format!("the name {n} is taken by several volumes created before names were unique")
+                    } else {
+                        format!("a volume named {n} exists already: {holder}")
+                    }));
+                }
+                compares.push((name_key(n), 0));
             }
-            if self
-                .list::<VolumeRecord>(VOLUME_PREFIX)?
-                .iter()
-                .any(|(v, _)| v.name.as_deref() == Some(n.as_str()))
-            {
-                return Err(ApiError::conflict(format!(
-                    "a volume named {n} exists already"
-                )));
+            let fences = self.fences()?;
+            let alloc = self.allocations()?;
+            let candidates: Vec<Candidate> = self
+                .list::<ServerRecord>(SERVER_PREFIX)?
+                .into_iter()
+                .map(|(s, _)| Candidate {
+                    up: self.server_up(&s.id),
+                    allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
+                    id: s.id,
+                    zone: s.zone,
+                    capacity_bytes: s.capacity_bytes,
+                })
+                .collect();
+            let chosen = place(&candidates, size, replicas as usize).map_err(|e| {
+                let hint = if req.replicas.is_none() {
+                    format!(" (volumes get {DEFAULT_REPLICAS} copies unless `replicas` says otherwise; pass --replicas 1 for an unreplicated volume)")
+                } else {
+                    String::new()
+                };
+                ApiError::insufficient(format!("{e}{hint}"))
+            })?;
+            let id = new_volume_id();
+            let rec = VolumeRecord {
+                id: id.clone(),
+                name: req.name.clone(),
+                size,
+                replicas,
+                state: VolumeRecordState::Creating,
+                epoch: 1,
+                writer_epoch: 1,
+                copies: chosen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| CopyRecord {
+                        server: s.clone(),
+                        in_sync: true,
+                        rebuilding: false,
+                        role: if i == 0 {
+                            CopyRole::Primary
+                        } else {
+                            CopyRole::Mirror
+                        },
+                    })
+                    .collect(),
+                attachments: vec![],
+                created_at_unix: now_unix(),
+            };
+            compares.push((volume_key(&id), 0));
+            puts.push((volume_key(&id), to_json(&rec)?));
+            if let Some(n) = &req.name {
+                puts.push((name_key(n), to_json(&id)?));
+            }
+            for s in &chosen {
+                compares.push((alloc_key(s), fences.get(s).copied().unwrap_or(0)));
+                puts.push((alloc_key(s), to_json(&id)?));
+            }
+            if self.txn(&compares, &puts, &[])? {
+                committed = Some((id, rec, chosen));
+                break;
             }
         }
-        let alloc = self.allocations()?;
-        let candidates: Vec<Candidate> = self
-            .list::<ServerRecord>(SERVER_PREFIX)?
-            .into_iter()
-            .map(|(s, _)| Candidate {
-                up: self.server_up(&s.id),
-                allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
-                id: s.id,
-                zone: s.zone,
-                capacity_bytes: s.capacity_bytes,
-            })
-            .collect();
-        let chosen = place(&candidates, size, replicas as usize).map_err(|e| {
-            let hint = if req.replicas.is_none() {
-                format!(" (volumes get {DEFAULT_REPLICAS} copies unless `replicas` says otherwise; pass --replicas 1 for an unreplicated volume)")
-            } else {
-                String::new()
-            };
-            ApiError::insufficient(format!("{e}{hint}"))
-        })?;
-        let id = new_volume_id();
-        let rec = VolumeRecord {
-            id: id.clone(),
-            name: req.name.clone(),
-            size,
-            replicas,
-            state: VolumeRecordState::Creating,
-            epoch: 1,
-            writer_epoch: 1,
-            copies: chosen
-                .iter()
-                .enumerate()
-                .map(|(i, s)| CopyRecord {
-                    server: s.clone(),
-                    in_sync: true,
-                    rebuilding: false,
-                    role: if i == 0 {
-                        CopyRole::Primary
-                    } else {
-                        CopyRole::Mirror
-                    },
-                })
-                .collect(),
-            attachments: vec![],
-            created_at_unix: now_unix(),
+        let Some((id, rec, chosen)) = committed else {
+            return Err(ApiError::unavailable(
+                "volume not created: other creates kept taking the same servers; retry",
+            ));
         };
-        self.cas(&volume_key(&id), 0, Some(&rec))?;
         let addrs = self.server_addresses()?;
         let mut failed = None;
         for c in &rec.copies {
@@ -884,8 +1089,8 @@ impl Controller {
                     let _ = self.push.delete_copy(*addr, &rec.id).await;
                 }
             }
-            if let Some((_, ver)) = self.load::<VolumeRecord>(&volume_key(&id))? {
-                let _ = self.cas::<VolumeRecord>(&volume_key(&id), ver, None);
+            if let Err(e) = self.remove_volume(&id, |_| true) {
+                tracing::warn!(volume = %id, error = %e, "removing the record of a failed create");
             }
             return Err(ApiError::unavailable(format!(
                 "volume not created: {why}; check the storage servers (`keelctl server list`) and retry"
@@ -936,14 +1141,7 @@ impl Controller {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&v.id);
-            if let Some((cur, ver)) = self.load::<VolumeRecord>(&volume_key(&v.id))? {
-                if cur.state == VolumeRecordState::Deleting {
-                    match self.cas::<VolumeRecord>(&volume_key(&v.id), ver, None) {
-                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
+            self.remove_volume(&v.id, |cur| cur.state == VolumeRecordState::Deleting)?;
         }
         Ok(all)
     }
@@ -976,12 +1174,28 @@ impl Controller {
                 v.id, v.size
             )));
         }
-        if size > v.size {
+        let id = v.id.clone();
+        let servers: HashMap<String, ServerRecord> = self
+            .list::<ServerRecord>(SERVER_PREFIX)?
+            .into_iter()
+            .map(|(s, _)| (s.id.clone(), s))
+            .collect();
+        // The growth is reserved on every copy's server in one transaction with the record.
+        let (v, _) = self.update_volume_reserving(&id, |v, alloc| {
+            Self::ready(v)?;
+            if size < v.size {
+                return Err(ApiError::bad_request(format!(
+                    "volume {} is {} bytes; volumes only grow",
+                    v.id, v.size
+                )));
+            }
+            if size == v.size {
+                return Ok(None);
+            }
             let grow = size - v.size;
-            let alloc = self.allocations()?;
             for c in &v.copies {
-                let (rec, _) = self
-                    .load::<ServerRecord>(&server_key(&c.server))?
+                let rec = servers
+                    .get(&c.server)
                     .ok_or_else(|| ApiError::internal(format!("server {} vanished", c.server)))?;
                 let free = rec
                     .capacity_bytes
@@ -993,21 +1207,8 @@ impl Controller {
                     )));
                 }
             }
-        }
-        let id = v.id.clone();
-        let v = self.update_volume(&id, |v| {
-            Self::ready(v)?;
-            if size < v.size {
-                return Err(ApiError::bad_request(format!(
-                    "volume {} is {} bytes; volumes only grow",
-                    v.id, v.size
-                )));
-            }
-            if size == v.size {
-                return Ok(false);
-            }
             v.size = size;
-            Ok(true)
+            Ok(Some(v.copies.iter().map(|c| c.server.clone()).collect()))
         })?;
         let _ = self.push_membership(&v, true).await;
         tracing::info!(volume = %id, size, "volume resized");
@@ -1565,47 +1766,50 @@ impl Controller {
         {
             return Ok(None);
         }
-        let alloc = self.allocations()?;
-        let candidates: Vec<Candidate> = self
+        let servers: HashMap<String, ServerRecord> = self
             .list::<ServerRecord>(SERVER_PREFIX)?
             .into_iter()
-            .filter(|(s, _)| !v.copies.iter().any(|c| c.server == s.id))
-            .map(|(s, _)| Candidate {
-                up: self.server_up(&s.id),
-                allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
-                id: s.id,
-                zone: s.zone,
-                capacity_bytes: s.capacity_bytes,
-            })
+            .map(|(s, _)| (s.id.clone(), s))
             .collect();
-        let used_zones: Vec<String> = {
-            let servers: HashMap<String, ServerRecord> = self
-                .list::<ServerRecord>(SERVER_PREFIX)?
-                .into_iter()
-                .map(|(s, _)| (s.id.clone(), s))
+        // Placement and the move commit in one transaction with the target's reservation
+        // fence, so a concurrent create cannot count the same free space.
+        let mut moved = None;
+        let mut target = String::new();
+        let (rec, _) = self.update_volume_reserving(&v.id, |r, alloc| {
+            moved = None;
+            let candidates: Vec<Candidate> = servers
+                .values()
+                .filter(|s| !r.copies.iter().any(|c| c.server == s.id))
+                .map(|s| Candidate {
+                    up: self.server_up(&s.id),
+                    allocated_bytes: alloc.get(&s.id).map(|a| a.0).unwrap_or(0),
+                    id: s.id.clone(),
+                    zone: s.zone.clone(),
+                    capacity_bytes: s.capacity_bytes,
+                })
                 .collect();
-            v.copies
+            let used_zones: Vec<String> = r
+                .copies
                 .iter()
                 .filter(|c| self.server_up(&c.server))
                 .filter_map(|c| servers.get(&c.server).map(|s| s.zone.clone()))
-                .collect()
-        };
-        // Prefer a zone the surviving copies do not use, else any server with room.
-        let fresh: Vec<Candidate> = candidates
-            .iter()
-            .filter(|c| !used_zones.contains(&c.zone))
-            .cloned()
-            .collect();
-        let Ok(chosen) = place(&fresh, v.size, 1).or_else(|_| place(&candidates, v.size, 1)) else {
-            return Ok(None);
-        };
-        let Some(target) = chosen.into_iter().next() else {
-            return Ok(None);
-        };
-        let mut moved = None;
-        let rec = self.update_volume(&v.id, |r| {
-            moved = membership::replace_lost_mirror(r, |s| self.server_up(s), &target).ok();
-            Ok(moved.is_some())
+                .collect();
+            // Prefer a zone the surviving copies do not use, else any server with room.
+            let fresh: Vec<Candidate> = candidates
+                .iter()
+                .filter(|c| !used_zones.contains(&c.zone))
+                .cloned()
+                .collect();
+            let Ok(chosen) = place(&fresh, r.size, 1).or_else(|_| place(&candidates, r.size, 1))
+            else {
+                return Ok(None);
+            };
+            let Some(t) = chosen.into_iter().next() else {
+                return Ok(None);
+            };
+            moved = membership::replace_lost_mirror(r, |s| self.server_up(s), &t).ok();
+            target = t.clone();
+            Ok(moved.is_some().then(|| vec![t]))
         })?;
         Ok(moved.map(|old| {
             tracing::warn!(volume = %rec.id, from = %old, to = %target, epoch = rec.epoch, "mirror's server lost: copy re-placed, rebuilding");
@@ -1750,6 +1954,88 @@ impl Controller {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    fn legacy_volume(id: &str, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            id: id.into(),
+            name: Some(name.into()),
+            size: 1 << 20,
+            replicas: 1,
+            state: VolumeRecordState::Ready,
+            epoch: 1,
+            writer_epoch: 1,
+            copies: vec![],
+            attachments: vec![],
+            created_at_unix: 1,
+        }
+    }
+
+    /// Volumes written before the name index: their names get `name/` keys at start; a name
+    /// several share resolves to none (409 listing them) until one is left; an old id-shaped
+    /// name never shadows an id.
+    #[test]
+    fn names_of_volumes_older_than_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            Arc::new(crate::store::RedbStore::open(&dir.path().join("meta.redb")).expect("store"));
+        let (a, b, c, d) = (
+            "8000000000000001",
+            "8000000000000002",
+            "8000000000000003",
+            "8000000000000004",
+        );
+        for v in [
+            legacy_volume(a, "alpha"),
+            legacy_volume(b, "dup"),
+            legacy_volume(c, "dup"),
+            legacy_volume(d, "8000000000000001"),
+        ] {
+            store
+                .put(&volume_key(&v.id), &serde_json::to_vec(&v).expect("json"))
+                .expect("put");
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let ctl = Controller::new(
+            store.clone(),
+            Pusher::new(Arc::new(tls), Duration::from_millis(100)),
+            Config::default(),
+        );
+        let key = |n: &str| {
+            store
+                .get(&name_key(n))
+                .expect("get")
+                .map(|v| serde_json::from_slice::<String>(&v.value).expect("json"))
+        };
+        assert_eq!(key("alpha").as_deref(), Some(a));
+        assert_eq!(key("dup").as_deref(), Some(""), "a shared name is marked");
+        assert_eq!(ctl.resolve("alpha").expect("alpha").id, a);
+        let e = ctl.resolve("dup").expect_err("ambiguous");
+        assert_eq!(e.code, "conflict");
+        assert!(
+            e.message.contains(b) && e.message.contains(c),
+            "{}",
+            e.message
+        );
+        // The id-shaped old name: its argument is the id of volume a, never volume d.
+        assert_eq!(ctl.resolve("8000000000000001").expect("id").id, a);
+        assert_eq!(ctl.resolve(d).expect("id").id, d);
+        // One of the two goes: the other answers to the name, and the next start indexes it.
+        ctl.remove_volume(b, |_| true).expect("remove");
+        assert_eq!(ctl.resolve("dup").expect("one left").id, c);
+        ctl.index_names().expect("index");
+        assert_eq!(key("dup").as_deref(), Some(c));
+        // Deleting a volume deletes its name key with it.
+        ctl.remove_volume(c, |_| true).expect("remove");
+        assert_eq!(key("dup"), None);
+        assert_eq!(ctl.resolve("dup").expect_err("gone").code, "not_found");
+        assert!(store.get(&volume_key(c)).expect("get").is_none());
+    }
 
     fn probe(server: &str, ago_ms: u64, answered: bool) -> LastProbe {
         LastProbe {

@@ -309,7 +309,8 @@ struct Field {
 }
 
 enum Record {
-    Struct(Vec<Field>),
+    /// Fields; `strict` when serde(deny_unknown_fields).
+    Struct { fields: Vec<Field>, strict: bool },
     /// Variants; `untagged` when serde(untagged).
     Enum {
         variants: Vec<String>,
@@ -346,9 +347,13 @@ fn api_records() -> BTreeMap<String, Record> {
         if let Some(rest) = line.strip_prefix("pub struct ") {
             let name = rest.trim_end_matches(" {").trim().to_string();
             let mut struct_default = false;
+            let mut strict = false;
             for a in &serde_attrs {
                 match *a {
                     "#[serde(default)]" => struct_default = true,
+                    "#[serde(deny_unknown_fields)]" => strict = true,
+                    // A request record read only from a JSON object (object_only! in types.rs).
+                    "#[serde(remote = \"Self\")]" => {}
                     other => panic!("unknown serde attribute {other} on {name}: update this test"),
                 }
             }
@@ -370,22 +375,34 @@ fn api_records() -> BTreeMap<String, Record> {
                     .unwrap_or_else(|| panic!("{name}: field {l:?} is not `pub name: Type,`"));
                 let (fname, ty) = f.split_once(':').expect("field name: type");
                 let mut default = struct_default;
+                // Optional and left out when absent: its schema is the inner type's.
+                let mut never_null = false;
                 for a in fattrs.drain(..) {
                     match a.as_str() {
                         "#[serde(default)]" => default = true,
+                        // Optional, and left out when absent (the schema allows both).
+                        "#[serde(default, skip_serializing_if = \"Option::is_none\")]" => {
+                            default = true;
+                            never_null = true;
+                        }
                         other if other.contains("serde") => {
                             panic!("unknown serde attribute {other} on {name}.{fname}: update this test")
                         }
                         _ => {}
                     }
                 }
+                let ty = ty.trim().trim_end_matches(',').trim();
+                let ty = match ty.strip_prefix("Option<").and_then(|t| t.strip_suffix('>')) {
+                    Some(inner) if never_null => inner,
+                    _ => ty,
+                };
                 fields.push(Field {
                     name: fname.trim().to_string(),
-                    ty: ty.trim().trim_end_matches(',').trim().to_string(),
+                    ty: ty.to_string(),
                     default,
                 });
             }
-            out.insert(name, Record::Struct(fields));
+            out.insert(name, Record::Struct { fields, strict });
         } else if let Some(rest) = line.strip_prefix("pub enum ") {
             let name = rest.trim_end_matches(" {").trim().to_string();
             let mut untagged = false;
@@ -518,7 +535,7 @@ fn schemas_have_exactly_the_fields_of_the_api_records() {
             panic!("no schema {sname} for keel_api::{name} in controller/openapi.json")
         });
         match record {
-            Record::Struct(fields) => {
+            Record::Struct { fields, strict } => {
                 assert_eq!(s["type"], "object", "{sname}");
                 let props = s["properties"]
                     .as_object()
@@ -529,11 +546,19 @@ fn schemas_have_exactly_the_fields_of_the_api_records() {
                     have, want,
                     "{sname}: properties differ from keel_api::{name}'s fields"
                 );
-                assert_ne!(
-                    s.get("additionalProperties"),
-                    Some(&json!(false)),
-                    "{sname}: serde ignores unknown fields, and v1 records may gain fields"
-                );
+                if strict {
+                    assert_eq!(
+                        s.get("additionalProperties"),
+                        Some(&json!(false)),
+                        "{sname}: keel_api::{name} refuses unknown fields (deny_unknown_fields)"
+                    );
+                } else {
+                    assert_ne!(
+                        s.get("additionalProperties"),
+                        Some(&json!(false)),
+                        "{sname}: serde ignores unknown fields, and v1 records may gain fields"
+                    );
+                }
                 let want_req: BTreeSet<&str> = fields
                     .iter()
                     .filter(|f| !f.default && !f.ty.starts_with("Option<"))
@@ -959,7 +984,42 @@ fn sample_cases() -> Vec<Value> {
         ),
         raw("HeartbeatAnswer", json!({ "crl_number": -1 }), false),
         raw("Error", json!({ "code": "not_found" }), false),
+        // Request bodies are objects; the operator requests refuse unknown fields.
+        raw("CreateVolume", json!(["1GiB"]), false),
+        raw("CreateVolume", json!({ "size": 1024, "replica": 1 }), false),
+        raw(
+            "AttachVolume",
+            json!({ "node": "n1", "instance": "vm1", "forced": true }),
+            false,
+        ),
     ];
+    // The volume name rule: the document's pattern accepts exactly the names the server does.
+    let long = "n".repeat(65);
+    for n in [
+        "data1",
+        "race-2",
+        "volume-1",
+        "x",
+        "beef.",
+        "cafe_",
+        "deadbeef",
+        "DEADBEEF",
+        "0",
+        "8453725b2d48d218",
+        "vol-8453725b2d48d218",
+        "VOL-x",
+        "vol-data",
+        "a b",
+        "",
+        long.as_str(),
+    ] {
+        let valid = keel_controller::model::volume_name_problem(n).is_none();
+        cases.push(raw(
+            "CreateVolume",
+            json!({ "size": 1024, "name": n }),
+            valid,
+        ));
+    }
     for state in [VolumeState::Available, VolumeState::Deleting] {
         cases.push(case(
             "VolumeInfo",
@@ -985,4 +1045,31 @@ fn serialized_records_validate_against_their_schemas() {
         .arg(&doc_file)
         .arg(&cases_file));
     assert!(ok, "records and schemas disagree:\n{out}");
+}
+
+/// The server reads request bodies as the document says: objects only (serde would otherwise
+/// read a struct from an array of its fields), unknown fields refused in operator requests and
+/// ignored in the daemons' reports.
+#[test]
+fn request_bodies_must_be_objects() {
+    let err = serde_json::from_str::<CreateVolume>(r#"["1GiB", 1, "x"]"#)
+        .expect_err("an array is not a create")
+        .to_string();
+    assert!(err.contains("expected a JSON object"), "{err}");
+    let err = serde_json::from_str::<CreateVolume>(r#"{"size": "1GiB", "replica": 1}"#)
+        .expect_err("unknown field")
+        .to_string();
+    assert!(err.contains("unknown field `replica`"), "{err}");
+    assert!(serde_json::from_str::<CreateVolume>(r#""1GiB""#).is_err());
+    assert!(serde_json::from_str::<AttachVolume>(r#"["n1", "vm1"]"#).is_err());
+    assert!(serde_json::from_str::<MirrorFailed>(r#"["127.0.0.1:1", 1]"#).is_err());
+    let ok: CreateVolume =
+        serde_json::from_str(r#"{"size": "1GiB", "name": "data1"}"#).expect("object");
+    assert_eq!(ok.name.as_deref(), Some("data1"));
+    let hb: ServerHeartbeat =
+        serde_json::from_str(r#"{"used_bytes": 0, "copies": [], "future": 1}"#)
+            .expect("daemons' reports may gain fields");
+    assert_eq!(hb.used_bytes, 0);
+    let round = serde_json::to_value(&ok).expect("serialize");
+    assert_eq!(round["name"], "data1");
 }

@@ -9,7 +9,12 @@
 //! * `watch` yields the newest revision, so a waiter learns that *something* changed and
 //!   re-reads what it cares about.
 //!
-//! Every state change of the controller is one compare-and-swap of one record.
+//! * `txn` applies puts and deletes of several keys atomically, only if every compared record
+//!   is still at the version read (0: absent) — etcd's `Txn` with `mod_revision` compares.
+//!
+//! A state change of the controller is one compare-and-swap of one record, or — when a
+//! decision reads several records (a volume's name, the servers' room) — one `txn` comparing
+//! every record the decision read.
 
 mod redb_store;
 
@@ -40,6 +45,17 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Writes `value` (or deletes, with `None`) only if the record's version is `expected`
     /// (0: the record must not exist). Returns the new version (the revision, for a delete).
     fn cas(&self, key: &str, expected: u64, value: Option<&[u8]>) -> Result<u64, StoreError>;
+    /// Atomically: if every `(key, version)` in `compares` holds (version 0: the key is
+    /// absent), writes every `puts` record and removes every `deletes` key (absent ones are
+    /// skipped), all stamped with one new revision. `Ok(Some(revision))` when applied (the
+    /// current revision if there was nothing to write), `Ok(None)` when a compare failed and
+    /// nothing was written. A key may not be both put and deleted.
+    fn txn(
+        &self,
+        compares: &[(&str, u64)],
+        puts: &[(&str, &[u8])],
+        deletes: &[&str],
+    ) -> Result<Option<u64>, StoreError>;
     /// Every record whose key starts with `prefix`, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
     /// The store-wide revision: the version of the newest write.
