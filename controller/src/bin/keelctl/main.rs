@@ -87,10 +87,12 @@ enum ListCmd {
 
 #[derive(Subcommand)]
 enum VolumeCmd {
-    /// Create a volume, e.g. `keelctl volume create 10GiB --name db`.
+    /// Create a volume, e.g. `keelctl volume create 10GiB --name data1`.
     Create {
         /// Size: bytes or e.g. 512MiB, 10GiB (a multiple of 512).
         size: String,
+        /// Unique name, usable instead of the id: 1 to 64 of [A-Za-z0-9._-], not only hex
+        /// digits and not starting with `vol-` (those are volume ids).
         #[arg(long)]
         name: Option<String>,
         /// Copies to keep on distinct servers (1–3; the controller's default is 2).
