@@ -365,12 +365,15 @@ proptest! {
     }
 
     /// The required and optional fields the OpenAPI document gives CreateVolume and
-    /// AttachVolume are the ones serde enforces (unknown fields are ignored).
+    /// AttachVolume are the ones serde enforces (unknown fields are refused:
+    /// `additionalProperties: false`).
     #[test]
     fn object_bodies_decode_exactly_when_their_fields_fit(m in json_object()) {
         let body = serde_json::to_vec(&m).expect("serialize");
 
-        let create_fits = m.get("size").is_some_and(|s| s.is_u64() || s.is_string())
+        let only = |allowed: &[&str]| m.keys().all(|k| allowed.contains(&k.as_str()));
+        let create_fits = only(&["size", "replicas", "name"])
+            && m.get("size").is_some_and(|s| s.is_u64() || s.is_string())
             && field_is(&m, "replicas", |r| r.is_null() || r.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)))
             && field_is(&m, "name", |n| n.is_null() || n.is_string());
         let create = serde_json::from_slice::<CreateVolume>(&body);
@@ -384,7 +387,8 @@ proptest! {
             prop_assert_eq!(c.name.as_deref(), m.get("name").and_then(Value::as_str));
         }
 
-        let attach_fits = m.get("node").is_some_and(Value::is_string)
+        let attach_fits = only(&["node", "instance", "read_only", "force"])
+            && m.get("node").is_some_and(Value::is_string)
             && m.get("instance").is_some_and(Value::is_string)
             && field_is(&m, "read_only", Value::is_boolean)
             && field_is(&m, "force", Value::is_boolean);
