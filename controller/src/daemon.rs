@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use keel_proto::tls::{TlsPaths, TlsSource};
 
-use crate::http::{router, serve, server_tls, AppState};
+use crate::http::{router, serve_limited, server_tls, ApiLimits, AppState};
 use crate::pki::Revocations;
 use crate::push::Pusher;
 use crate::service::{Config, Controller};
@@ -47,6 +47,38 @@ pub struct Args {
     /// Write the process id to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
+    /// API connections open at once; more are closed at once, before TLS (docs/security.md,
+    /// "Denial of service").
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// API connections open at once from one address.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+    /// Milliseconds for an API connection's TLS handshake.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Milliseconds for a request's headers to arrive (and an idle keep-alive connection's
+    /// life).
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Milliseconds for a request's body to arrive once its headers did.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+}
+
+impl Args {
+    /// The API server's limits against clients that hold connections.
+    pub fn limits(&self) -> ApiLimits {
+        ApiLimits {
+            conns: keel_proto::limits::ConnLimits {
+                max_total: self.max_connections.max(1),
+                max_per_ip: self.max_connections_per_ip.max(1),
+            },
+            handshake: Duration::from_millis(self.handshake_timeout_ms.max(1)),
+            headers: Duration::from_millis(self.header_timeout_ms.max(1)),
+            body: Duration::from_millis(self.body_timeout_ms.max(1)),
+        }
+    }
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
@@ -82,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    let limits = args.limits();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -109,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(%addr, "keel-controller ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = serve(listener, api_tls, app) => r.context("accept loop")?,
+            r = serve_limited(listener, api_tls, app, limits) => r.context("accept loop")?,
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
         }

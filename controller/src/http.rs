@@ -410,31 +410,104 @@ pub fn server_tls(
     source.server_config_with(true, vec![b"http/1.1".to_vec()])
 }
 
-/// Accepts HTTPS connections forever.
+/// What the API server holds against clients that hold connections without using them
+/// (docs/security.md, "Denial of service").
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Connections at once, overall and per peer address; excess ones are closed before TLS.
+    pub conns: keel_proto::limits::ConnLimits,
+    /// Time for the TLS handshake.
+    pub handshake: Duration,
+    /// Time for a request's headers to arrive (also how long an idle keep-alive connection
+    /// stays open).
+    pub headers: Duration,
+    /// Time for a request's body to arrive once its headers did.
+    pub body: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            conns: keel_proto::limits::ConnLimits::default(),
+            handshake: Duration::from_secs(10),
+            headers: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A request body that fails once its deadline passes.
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl axum::body::HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(r.map(|r| r.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("the request body did not arrive in time".into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Accepts HTTPS connections forever, under the default [`ApiLimits`].
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
 ) -> std::io::Result<()> {
+    serve_limited(listener, tls, app, ApiLimits::default()).await
+}
+
+/// Accepts HTTPS connections forever under `limits`. Never returns: accept errors (out of
+/// file descriptors included) are logged and waited out.
+pub async fn serve_limited(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    limits: ApiLimits,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
+    let mut listener = keel_proto::limits::Acceptor::new(listener, limits.conns);
     loop {
-        let (tcp, addr) = listener.accept().await?;
+        let (tcp, addr, guard) = listener.next().await;
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             let _ = tcp.set_nodelay(true);
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%addr, error = %e, "API TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%addr, "API TLS handshake timed out");
-                        return;
-                    }
-                };
+            let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "API TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%addr, "API TLS handshake timed out");
+                    return;
+                }
+            };
             let conn = stream.get_ref().1;
             let peer = match conn.peer_certificates().and_then(|c| c.first()) {
                 None => ConnPeer::Anonymous,
@@ -443,12 +516,19 @@ pub async fn serve(
                     serial: keel_proto::tls::peer_serial(conn).unwrap_or_default(),
                 },
             };
+            let body_timeout = limits.body;
             let svc =
-                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(|inner| TimedBody {
+                        inner,
+                        deadline: Box::pin(tokio::time::sleep(body_timeout)),
+                    });
                     req.extensions_mut().insert(peer.clone());
                     app.clone().oneshot(req)
                 });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.headers)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

@@ -38,6 +38,41 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Frame>, FrameIoError> {
+    match read_head(r, buf).await? {
+        None => Ok(None),
+        Some(head) => read_body(r, buf, head).await.map(Some),
+    }
+}
+
+/// A frame whose fixed part [`read_head`] read (into its `buf`); its payload is still to come.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameHead {
+    len: usize,
+    fixed: usize,
+}
+
+impl FrameHead {
+    /// Bytes of payload still to be read (allocated at once by [`read_body`]): what a server
+    /// charges to its memory budget before reading them.
+    pub fn payload_len(&self) -> usize {
+        self.len - self.fixed
+    }
+}
+
+fn truncated(e: std::io::Error) -> FrameIoError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameIoError::TruncatedStream
+    } else {
+        FrameIoError::Io(e)
+    }
+}
+
+/// Reads a frame's length prefix and fixed part into `buf` (at most a few dozen bytes).
+/// `Ok(None)` is a clean end of stream at a frame boundary.
+pub async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<FrameHead>, FrameIoError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -52,16 +87,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = Frame::check_len(prefix)?;
-    let read_exact = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameIoError::TruncatedStream
-        } else {
-            FrameIoError::Io(e)
-        }
-    };
     // The fixed part first, then the payload straight into a buffer of its own: no copy.
     let mut ty = [0u8; 1];
-    r.read_exact(&mut ty).await.map_err(read_exact)?;
+    r.read_exact(&mut ty).await.map_err(truncated)?;
     let Some(fixed) = Frame::fixed_len(ty[0]) else {
         return Err(DecodeError::UnknownType(ty[0]).into());
     };
@@ -69,9 +97,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     buf.clear();
     buf.push(ty[0]);
     buf.resize(fixed, 0);
-    r.read_exact(&mut buf[1..]).await.map_err(read_exact)?;
+    r.read_exact(&mut buf[1..]).await.map_err(truncated)?;
+    Ok(Some(FrameHead { len, fixed }))
+}
+
+/// Reads the payload of the frame [`read_head`] started and decodes the frame.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &[u8],
+    head: FrameHead,
+) -> Result<Frame, FrameIoError> {
     // Read into spare capacity: no zero-fill of a buffer about to be overwritten.
-    let want = len - fixed;
+    let want = head.payload_len();
     let mut payload = Vec::with_capacity(want);
     while payload.len() < want {
         let room = want - payload.len();
@@ -80,7 +117,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             return Err(FrameIoError::TruncatedStream);
         }
     }
-    Ok(Some(Frame::decode_parts(buf, payload)?))
+    Ok(Frame::decode_parts(buf, payload)?)
 }
 
 /// Payloads up to this size are copied next to their frame's fixed part; larger ones are

@@ -4,6 +4,7 @@
 //!   a total decoder that never panics and checks sizes before allocating.
 //! * [`types`]: the small value types carried on the wire (volume ids, epochs, ops, statuses).
 //! * [`io`]: reading and writing frames on an async byte stream.
+//! * [`limits`]: connection limits, an accept loop that survives fd exhaustion, the file limit.
 //! * [`tls`]: mutual TLS 1.3 configuration against the cluster CA, and the peer's identity
 //!   (role + id) taken from its certificate.
 //! * [`pki`]: creating a cluster CA and issuing role certificates (used by `keelctl pki` and tests).
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod frame;
 pub mod fuzz;
 pub mod io;
+pub mod limits;
 pub mod members;
 pub mod pki;
 pub mod tls;

@@ -75,6 +75,50 @@ pub struct Args {
     /// Bandwidth for rebuilds, in MiB/s, shared by all of them (0: unlimited).
     #[arg(long, default_value_t = 200)]
     pub rebuild_mbps: u64,
+    /// Connections open at once; more are closed at once, before TLS (docs/security.md,
+    /// "Denial of service").
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Connections open at once from one address.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+    /// Milliseconds for a connection's TLS handshake and hello together.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Milliseconds for a frame to arrive once its first byte did, and for a batch of answers
+    /// to be written.
+    #[arg(long, default_value_t = 30_000)]
+    pub frame_timeout_ms: u64,
+    /// Seconds after which a connection that sent nothing and has nothing in flight is closed
+    /// (not a node's claimed connection, nor a storage server's).
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_s: u64,
+    /// Bytes in flight across all connections (request payloads, work, unwritten answers),
+    /// e.g. 1GiB; each connection also has its own 128 MiB.
+    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    pub memory_budget: u64,
+    /// Milliseconds between returns of the allocator's free memory to the system while
+    /// nothing is in flight (0: never).
+    #[arg(long, default_value_t = 30_000)]
+    pub trim_interval_ms: u64,
+}
+
+impl Args {
+    /// The server's limits against clients that hold connections or memory.
+    pub fn limits(&self) -> crate::server::Limits {
+        use std::time::Duration;
+        crate::server::Limits {
+            conns: keel_proto::limits::ConnLimits {
+                max_total: self.max_connections.max(1),
+                max_per_ip: self.max_connections_per_ip.max(1),
+            },
+            handshake: Duration::from_millis(self.handshake_timeout_ms.max(1)),
+            frame: Duration::from_millis(self.frame_timeout_ms.max(1)),
+            idle: Duration::from_secs(self.idle_timeout_s.max(1)),
+            memory: self.memory_budget.max(4 << 20),
+            trim_interval: Duration::from_millis(self.trim_interval_ms),
+        }
+    }
 }
 
 /// Free bytes of the filesystem holding `dir`.
@@ -242,8 +286,14 @@ pub fn run_with(args: Args, failure: Arc<dyn MirrorFailure>) -> anyhow::Result<(
                 repl.clone(),
             ));
         }
-        let server =
-            crate::server::serve_shared(listener, store.clone(), tls, stats.clone(), repl.clone());
+        let server = crate::server::serve_limited(
+            listener,
+            store.clone(),
+            tls,
+            stats.clone(),
+            repl.clone(),
+            args.limits(),
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = server => r.context("accept loop")?,

@@ -17,16 +17,20 @@
 //! every mirror and acknowledged only when all of them answered (see [`crate::replicate`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use keel_proto::frame::checksum;
-use keel_proto::io::{accept, read_frame, FrameIoError, WriteBatch};
+use keel_proto::io::{accept, read_body, read_head, FrameIoError, WriteBatch};
+use keel_proto::limits::{Acceptor, ConnLimits};
 use keel_proto::tls::Identity;
 use keel_proto::{Epoch, Frame, MemberRole, Op, Request, Response, Role, Status, VolumeId};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::is_mutation;
@@ -99,24 +103,306 @@ impl Stats {
     }
 }
 
-/// Sends responses to a connection's writer task, counting them.
+/// Sends responses to a connection's writer task, counting them. Each answer carries its
+/// request's budget charge until it is written: a client that does not read its answers stops
+/// having its requests read (docs/protocol.md, "Limits and back-pressure").
 #[derive(Clone)]
 struct Responder {
-    tx: mpsc::UnboundedSender<Response>,
+    tx: mpsc::UnboundedSender<(Response, Charge)>,
     stats: Arc<Stats>,
 }
 
 impl Responder {
     /// Queues the answer to a request with `op` and `length`; false once the writer is gone.
-    fn send(&self, op: Op, length: u32, resp: Response) -> bool {
+    fn send(&self, op: Op, length: u32, resp: Response, charge: Charge) -> bool {
         self.stats.record(op, length, resp.status);
-        self.tx.send(resp).is_ok()
+        self.tx.send((resp, charge)).is_ok()
     }
 }
 
-/// In-flight budget per connection, in 4 KiB units (128 MiB).
+/// In-flight budget per connection, in 4 KiB units (128 MiB): request payloads from their
+/// first byte, the work, and the answers until written.
 const BUDGET_UNITS: u32 = 32 * 1024;
 const UNIT: usize = 4096;
+
+/// What the server holds against clients that hold connections or memory without using them
+/// (docs/security.md, "Denial of service").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections at once, overall and per peer address; excess ones are closed before TLS.
+    pub conns: ConnLimits,
+    /// Time for the TLS handshake and the hello together.
+    pub handshake: Duration,
+    /// Time for a frame to complete once its first byte arrived, and for a batch of answers
+    /// to be written (a client that does not read them).
+    pub frame: Duration,
+    /// A connection that sent nothing for this long and has nothing in flight is closed,
+    /// unless it holds a claim (a node's attachment) or is a storage server's (replication).
+    pub idle: Duration,
+    /// Bytes in flight across all connections (payloads, work, unwritten answers).
+    pub memory: u64,
+    /// How often the allocator's free memory is returned to the system while little is in
+    /// flight (see `keel_proto::tuning::keep_large_buffers`); zero: never.
+    pub trim_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            conns: ConnLimits::default(),
+            handshake: Duration::from_secs(10),
+            frame: Duration::from_secs(30),
+            idle: Duration::from_secs(300),
+            memory: 1 << 30,
+            trim_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The daemon-wide budget, in units: a lock-free counter (a semaphore's release takes a
+/// lock); waiters, rare, are woken through a [`Notify`] only when there are some.
+#[derive(Debug)]
+struct GlobalBudget {
+    units: u64,
+    used: AtomicU64,
+    waiting: AtomicU64,
+    freed: Notify,
+}
+
+impl GlobalBudget {
+    fn new(units: u64) -> Arc<GlobalBudget> {
+        Arc::new(GlobalBudget {
+            units,
+            used: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Takes `n` units if they are free (never over the budget, not even for a moment: a
+    /// failed try gives nothing back, so it wakes no one).
+    fn try_take(&self, n: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                (u + n <= self.units).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    /// Takes `n` units, waiting until they are free. A waiter counts itself and arms its
+    /// wake-up before trying again, and `give` frees before it looks for waiters: either the
+    /// second try sees the units freed, or the giver sees the waiter and wakes it.
+    async fn take(&self, n: u64) {
+        while !self.try_take(n) {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let got = self.try_take(n);
+            if !got {
+                freed.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if got {
+                return;
+            }
+        }
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.used.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Units of the daemon-wide budget, given back when dropped.
+struct GlobalCharge {
+    budget: Arc<GlobalBudget>,
+    units: u64,
+}
+
+impl Drop for GlobalCharge {
+    fn drop(&mut self) {
+        if self.units > 0 {
+            self.budget.give(self.units);
+        }
+    }
+}
+
+/// Budget held by one request from its payload's first byte until its answer is written: a
+/// share of its connection's budget and of the daemon's.
+struct Charge {
+    conn: OwnedSemaphorePermit,
+    global: GlobalCharge,
+}
+
+impl Charge {
+    fn merge(&mut self, mut other: Charge) {
+        self.conn.merge(other.conn);
+        self.global.units += std::mem::take(&mut other.global.units);
+    }
+}
+
+/// The budgets a connection's requests are charged to.
+struct Budget {
+    conn: Arc<Semaphore>,
+    global: Arc<GlobalBudget>,
+}
+
+impl Budget {
+    /// Charges `units` (clamped to what a budget holds); `None` once the budget is closed.
+    /// Waiting (the connection's reads stop meanwhile) is flagged for the watchdog.
+    async fn charge(&self, units: usize, progress: &Progress) -> Option<Charge> {
+        let max = u64::from(BUDGET_UNITS).min(self.global.units);
+        let units = (units as u64).clamp(1, max) as u32;
+        let n = u64::from(units);
+        let global = |units| GlobalCharge {
+            budget: self.global.clone(),
+            units,
+        };
+        if let Ok(conn) = self.conn.clone().try_acquire_many_owned(units) {
+            if self.global.try_take(n) {
+                return Some(Charge {
+                    conn,
+                    global: global(n),
+                });
+            }
+            drop(conn);
+        }
+        progress.waiting.store(true, Ordering::Relaxed);
+        let conn = self.conn.clone().acquire_many_owned(units).await.ok();
+        if conn.is_some() {
+            self.global.take(n).await;
+        }
+        progress.waiting.store(false, Ordering::Relaxed);
+        Some(Charge {
+            conn: conn?,
+            global: global(n),
+        })
+    }
+}
+
+/// A connection's progress, for its watchdog (plain relaxed stores on the data path).
+#[derive(Default)]
+struct Progress {
+    /// Bytes read from the connection.
+    read: AtomicU64,
+    /// `read` when the last complete frame ended.
+    boundary: AtomicU64,
+    /// The reader waits for budget (the stall is the server's, not the client's).
+    waiting: AtomicBool,
+    /// Batches of answers written.
+    written: AtomicU64,
+    /// A batch is being written.
+    writing: AtomicBool,
+    /// Exempt from the idle timeout: holds a claim, or is a storage server's connection.
+    attached: AtomicBool,
+}
+
+/// The read half of a connection, counting the bytes read.
+struct Counted<R> {
+    inner: R,
+    progress: Arc<Progress>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            // Only this connection's reader writes it.
+            let p = &self.progress.read;
+            p.store(p.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// Watches a connection with one timer; returns why it should be closed: a frame started and
+/// not finished within `limits.frame`, a batch of answers not written within it, or nothing
+/// sent for `limits.idle` with nothing in flight (unless attached).
+async fn watchdog(progress: Arc<Progress>, budget: Arc<Semaphore>, limits: Limits) -> &'static str {
+    let tick = (limits.frame.min(limits.idle) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut timer = tokio::time::interval(tick);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_read, mut read_at) = (progress.read.load(Ordering::Relaxed), Instant::now());
+    let mut frame_since: Option<(u64, Instant)> = None;
+    let mut write_since: Option<(u64, Instant)> = None;
+    loop {
+        timer.tick().await;
+        let now = Instant::now();
+        let read = progress.read.load(Ordering::Relaxed);
+        if read != last_read {
+            (last_read, read_at) = (read, now);
+        }
+        let boundary = progress.boundary.load(Ordering::Relaxed);
+        if read == boundary || progress.waiting.load(Ordering::Relaxed) {
+            frame_since = None;
+        } else {
+            match frame_since {
+                Some((b, since)) if b == boundary => {
+                    if now.duration_since(since) >= limits.frame {
+                        return "a frame did not complete in time";
+                    }
+                }
+                _ => frame_since = Some((boundary, now)),
+            }
+        }
+        let written = progress.written.load(Ordering::Relaxed);
+        if progress.writing.load(Ordering::Relaxed) {
+            match write_since {
+                Some((w, since)) if w == written => {
+                    if now.duration_since(since) >= limits.frame {
+                        return "its answers were not read in time";
+                    }
+                }
+                _ => write_since = Some((written, now)),
+            }
+        } else {
+            write_since = None;
+        }
+        if !progress.attached.load(Ordering::Relaxed)
+            && budget.available_permits() == BUDGET_UNITS as usize
+            && now.duration_since(read_at) >= limits.idle
+        {
+            return "idle";
+        }
+    }
+}
+
+/// Returns free heap memory to the system now and then while nothing is in flight: the
+/// allocator keeps freed buffers (`keel_proto::tuning`), which after a burst (or a flood of
+/// partial frames) would otherwise stay resident. `malloc_trim` releases free chunks inside
+/// the arenas, not the free top of a thread arena's heap: that part stays up to glibc's
+/// trim threshold (docs/protocol.md, "Limits and back-pressure").
+async fn trim_heap(global: Arc<GlobalBudget>, every: Duration) {
+    if every.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        if global.idle() {
+            // SAFETY: malloc_trim only returns free memory of the allocator's arenas.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
 
 /// Accepts connections forever, counting requests in `stats`, without the means to replicate
 /// (a primary with mirrors answers nodes' mutations `not primary`): see [`serve_with`].
@@ -158,42 +444,87 @@ pub async fn serve_shared(
     stats: Arc<Stats>,
     repl: Arc<Replicator>,
 ) -> std::io::Result<()> {
+    serve_limited(listener, store, tls, stats, repl, Limits::default()).await
+}
+
+/// [`serve_shared`] under `limits`. Never returns: accept errors (out of file descriptors
+/// included) are logged and waited out.
+pub async fn serve_limited(
+    listener: TcpListener,
+    store: Arc<Store>,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    stats: Arc<Stats>,
+    repl: Arc<Replicator>,
+    limits: Limits,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     for c in store.list() {
         repl.reconcile_rebuilds(&c);
     }
+    let global = GlobalBudget::new((limits.memory / UNIT as u64).max(1));
+    tokio::spawn(trim_heap(global.clone(), limits.trim_interval));
+    let mut listener = Acceptor::new(listener, limits.conns);
     loop {
-        let (tcp, addr) = listener.accept().await?;
+        let (tcp, addr, guard) = listener.next().await;
         let store = store.clone();
         let acceptor = acceptor.clone();
         let stats = stats.clone();
         let repl = repl.clone();
+        let limits = limits.clone();
+        let global = global.clone();
         tokio::spawn(async move {
-            match accept(tcp, &acceptor).await {
+            let _guard = guard;
+            let accepted =
+                match tokio::time::timeout(limits.handshake, accept(tcp, &acceptor)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(%addr, "handshake timed out (TLS and hello)");
+                        return;
+                    }
+                };
+            match accepted {
                 Ok((stream, peer)) => {
                     tracing::info!(%addr, %peer, "client connected");
                     // A CRL that revokes the peer's certificate ends the connection
                     // (docs/security.md, "Certificates").
                     let serial = keel_proto::tls::peer_serial(stream.get_ref().1);
                     let fd = std::os::fd::AsRawFd::as_raw_fd(stream.get_ref().0);
-                    let conn = serve_conn(stream, peer.clone(), store, stats, repl);
+                    let progress = Arc::new(Progress::default());
+                    progress
+                        .attached
+                        .store(peer.role == Role::Storage, Ordering::Relaxed);
+                    let budget = Budget {
+                        conn: Arc::new(Semaphore::new(BUDGET_UNITS as usize)),
+                        global,
+                    };
+                    let dog = watchdog(progress.clone(), budget.conn.clone(), limits.clone());
+                    let conn =
+                        serve_conn(stream, peer.clone(), store, stats, repl, budget, progress);
                     tokio::pin!(conn);
-                    let done = match serial {
-                        Some(serial) => tokio::select! {
-                            r = &mut conn => r,
-                            () = keel_proto::tls::revoked(serial) => {
-                                tracing::warn!(%addr, %peer, "the peer's certificate was revoked: closing its connection");
-                                // SAFETY: `fd` is the socket of the stream `conn` owns, and
-                                // `conn` has not returned, so the fd is open and still this
-                                // connection's. shutdown(2) only ends the connection: reads
-                                // see its end and serve_conn finishes as after a disconnect.
-                                unsafe {
-                                    libc::shutdown(fd, libc::SHUT_RDWR);
-                                }
-                                conn.await
+                    let revoked = async {
+                        match serial {
+                            Some(serial) => keel_proto::tls::revoked(serial).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let why = tokio::select! {
+                        r = &mut conn => Err(r),
+                        () = revoked => Ok("the peer's certificate was revoked"),
+                        why = dog => Ok(why),
+                    };
+                    let done = match why {
+                        Err(r) => r,
+                        Ok(why) => {
+                            tracing::warn!(%addr, %peer, reason = why, "closing the connection");
+                            // SAFETY: `fd` is the socket of the stream `conn` owns, and
+                            // `conn` has not returned, so the fd is open and still this
+                            // connection's. shutdown(2) only ends the connection: reads
+                            // see its end and serve_conn finishes as after a disconnect.
+                            unsafe {
+                                libc::shutdown(fd, libc::SHUT_RDWR);
                             }
-                        },
-                        None => conn.await,
+                            conn.await
+                        }
                     };
                     match done {
                         Ok(()) => tracing::info!(%addr, %peer, "client disconnected"),
@@ -212,39 +543,74 @@ async fn serve_conn(
     store: Arc<Store>,
     stats: Arc<Stats>,
     repl: Arc<Replicator>,
+    budget: Budget,
+    progress: Arc<Progress>,
 ) -> Result<(), FrameIoError> {
     let peer = Arc::new(peer);
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = Counted {
+        inner: rd,
+        progress: progress.clone(),
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Response, Charge)>();
     let tx = Responder { tx, stats };
+    let wprogress = progress.clone();
     let writer = tokio::spawn(async move {
         // Everything answered meanwhile goes out in one vectored write (payloads are not
-        // copied into a send buffer first).
+        // copied into a send buffer first). The answers' charges are released once written.
         let mut batch = WriteBatch::new();
-        while let Some(first) = rx.recv().await {
+        let mut held: Vec<Charge> = Vec::new();
+        while let Some((first, charge)) = rx.recv().await {
             batch.push_response(first);
+            held.push(charge);
             while batch.len() < (1 << 20) {
                 match rx.try_recv() {
-                    Ok(r) => batch.push_response(r),
+                    Ok((r, c)) => {
+                        batch.push_response(r);
+                        held.push(c);
+                    }
                     Err(_) => break,
                 }
             }
-            if batch.write_to(&mut wr).await.is_err() {
+            wprogress.writing.store(true, Ordering::Relaxed);
+            let r = batch.write_to(&mut wr).await;
+            wprogress.writing.store(false, Ordering::Relaxed);
+            let w = &wprogress.written;
+            w.store(w.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            held.clear();
+            if r.is_err() {
                 break;
             }
         }
         let _ = wr.shutdown().await;
     });
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let mut buf = Vec::new();
     // The copies this connection claimed (a client's newer connection supersedes it).
     let mut sessions: HashMap<VolumeId, Session> = HashMap::new();
     let result = loop {
-        let frame = match read_frame(&mut rd, &mut buf).await {
-            Ok(Some(f)) => f,
+        // The payload is charged to the budgets before it is read (a partial frame's buffer
+        // counts), the rest of the request's cost (a read's answer) once it is decoded.
+        let head = match read_head(&mut rd, &mut buf).await {
+            Ok(Some(h)) => h,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
+        let early = head.payload_len() / UNIT;
+        let mut charge = if early > 0 {
+            match budget.charge(early, &progress).await {
+                Some(c) => Some(c),
+                None => break Ok(()),
+            }
+        } else {
+            None
+        };
+        let frame = match read_body(&mut rd, &buf, head).await {
+            Ok(f) => f,
+            Err(e) => break Err(e),
+        };
+        progress
+            .boundary
+            .store(progress.read.load(Ordering::Relaxed), Ordering::Relaxed);
         let req = match frame {
             Frame::Request(r) => r,
             other => {
@@ -254,16 +620,25 @@ async fn serve_conn(
                 )))
             }
         };
-        let units =
-            (req.payload.len().max(req.length as usize) / UNIT).clamp(1, BUDGET_UNITS as usize);
-        let permit = match budget.clone().acquire_many_owned(units as u32).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
+        let units = (req.payload.len().max(req.length as usize) / UNIT).max(1);
+        let permit = match charge.take() {
+            Some(mut c) if units > early => match budget.charge(units - early, &progress).await {
+                Some(more) => {
+                    c.merge(more);
+                    c
+                }
+                None => break Ok(()),
+            },
+            Some(c) => c,
+            None => match budget.charge(units, &progress).await {
+                Some(c) => c,
+                None => break Ok(()),
+            },
         };
         let (op, length) = (req.op, req.length);
         match check(&store, &peer, &req) {
             Err(resp) => {
-                if !tx.send(op, length, resp) {
+                if !tx.send(op, length, resp, permit) {
                     break Ok(());
                 }
             }
@@ -278,7 +653,7 @@ async fn serve_conn(
                         resp.crc = checksum(&resp.payload);
                     }
                 }
-                if !tx.send(op, length, resp) {
+                if !tx.send(op, length, resp, permit) {
                     break Ok(());
                 }
             }
@@ -301,8 +676,7 @@ async fn serve_conn(
                             repl.reconcile_rebuilds(&c);
                         }
                     }
-                    drop(permit);
-                    tx.send(op, length, resp);
+                    tx.send(op, length, resp, permit);
                 });
             }
             Ok(Next::Claim(copy)) => {
@@ -318,6 +692,7 @@ async fn serve_conn(
                 let status = match claimed {
                     Some(s) => {
                         sessions.insert(req.volume, s);
+                        progress.attached.store(true, Ordering::Relaxed);
                         Status::Ok
                     }
                     None => {
@@ -325,11 +700,11 @@ async fn serve_conn(
                         Status::NotPrimary
                     }
                 };
-                drop(permit);
                 if !tx.send(
                     op,
                     length,
                     Response::status(status, req.request_id, copy.epoch()),
+                    permit,
                 ) {
                     break Ok(());
                 }
@@ -339,8 +714,7 @@ async fn serve_conn(
                 let session = sessions.get(&req.volume).cloned();
                 tokio::spawn(async move {
                     let resp = replicate(&repl, copy, req, peer, session).await;
-                    drop(permit);
-                    tx.send(op, length, resp);
+                    tx.send(op, length, resp, permit);
                 });
             }
             Ok(Next::Data(copy)) => {
@@ -350,8 +724,7 @@ async fn serve_conn(
                 let session = sessions.get(&req.volume).cloned();
                 let req = match try_cached(&copy, req, &peer, session.as_ref()) {
                     Ok(resp) => {
-                        drop(permit);
-                        if !tx.send(op, length, resp) {
+                        if !tx.send(op, length, resp, permit) {
                             break Ok(());
                         }
                         continue;
@@ -361,8 +734,7 @@ async fn serve_conn(
                 let (tx, peer) = (tx.clone(), peer.clone());
                 tokio::task::spawn_blocking(move || {
                     let resp = execute(&copy, req, &peer, session.as_ref());
-                    drop(permit);
-                    tx.send(op, length, resp);
+                    tx.send(op, length, resp, permit);
                 });
             }
         }
@@ -950,6 +1322,32 @@ mod unit_tests {
                 refused: 3,
             }
         );
+    }
+
+    /// The daemon-wide budget never goes over, and a waiter is woken when units come back.
+    #[test]
+    fn global_budget_waits_and_wakes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let b = GlobalBudget::new(4);
+            assert!(b.try_take(3));
+            assert!(!b.try_take(2));
+            let b2 = b.clone();
+            let waiter = tokio::spawn(async move { b2.take(2).await });
+            tokio::task::yield_now().await;
+            assert!(!waiter.is_finished());
+            b.give(3);
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("woken")
+                .expect("task");
+            assert_eq!(b.used.load(Ordering::Relaxed), 2);
+            b.give(2);
+            assert!(b.idle());
+        });
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Pki {
 
 /// Starts `cmd`, waits for a stdout line starting with `ready` and returns it with the child.
 /// Other stdout lines and stderr are passed through to the test's output.
-fn start_until_ready(mut cmd: Command, ready: &str, what: &str) -> Result<(Child, String)> {
+pub fn start_until_ready(mut cmd: Command, ready: &str, what: &str) -> Result<(Child, String)> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
     let stdout = child.stdout.take().context("stdout")?;
@@ -149,8 +149,32 @@ impl Storage {
         creates: &[&str],
         listen: SocketAddr,
     ) -> Result<Storage> {
+        Self::start_with(pki, id, data_dir, creates, listen, &[], None)
+    }
+
+    /// [`Storage::start_at`] with more `keel-storage` flags, and optionally under a file limit
+    /// (`ulimit -n`, soft and hard: the daemon cannot raise it).
+    pub fn start_with(
+        pki: &Pki,
+        id: &str,
+        data_dir: &Path,
+        creates: &[&str],
+        listen: SocketAddr,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<Storage> {
         pki.issue(Role::Storage, id)?;
-        let mut cmd = Command::new(bin("keel-storage")?);
+        let mut cmd = match nofile {
+            None => Command::new(bin("keel-storage")?),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin("keel-storage")?);
+                c
+            }
+        };
+        cmd.args(extra);
         cmd.arg("--listen")
             .arg(listen.to_string())
             .arg("--data-dir")

@@ -12,5 +12,10 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Connections and copy files need more descriptors than the usual soft limit of 1024.
+    match keel_proto::limits::raise_nofile_limit() {
+        Ok((before, after)) => tracing::debug!(before, after, "file limit raised"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file limit"),
+    }
     daemon::run(Args::parse())
 }
