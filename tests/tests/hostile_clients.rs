@@ -351,6 +351,42 @@ fn controller_limits_idle_connections() -> Result<()> {
         ensure!(c >= Duration::from_millis(1500), "closed too early: {c:?}");
     }
     eprintln!("controller: slow headers closed after {:?}", slow[0]);
+    // A slow body (an admin's request, so that the body is read): the body timeout (2 s).
+    let admin_tls = keel_api::client_tls(&paths.ca, Some(&paths))?;
+    let slow_body = rt.block_on(async {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let mut t = tokio_rustls::TlsConnector::from(admin_tls)
+            .connect(name, tcp)
+            .await?;
+        t.write_all(
+            b"POST /v1/volumes HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await?;
+        t.flush().await?;
+        let start = Instant::now();
+        let mut b = [0u8; 1024];
+        let mut answer = Vec::new();
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(12), t.read(&mut b)).await {
+                Err(_) => break None,
+                Ok(Ok(0)) | Ok(Err(_)) => break Some(start.elapsed()),
+                Ok(Ok(n)) => answer.extend_from_slice(&b[..n]),
+            }
+        };
+        anyhow::Ok((closed, String::from_utf8_lossy(&answer).into_owned()))
+    })?;
+    let body_closed = slow_body
+        .0
+        .context("a slow-body connection is still open after 12 s")?;
+    ensure!(
+        body_closed >= Duration::from_millis(1500),
+        "closed too early: {body_closed:?}"
+    );
+    eprintln!(
+        "controller: slow body closed after {body_closed:?}, answer {:?}",
+        slow_body.1.lines().next().unwrap_or("")
+    );
     // Without TLS: the handshake timeout.
     let idle = rt.block_on(flood("127.0.0.3", addr, 20))?;
     let closed = rt.block_on(count_closed(idle, Duration::from_secs(12)));
