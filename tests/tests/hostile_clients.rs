@@ -532,12 +532,47 @@ fn partial_frames_time_out_and_are_freed() -> Result<()> {
     let pid = s.pid().context("pid")?;
     serves(&pki.dir, s.addr, 1, Duration::from_secs(5))?;
     let base = rss(pid);
+    let (peak, last) = partial_frames(&pki.dir, s.addr, pid)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss(pid);
+    eprintln!(
+        "50 partial 4 MiB frames: RSS {} MiB before, peak {} MiB, {} MiB 2 s after the last closed ({:?})",
+        base / MIB,
+        peak / MIB,
+        after / MIB,
+        last
+    );
+    ensure!(
+        peak < base + 64 * MIB + 40 * MIB,
+        "RSS peak {} MiB over the bound ({} MiB + 104 MiB)",
+        peak / MIB,
+        base / MIB
+    );
+    // Freed, not leaked: a second flood reuses the memory of the first. (How much of it the
+    // allocator hands back to the system at once varies from run to run: malloc_trim does not
+    // release the free top of a thread's arena, so RSS right after is not asserted; seen in CI
+    // at 63 MiB 2 s after the close, and at 7 MiB on a quiet machine.)
+    let (peak2, _) = partial_frames(&pki.dir, s.addr, pid)?;
+    eprintln!("a second flood: peak {} MiB", peak2 / MIB);
+    ensure!(
+        peak2 < peak.max(after) + 16 * MIB,
+        "the second flood's peak {} MiB grew past the first's {} MiB: memory was not reused",
+        peak2 / MIB,
+        peak / MIB
+    );
+    ensure!(alive(pid), "keel-storage died");
+    serves(&pki.dir, s.addr, 2, Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// 50 connections each send a 4 MiB write frame without its last byte and wait for the
+/// server to close them; returns the server's peak RSS meanwhile and when the last closed.
+fn partial_frames(pki: &Path, addr: std::net::SocketAddr, pid: u32) -> Result<(u64, Duration)> {
     let rt = runtime();
-    let addr = s.addr;
     let start = Instant::now();
     let tasks: Vec<_> = (0..50u64)
         .map(|i| {
-            let tls = node_tls(&pki.dir).expect("tls");
+            let tls = node_tls(pki).expect("tls");
             rt.spawn(async move {
                 let (mut t, _) = keel_proto::io::connect(addr, tls, Role::Storage).await?;
                 let mut r = Request::new(Op::Write, i + 1, VOL, Epoch(1));
@@ -573,30 +608,7 @@ fn partial_frames_time_out_and_are_freed() -> Result<()> {
     for t in tasks {
         last = last.max(rt.block_on(t)??);
     }
-    std::thread::sleep(Duration::from_secs(2));
-    let after = rss(pid);
-    eprintln!(
-        "50 partial 4 MiB frames: RSS {} MiB before, peak {} MiB, {} MiB 2 s after the last closed ({:?})",
-        base / MIB,
-        peak / MIB,
-        after / MIB,
-        last
-    );
-    ensure!(
-        peak < base + 64 * MIB + 40 * MIB,
-        "RSS peak {} MiB over the bound ({} MiB + 104 MiB)",
-        peak / MIB,
-        base / MIB
-    );
-    ensure!(
-        after < base + 24 * MIB,
-        "RSS {} MiB after the frames closed, {} MiB before",
-        after / MIB,
-        base / MIB
-    );
-    ensure!(alive(pid), "keel-storage died");
-    serves(&pki.dir, s.addr, 2, Duration::from_secs(5))?;
-    Ok(())
+    Ok((peak, last))
 }
 
 /// (e) keel-storage under `ulimit -n 64` and 100 idle connections: accept fails with EMFILE;
