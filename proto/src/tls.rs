@@ -652,6 +652,30 @@ impl ResolvesClientCert for Resolver {
     }
 }
 
+/// The handshake signature checks both verifiers share: the source's crypto provider's.
+impl TlsSource {
+    fn signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+        tls13: bool,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        if tls13 {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+        } else {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+        }
+    }
+
+    fn schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Verifies client certificates with the source's current (CRL-aware) verifier.
 #[derive(Debug)]
 struct ClientVerifier {
@@ -691,12 +715,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.src.provider.signature_verification_algorithms,
-        )
+        self.src.signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -705,19 +724,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.src.provider.signature_verification_algorithms,
-        )
+        self.src.signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.src
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.src.schemes()
     }
 }
 
@@ -746,12 +757,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.src.provider.signature_verification_algorithms,
-        )
+        self.src.signature(message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -760,19 +766,11 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.src.provider.signature_verification_algorithms,
-        )
+        self.src.signature(message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.src
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.src.schemes()
     }
 }
 

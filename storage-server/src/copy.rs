@@ -741,8 +741,14 @@ impl Copy {
     /// (a re-attach, a read-only node made writer) whose push has not arrived yet, so its
     /// client must wait, not fail the guest's I/O.
     pub fn authorize(&self, peer: &Identity, op: Op, epoch: Epoch) -> Result<(), Refusal> {
-        let ahead = epoch > self.epoch();
-        match authorize(&self.access(), peer, op, self.epoch()) {
+        let current = self.epoch();
+        let ahead = epoch > current;
+        // The list under its read lock, not cloned: this runs for every request.
+        let verdict = {
+            let list = self.access.read().unwrap_or_else(|p| p.into_inner());
+            authorize(&list, peer, op, current)
+        };
+        match verdict {
             Err(Refusal::Revoked | Refusal::ReadOnly(_)) if ahead => Err(Refusal::Unauthorized),
             Err(Refusal::Unauthorized)
                 if peer.role == Role::Node && !ahead && self.was_revoked(&peer.id) =>
