@@ -73,7 +73,13 @@ fn config_features_and_every_request_type() -> Result<()> {
     let cfg = vmm.config();
     assert_eq!(cfg.capacity, SECTORS);
     assert_eq!(cfg.num_queues, 2);
-    assert_eq!(cfg.blk_size, 4096);
+    // 512-byte logical blocks by default, 4 KiB physical blocks (2^3 logical), aligned at 0,
+    // minimum I/O one physical block; discards aligned to physical blocks.
+    assert_eq!(cfg.blk_size, 512);
+    assert_eq!(cfg.physical_block_exp, 3);
+    assert_eq!(cfg.alignment_offset, 0);
+    assert_eq!(cfg.min_io_size, 8);
+    assert_eq!(cfg.discard_sector_alignment, 8);
     assert!(cfg.seg_max >= 1);
     for bit in [
         VIRTIO_F_VERSION_1,
@@ -81,6 +87,7 @@ fn config_features_and_every_request_type() -> Result<()> {
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_BLK_F_SEG_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_TOPOLOGY,
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_DISCARD,
         VIRTIO_BLK_F_WRITE_ZEROES,
@@ -139,6 +146,66 @@ fn config_features_and_every_request_type() -> Result<()> {
     assert_eq!(vmm.discard(0, SECTORS - 1, 8)?, VIRTIO_BLK_S_IOERR);
     // Unknown request type: UNSUPP.
     assert_eq!(vmm.request(0, 99, 0, &[], 0)?.status, VIRTIO_BLK_S_UNSUPP);
+    Ok(())
+}
+
+/// What a 512-byte-sector guest does (a boot loader, fdisk, a filesystem with 1 KiB blocks):
+/// requests at sectors that are not 4 KiB-aligned, of lengths that are not multiples of 4 KiB,
+/// read, write, discard and write-zeroes, each checked against a model of the disk.
+#[test]
+fn sub_4k_requests_at_512_byte_sectors() -> Result<()> {
+    let s = setup(1, false)?;
+    let mut vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+    assert_eq!(vmm.config().blk_size, 512);
+    const BASE: u64 = 70_000; // sectors; 70_000 * 512 is 4 KiB-aligned, so +1..+7 are not
+    const LEN: usize = 64 * 512;
+    let mut model = pattern(11, BASE, LEN);
+    assert_eq!(vmm.write(0, BASE, &model)?, VIRTIO_BLK_S_OK);
+    let put = |model: &mut Vec<u8>, sector: u64, data: &[u8]| {
+        let at = ((sector - BASE) * 512) as usize;
+        model[at..at + data.len()].copy_from_slice(data);
+    };
+    // Writes of 1, 3 and 9 sectors at odd sectors (one straddles a 4 KiB boundary).
+    for (i, (sector, n)) in [(BASE + 1, 1u64), (BASE + 5, 3), (BASE + 13, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        let d = pattern(20 + i as u64, sector, (n * 512) as usize);
+        assert_eq!(vmm.write(0, sector, &d)?, VIRTIO_BLK_S_OK);
+        put(&mut model, sector, &d);
+        // A read of exactly that range returns it.
+        let (st, back) = vmm.read(0, sector, d.len())?;
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert_eq!(crc(&back), crc(&d), "sector {sector}");
+    }
+    // Discard 1 sector, write-zeroes 3 (with and without unmap), all unaligned to 4 KiB.
+    assert_eq!(vmm.discard(0, BASE + 25, 1)?, VIRTIO_BLK_S_OK);
+    put(&mut model, BASE + 25, &[0u8; 512]);
+    assert_eq!(vmm.write_zeroes(0, BASE + 30, 3, false)?, VIRTIO_BLK_S_OK);
+    put(&mut model, BASE + 30, &[0u8; 3 * 512]);
+    assert_eq!(vmm.write_zeroes(0, BASE + 39, 3, true)?, VIRTIO_BLK_S_OK);
+    put(&mut model, BASE + 39, &[0u8; 3 * 512]);
+    let (st, back) = vmm.read(0, BASE, LEN)?;
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    for (i, (a, b)) in back.chunks(512).zip(model.chunks(512)).enumerate() {
+        assert_eq!(crc(a), crc(b), "sector {}", BASE + i as u64);
+    }
+    // A read of one sector at an odd place.
+    let (_, one) = vmm.read(0, BASE + 7, 512)?;
+    assert_eq!(one, model[7 * 512..8 * 512]);
+    Ok(())
+}
+
+/// `--block-size 4096`: the device offers 4 KiB logical blocks (physical the same).
+#[test]
+fn block_size_4096_on_request() -> Result<()> {
+    let s = setup_with(1, false, &["--block-size", "4096"])?;
+    let vmm = TestVmm::connect(&s.vhost.opts.socket, opts(1))?;
+    let cfg = vmm.config();
+    assert_eq!(cfg.blk_size, 4096);
+    assert_eq!(cfg.physical_block_exp, 0);
+    assert_eq!(cfg.min_io_size, 1);
+    assert_eq!(cfg.capacity, SECTORS, "capacity stays in 512-byte sectors");
     Ok(())
 }
 

@@ -60,6 +60,9 @@ pub struct DiskConfig {
     /// The capacity at first (a multiple of 512); see [`KeelBlk::set_capacity`].
     pub capacity_bytes: u64,
     pub read_only: bool,
+    /// Logical block size offered (`VIRTIO_BLK_F_BLK_SIZE`): 512 or 4096. Request offsets are
+    /// 512-byte sectors either way.
+    pub block_size: u32,
     pub num_queues: u16,
     pub queue_size: u16,
     /// How long a stopping ring waits for requests in flight.
@@ -878,6 +881,7 @@ impl VhostUserBackend for KeelBlk {
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_TOPOLOGY
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_DISCARD
             | VIRTIO_BLK_F_WRITE_ZEROES
@@ -919,7 +923,11 @@ impl VhostUserBackend for KeelBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cs = config_space(&self.inner.limits(), self.inner.cfg.num_queues, 4096);
+        let cs = config_space(
+            &self.inner.limits(),
+            self.inner.cfg.num_queues,
+            self.inner.cfg.block_size,
+        );
         let start = (offset as usize).min(cs.len());
         let end = start.saturating_add(size as usize).min(cs.len());
         cs[start..end].to_vec()

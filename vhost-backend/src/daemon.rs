@@ -82,6 +82,12 @@ pub struct Args {
     /// until a newer epoch arrives through the control file) instead of failing them.
     #[arg(long)]
     pub read_only: bool,
+    /// Logical block size offered to the guest, 512 or 4096 bytes. Either way the device
+    /// reports 4 KiB physical blocks (so the guest still aligns its I/O to 4 KiB). A volume
+    /// must keep the block size it was formatted with: its partition table and filesystems
+    /// are laid out in these blocks. Firmware (SeaBIOS) boots only from 512.
+    #[arg(long, default_value_t = 512, value_parser = crate::virtio::spec::parse_block_size)]
+    pub block_size: u32,
     /// Milliseconds a request may go unanswered before the connection is re-established and
     /// the request resent.
     #[arg(long, default_value_t = 10_000)]
@@ -461,6 +467,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         volume: args.volume,
         capacity_bytes: args.size,
         read_only: args.read_only,
+        block_size: args.block_size,
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
