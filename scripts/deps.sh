@@ -33,6 +33,9 @@ die() {
 #     xz-compressed), qemu-storage-daemon; plus /bin/busybox (static) and a kernel in /boot
 #     with its modules, checked below; tests/src/bench.rs, vmm.rs: qemu-storage-daemon,
 #     qemu-nbd; qemu-img (qemu-utils) makes and inspects images by hand;
+#   tests/src/guest.rs also copies sfdisk (fdisk) and mkfs.ext4 (e2fsprogs) into the guest;
+#   tests/tests/boot.rs boots QEMU's default BIOS, SeaBIOS (seabios, a dependency of
+#   qemu-system-x86: checked below);
 #   tests/tests/storage.rs: mount, umount; controller/tests/openapi.rs: python3;
 #   scripts/test.sh: cc (ring's and other build scripts), c++ (cargo-fuzz's libfuzzer-sys),
 #     git. No test runs ip (iproute2).
@@ -43,6 +46,8 @@ TOOLS=(
   qemu-nbd:qemu-utils
   qemu-img:qemu-utils
   fio:fio
+  sfdisk:fdisk
+  mkfs.ext4:e2fsprogs
   cpio:cpio
   xz:xz-utils
   ldd:libc-bin
@@ -73,6 +78,11 @@ missing_tools() {
   if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     need+=(busybox-static)
     missing+=("static /bin/busybox (busybox-static)")
+  fi
+  # The firmware a VM boots from a Keel volume with (tests/tests/boot.rs).
+  if [ ! -e /usr/share/seabios/bios-256k.bin ]; then
+    need+=(seabios)
+    missing+=("SeaBIOS /usr/share/seabios/bios-256k.bin (seabios)")
   fi
   # The test guest's kernel, and the modules it loads.
   local k found=0

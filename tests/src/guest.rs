@@ -8,9 +8,10 @@
 //! # Design
 //!
 //! * **Base initramfs** ([`base_initramfs`]): an uncompressed newc cpio archive
-//!   holding static busybox (plus one symlink per applet), `fio` with every
+//!   holding static busybox (plus one symlink per applet), `fio`, `sfdisk` and
+//!   `mkfs.ext4` ([`GUEST_TOOLS`]) with every
 //!   shared library `ldd` lists (at the paths `ldd` prints, plus the dynamic
-//!   loader), the virtio-pci/virtio-blk kernel modules (decompressed at build
+//!   loader), the virtio-pci/virtio-blk and ext4 kernel modules (decompressed at build
 //!   time if the distribution ships `.ko.xz`/`.ko.zst`), and a busybox-sh
 //!   `/init`. The archive is written by a small newc writer in this file (no
 //!   dependency on the `cpio` package), so device nodes such as `/dev/console`
@@ -61,7 +62,7 @@
 //! * `KEEL_QEMU`, `KEEL_QEMU_ACCEL`: QEMU binary and `-accel` value.
 //!
 //! Debian packages needed: `qemu-system-x86`, `busybox-static`,
-//! `linux-image-amd64`, `fio`.
+//! `linux-image-amd64`, `fio`, `fdisk` (sfdisk), `e2fsprogs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -89,7 +90,16 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci",
     "virtio_blk",
+    // ext4 (for partitioned-image tests) and the crc32c its metadata checksums ask the
+    // crypto API for at mount time (not a modules.dep dependency).
+    "crc32c_generic",
+    "ext4",
 ];
+
+/// Host programs copied into the guest with their libraries, besides busybox and fio, and
+/// the Debian package of each: a partitioning tool and an ext4 formatter, as cloud images
+/// are made.
+pub const GUEST_TOOLS: &[(&str, &str)] = &[("sfdisk", "fdisk"), ("mkfs.ext4", "e2fsprogs")];
 
 /// Bump when the layout of the base archive changes in a way the cache key
 /// (init text + input files) would not notice.
@@ -419,6 +429,18 @@ fn fio_path() -> Result<PathBuf> {
     which("fio").ok_or_else(|| anyhow!("fio not found in PATH (apt-get install fio)"))
 }
 
+/// The host paths of [`GUEST_TOOLS`].
+fn guest_tool_paths() -> Result<Vec<(&'static str, PathBuf)>> {
+    GUEST_TOOLS
+        .iter()
+        .map(|(name, pkg)| {
+            which(name)
+                .map(|p| (*name, p))
+                .ok_or_else(|| anyhow!("{name} not found in PATH (apt-get install {pkg})"))
+        })
+        .collect()
+}
+
 /// Compares version-ish strings ("6.1.0-9-amd64" < "6.1.0-10-amd64") by
 /// treating runs of digits as numbers.
 fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
@@ -704,6 +726,16 @@ pub fn require_tools() -> Result<()> {
         }
         Err(e) => problems.push(format!("{e:#}")),
     }
+    match guest_tool_paths() {
+        Ok(tools) => {
+            for (_, p) in tools {
+                if let Err(e) = ldd_libs(&p) {
+                    problems.push(format!("{e:#}"));
+                }
+            }
+        }
+        Err(e) => problems.push(format!("{e:#}")),
+    }
     match kernel_path() {
         Ok(k) => {
             if let Err(e) = modules_dir(&k).and_then(|(_, dir)| resolve_modules(&dir)) {
@@ -794,7 +826,15 @@ fn plan_base() -> Result<Plan> {
     let kernel = kernel_path()?;
     let (kver, mdir) = modules_dir(&kernel)?;
     let modules = resolve_modules(&mdir)?;
-    let libs = ldd_libs(&fio)?;
+    let mut libs = ldd_libs(&fio)?;
+    let tools = guest_tool_paths()?;
+    for (_, p) in &tools {
+        for lib in ldd_libs(p)? {
+            if !libs.contains(&lib) {
+                libs.push(lib);
+            }
+        }
+    }
     let applets = busybox_applets(&busybox)?;
 
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
@@ -851,6 +891,12 @@ fn plan_base() -> Result<Plan> {
             perm: 0o755,
         },
     );
+    for (name, src) in tools {
+        entries.insert(
+            format!("usr/sbin/{name}"),
+            Entry::HostFile { src, perm: 0o755 },
+        );
+    }
     let mut lib_dirs: Vec<String> = Vec::new();
     for lib in &libs {
         let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
