@@ -209,6 +209,25 @@ pub struct CreateVolume {
 /// `POST /v1/volumes/{id}/resize`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(remote = "Self")]
+    /// Logical block size the guest sees, in bytes: 512 (when absent; what firmware boots
+    /// from and disk images expect) or 4096. Fixed for the volume's life.
+    #[serde(default)]
+    pub block_size: Option<u32>,
+}
+
+/// A new volume's logical block size when `block_size` is not given.
+pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+
+/// The logical block size of volumes recorded before volumes had one: keel-vhost then always
+/// offered 4096, and what their guests wrote (partition tables, filesystems) is laid out in it.
+pub const LEGACY_BLOCK_SIZE: u32 = 4096;
+
+/// The logical block sizes a volume may have.
+pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
+
+/// [`LEGACY_BLOCK_SIZE`], for serde defaults.
+pub fn legacy_block_size() -> u32 {
+    LEGACY_BLOCK_SIZE
 #[serde(deny_unknown_fields)]
 pub struct ResizeVolume {
     pub size: SizeInput,
@@ -305,6 +324,9 @@ pub struct VolumeInfo {
 }
 
 /// What a node must serve: its attachments, with everything needed to start each.
+    /// Logical block size the guest sees (512 or 4096 bytes).
+    #[serde(default = "legacy_block_size")]
+    pub block_size: u32,
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAttachment {
     pub volume: String,
@@ -324,6 +346,10 @@ pub struct NodeAttachments {
     pub version: u64,
     pub attachments: Vec<NodeAttachment>,
 }
+    /// Logical block size to offer the guest (keel-vhost `--block-size`); 4096 from
+    /// controllers older than the field, as keel-vhost offered then.
+    #[serde(default = "legacy_block_size")]
+    pub block_size: u32,
 
 /// Every error the API returns has this body, with an HTTP status that matches `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

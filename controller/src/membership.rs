@@ -447,6 +447,7 @@ mod access_tests {
                 .collect(),
             attachments: vec![],
             created_at_unix: 0,
+            block_size: 512,
         }
     }
 

@@ -121,6 +121,11 @@ pub struct VolumeRecord {
     pub name: Option<String>,
     pub size: u64,
     pub replicas: u32,
+    /// Logical block size the guest sees (512 or 4096). Records written before it existed
+    /// read 4096: keel-vhost offered only that, and their guests' partition tables and
+    /// filesystems are laid out in it.
+    #[serde(default = "keel_api::types::legacy_block_size")]
+    pub block_size: u32,
     pub state: VolumeRecordState,
     /// Bumped by every read-write attach and every forced detach: the storage servers refuse
     /// I/O that carries an older epoch, so whoever held the volume before is fenced.
@@ -240,5 +245,23 @@ mod unit_tests {
                 "{id:?} accepted as a name"
             );
         }
+    }
+
+    /// A volume recorded before volumes had a block size was always served with 4096-byte
+    /// blocks, and its guest's partition table and filesystems are laid out in them: it keeps
+    /// 4096 (new volumes default to 512 at create, not here).
+    #[test]
+    fn records_without_a_block_size_keep_4096() {
+        let old = r#"{"id":"00000000000000ab","name":null,"size":1048576,"replicas":1,
+            "state":"ready","epoch":1,"copies":[],"attachments":[],"created_at_unix":1}"#;
+        let rec: VolumeRecord = serde_json::from_str(old).expect("old record");
+        assert_eq!(rec.block_size, 4096);
+        let new = VolumeRecord {
+            block_size: 512,
+            ..rec
+        };
+        let back: VolumeRecord =
+            serde_json::from_str(&serde_json::to_string(&new).expect("json")).expect("parse");
+        assert_eq!(back.block_size, 512);
     }
 }

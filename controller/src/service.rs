@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keel_api::types::{BLOCK_SIZES, DEFAULT_BLOCK_SIZE};
 use keel_api::{
     AttachVolume, AttachmentInfo, CopyInfo, CreateVolume, DeleteResult, DetachVolume, Health,
     NodeAttachment, NodeAttachments, NodeHeartbeat, NodeInfo, NodeRegistration, ResizeVolume,
@@ -879,6 +880,7 @@ impl Controller {
                         None if v.state == VolumeRecordState::Creating => "pending",
                         None => "missing",
                         Some(r) if r.size < v.size || r.epoch < v.epoch => "pending",
+                    block_size: v.block_size,
                         Some(_) if c.role == CopyRole::Mirror => "in_sync",
                         Some(_) => "ok",
                     }
@@ -995,6 +997,7 @@ impl Controller {
             let fences = self.fences()?;
             let alloc = self.allocations()?;
             let candidates: Vec<Candidate> = self
+            block_size: v.block_size,
                 .list::<ServerRecord>(SERVER_PREFIX)?
                 .into_iter()
                 .map(|(s, _)| Candidate {
@@ -1039,6 +1042,12 @@ impl Controller {
                 attachments: vec![],
                 created_at_unix: now_unix(),
             };
+        let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !BLOCK_SIZES.contains(&block_size) {
+            return Err(ApiError::bad_request(format!(
+                "block_size must be 512 or 4096 (bytes), not {block_size}"
+            )));
+        }
             compares.push((volume_key(&id), 0));
             puts.push((volume_key(&id), to_json(&rec)?));
             if let Some(n) = &req.name {
@@ -1083,6 +1092,7 @@ impl Controller {
             );
         }
         if let Some(why) = failed {
+                block_size,
             // Undo: remove what was made, then the record.
             for c in &rec.copies {
                 if let Some(addr) = addrs.get(&c.server) {
@@ -2073,3 +2083,4 @@ mod unit_tests {
         );
     }
 }
+            block_size: 4096,

@@ -380,6 +380,8 @@ fn api_records() -> BTreeMap<String, Record> {
                 for a in fattrs.drain(..) {
                     match a.as_str() {
                         "#[serde(default)]" => default = true,
+                        // A default from a function (e.g. legacy_block_size): not required.
+                        other if other.starts_with("#[serde(default = \"") => default = true,
                         // Optional, and left out when absent (the schema allows both).
                         "#[serde(default, skip_serializing_if = \"Option::is_none\")]" => {
                             default = true;
@@ -718,6 +720,7 @@ fn sample_cases() -> Vec<Value> {
         name: Some("data1".into()),
         size: 10 << 30,
         replicas: 1,
+        block_size: 512,
         state: VolumeState::Attached,
         epoch: 3,
         copies: vec![CopyInfo {
@@ -825,6 +828,7 @@ fn sample_cases() -> Vec<Value> {
                 name: Some("data1".into()),
             },
         ),
+                block_size: Some(4096),
         case(
             "CreateVolume",
             &CreateVolume {
@@ -833,6 +837,7 @@ fn sample_cases() -> Vec<Value> {
                 name: None,
             },
         ),
+                block_size: None,
         case(
             "ResizeVolume",
             &ResizeVolume {
@@ -881,6 +886,7 @@ fn sample_cases() -> Vec<Value> {
                     server: "127.0.0.1:7000".into(),
                 }],
             },
+                    block_size: 512,
         ),
         case(
             "Error",
@@ -957,6 +963,16 @@ fn sample_cases() -> Vec<Value> {
         raw("CreateVolume", json!({ "size": "1GiB" }), true),
         raw(
             "AttachVolume",
+        raw(
+            "CreateVolume",
+            json!({ "size": 512, "block_size": 4096 }),
+            true,
+        ),
+        raw(
+            "CreateVolume",
+            json!({ "size": 512, "block_size": 512 }),
+            true,
+        ),
             json!({ "node": "n1", "instance": "vm1" }),
             true,
         ),
@@ -975,6 +991,16 @@ fn sample_cases() -> Vec<Value> {
         raw("CreateVolume", json!({ "replicas": 1 }), false),
         raw("CreateVolume", json!({ "size": 1000 }), false),
         raw("CreateVolume", json!({ "size": "ten gigs" }), false),
+        raw(
+            "CreateVolume",
+            json!({ "size": 512, "block_size": 1024 }),
+            false,
+        ),
+        raw(
+            "CreateVolume",
+            json!({ "size": 512, "block_size": "4k" }),
+            false,
+        ),
         raw("AttachVolume", json!({ "node": "n1" }), false),
         raw("VolumeInfo", json!({ "id": "8f3a0c1d2e4b5a69" }), false),
         raw(

@@ -6,8 +6,8 @@
 //! * An attachment whose epoch, size or server changed gets its control file rewritten and a
 //!   SIGHUP (keel-vhost then sends the new epoch, shows the guest the new capacity, or switches
 //!   to the new primary and resends what is in flight there). The process is not restarted, so
-//!   the guest's disk session survives; only a change of `read_only` or `socket` (or a dead
-//!   process) restarts it.
+//!   the guest's disk session survives; only a change of `read_only`, `socket` or `block_size`
+//!   (or a dead process) restarts it. keel-vhost gets the attachment's `--block-size`.
 //! * A detached attachment's process gets SIGTERM and its socket is removed.
 //! * Heartbeats report, per attachment, whether a guest is connected (from keel-vhost's status
 //!   file), which the controller uses to refuse detaching a disk in use.
@@ -203,6 +203,8 @@ impl Manager {
             .arg(spec.size.to_string())
             .arg("--epoch")
             .arg(spec.epoch.to_string())
+            .arg("--block-size")
+            .arg(spec.block_size.to_string())
             .arg("--pki-dir")
             .arg(&self.args.pki_dir)
             .arg("--id")
@@ -342,7 +344,8 @@ impl Manager {
                 // the guest's session.
                 Some(slot)
                     if slot.run.spec.read_only != spec.read_only
-                        || slot.run.spec.socket != spec.socket =>
+                        || slot.run.spec.socket != spec.socket
+                        || slot.run.spec.block_size != spec.block_size =>
                 {
                     true
                 }
@@ -796,6 +799,7 @@ mod tests {
             epoch: 4,
             size: 512,
             server: server.into(),
+            block_size: 512,
         }
     }
 

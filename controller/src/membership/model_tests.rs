@@ -181,6 +181,7 @@ impl World {
             name: None,
             size: 1 << 20,
             replicas: replicas as u32,
+            block_size: 512,
             state: VolumeRecordState::Ready,
             epoch: 1,
             writer_epoch: 1,

@@ -40,7 +40,7 @@ pub const PHYSICAL_BLOCK_SIZE: u32 = 4096;
 
 /// The logical block sizes a volume may have: 512 (the default, what firmware and most disk
 /// images expect) or 4096.
-pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
+pub use keel_api::types::BLOCK_SIZES;
 
 /// A `--block-size` argument: one of [`BLOCK_SIZES`].
 pub fn parse_block_size(s: &str) -> Result<u32, String> {

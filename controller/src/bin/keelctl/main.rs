@@ -98,6 +98,10 @@ enum VolumeCmd {
         /// Copies to keep on distinct servers (1–3; the controller's default is 2).
         #[arg(long)]
         replicas: Option<u32>,
+        /// Logical block size the guest sees: 512 (default; firmware boots only from it, and
+        /// disk images expect it) or 4096. Fixed for the volume's life.
+        #[arg(long)]
+        block_size: Option<u32>,
     },
     /// List volumes.
     List,
@@ -300,6 +304,7 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             size,
             name,
             replicas,
+            block_size,
         } => {
             let v: VolumeInfo = api
                 .post(
@@ -308,6 +313,7 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
                         size: size_arg(size)?,
                         replicas: *replicas,
                         name: name.clone(),
+                        block_size: *block_size,
                     },
                 )
                 .await?;

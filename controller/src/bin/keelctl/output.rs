@@ -170,6 +170,7 @@ pub fn volume(f: Format, v: &VolumeInfo) -> anyhow::Result<()> {
     println!("state:     {}", state(v));
     println!("epoch:     {}", v.epoch);
     println!("replicas:  {}", v.replicas);
+    println!("block size: {}", v.block_size);
     println!("copies:");
     table(
         &["  SERVER", "ADDRESS", "ROLE", "STATE"],
