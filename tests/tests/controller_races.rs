@@ -7,13 +7,13 @@
 //!
 //! One cluster (two storage servers of 1 GiB) serves every case.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use http::Method;
 use keel_api::{ApiClient, ErrorBody};
 use keel_proto::tls::TlsPaths;
+use keel_tests::hostile::{delete_volume as delete, race_creates};
 use keel_tests::keel_up::Cluster;
 use serde_json::Value;
 
@@ -26,50 +26,9 @@ fn admin(c: &Cluster) -> Result<ApiClient> {
     Ok(ApiClient::new(&c.url, tls, None)?)
 }
 
-/// `RACERS` creates with `body`, released together; their (status, body).
-async fn race_creates(api: &ApiClient, body: &str) -> Vec<(u16, Vec<u8>)> {
-    let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
-    let tasks: Vec<_> = (0..RACERS)
-        .map(|_| {
-            let (api, barrier, body) = (api.clone(), barrier.clone(), body.to_string());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                api.raw(Method::POST, "/v1/volumes", Some(body.into_bytes()))
-                    .await
-                    .expect("create answered")
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("task"));
-    }
-    out
-}
-
 fn error(body: &[u8]) -> ErrorBody {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not an error body ({e}): {}", String::from_utf8_lossy(body)))
-}
-
-async fn delete(api: &ApiClient, id: &str) -> Result<()> {
-    let (s, b) = api
-        .raw(Method::DELETE, &format!("/v1/volumes/{id}"), None)
-        .await?;
-    ensure!(s == 200, "delete {id}: {s} {}", String::from_utf8_lossy(&b));
-    // Gone from the list (copies deleted, record and name removed).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let vols: Vec<Value> = api.get("/v1/volumes").await?;
-        if !vols.iter().any(|v| v["id"] == id) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "volume {id} not gone after delete"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn volume_names(api: &ApiClient) -> Result<Vec<(String, Option<String>)>> {
@@ -95,8 +54,9 @@ async fn one_name_one_volume(api: &ApiClient) -> Result<()> {
         let answers = race_creates(
             api,
             &format!(r#"{{"size":"1MiB","replicas":1,"name":"{name}"}}"#),
+            RACERS,
         )
-        .await;
+        .await?;
         let won: Vec<Value> = answers
             .iter()
             .filter(|(s, _)| *s == 200)
@@ -151,7 +111,7 @@ async fn one_name_one_volume(api: &ApiClient) -> Result<()> {
 async fn capacity_is_never_overcommitted(api: &ApiClient) -> Result<()> {
     let started = Instant::now();
     for round in 0..5 {
-        let answers = race_creates(api, r#"{"size":"768MiB","replicas":2}"#).await;
+        let answers = race_creates(api, r#"{"size":"768MiB","replicas":2}"#, RACERS).await?;
         let won: Vec<Value> = answers
             .iter()
             .filter(|(s, _)| *s == 200)

@@ -5,7 +5,7 @@
 //! stays up and keeps serving a valid client; limits are set low by flags so that each test
 //! takes seconds. Loopback only (127.0.0.x addresses stand for different peers).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +17,10 @@ use keel_proto::frame::checksum;
 use keel_proto::tls::{client_config, TlsPaths};
 use keel_proto::{Epoch, Frame, Op, Request, Role, Status, VolumeId};
 use keel_tests::cluster::{bin, start_until_ready, Pki, Storage};
+use keel_tests::hostile::{count_closed, flood, rss};
 use keel_tests::wire::WireClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const VOL: VolumeId = VolumeId(1);
 const MIB: u64 = 1 << 20;
@@ -30,16 +31,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// Resident memory of `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 fn alive(pid: u32) -> bool {
@@ -83,53 +74,6 @@ fn serves(pki: &Path, addr: SocketAddr, fill: u8, patience: Duration) -> Result<
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-}
-
-/// `n` plain TCP connections from `src` to `addr`, sending nothing. `None`: reset while
-/// connecting (the server accepted and refused it before the connect returned).
-async fn flood(src: &str, addr: SocketAddr, n: usize) -> Result<Vec<Option<TcpStream>>> {
-    let ip: IpAddr = src.parse()?;
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let s = TcpSocket::new_v4()?;
-        s.bind(SocketAddr::new(ip, 0))?;
-        match s.connect(addr).await {
-            Ok(c) => v.push(Some(c)),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => v.push(None),
-            Err(e) => return Err(e).with_context(|| format!("connection {} from {src}", v.len())),
-        }
-    }
-    Ok(v)
-}
-
-/// Waits up to `within` for the peer to close `s`; returns when (None: still open).
-async fn closed_at(s: Option<TcpStream>, start: Instant, within: Duration) -> Option<Duration> {
-    let Some(mut s) = s else {
-        return Some(Duration::ZERO);
-    };
-    let mut b = [0u8; 1024];
-    let deadline = tokio::time::Instant::from_std(start + within);
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
-/// When the peer closed each of `conns` (all watched at once; None: open after `within`).
-async fn count_closed(conns: Vec<Option<TcpStream>>, within: Duration) -> Vec<Option<Duration>> {
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|s| tokio::spawn(closed_at(s, start, within)))
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap_or(None));
-    }
-    out
 }
 
 fn node_tls(pki: &Path) -> Result<Arc<rustls::ClientConfig>> {
