@@ -5,4 +5,3 @@ pub mod hostile;
 pub mod keel_up;
 pub mod vmm;
 pub mod wire;
-pub mod writer;
