@@ -204,11 +204,6 @@ pub struct CreateVolume {
     pub replicas: Option<u32>,
     #[serde(default)]
     pub name: Option<String>,
-}
-
-/// `POST /v1/volumes/{id}/resize`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(remote = "Self")]
     /// Logical block size the guest sees, in bytes: 512 (when absent; what firmware boots
     /// from and disk images expect) or 4096. Fixed for the volume's life.
     #[serde(default)]
@@ -228,6 +223,11 @@ pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
 /// [`LEGACY_BLOCK_SIZE`], for serde defaults.
 pub fn legacy_block_size() -> u32 {
     LEGACY_BLOCK_SIZE
+}
+
+/// `POST /v1/volumes/{id}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 #[serde(deny_unknown_fields)]
 pub struct ResizeVolume {
     pub size: SizeInput,
@@ -315,6 +315,9 @@ pub struct VolumeInfo {
     pub name: Option<String>,
     pub size: u64,
     pub replicas: u32,
+    /// Logical block size the guest sees (512 or 4096 bytes).
+    #[serde(default = "legacy_block_size")]
+    pub block_size: u32,
     pub state: VolumeState,
     /// Fencing number: I/O carrying an older epoch is refused by the storage servers.
     pub epoch: u64,
@@ -324,9 +327,6 @@ pub struct VolumeInfo {
 }
 
 /// What a node must serve: its attachments, with everything needed to start each.
-    /// Logical block size the guest sees (512 or 4096 bytes).
-    #[serde(default = "legacy_block_size")]
-    pub block_size: u32,
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAttachment {
     pub volume: String,
@@ -337,6 +337,10 @@ pub struct NodeAttachment {
     pub size: u64,
     /// The primary copy's data-path address.
     pub server: String,
+    /// Logical block size to offer the guest (keel-vhost `--block-size`); 4096 from
+    /// controllers older than the field, as keel-vhost offered then.
+    #[serde(default = "legacy_block_size")]
+    pub block_size: u32,
 }
 
 /// `GET /v1/nodes/{id}/attachments?after=V&wait_ms=T`: a node's attachments once their
@@ -346,10 +350,6 @@ pub struct NodeAttachments {
     pub version: u64,
     pub attachments: Vec<NodeAttachment>,
 }
-    /// Logical block size to offer the guest (keel-vhost `--block-size`); 4096 from
-    /// controllers older than the field, as keel-vhost offered then.
-    #[serde(default = "legacy_block_size")]
-    pub block_size: u32,
 
 /// Every error the API returns has this body, with an HTTP status that matches `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -428,6 +428,7 @@ mod access_tests {
             name: None,
             size: 1 << 20,
             replicas: 2,
+            block_size: 512,
             state: VolumeRecordState::Ready,
             epoch: 1,
             writer_epoch: 1,
@@ -447,7 +448,6 @@ mod access_tests {
                 .collect(),
             attachments: vec![],
             created_at_unix: 0,
-            block_size: 512,
         }
     }
 

@@ -819,6 +819,7 @@ impl Controller {
                     epoch: v.writer_floor(),
                     size: v.size,
                     server: server.clone(),
+                    block_size: v.block_size,
                 });
             }
         }
@@ -880,7 +881,6 @@ impl Controller {
                         None if v.state == VolumeRecordState::Creating => "pending",
                         None => "missing",
                         Some(r) if r.size < v.size || r.epoch < v.epoch => "pending",
-                    block_size: v.block_size,
                         Some(_) if c.role == CopyRole::Mirror => "in_sync",
                         Some(_) => "ok",
                     }
@@ -933,6 +933,7 @@ impl Controller {
             name: v.name.clone(),
             size: v.size,
             replicas: v.replicas,
+            block_size: v.block_size,
             state: match v.state {
                 VolumeRecordState::Creating => VolumeState::Creating,
                 VolumeRecordState::Deleting => VolumeState::Deleting,
@@ -977,6 +978,12 @@ impl Controller {
         if let Some(n) = &req.name {
             check_volume_name(n)?;
         }
+        let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !BLOCK_SIZES.contains(&block_size) {
+            return Err(ApiError::bad_request(format!(
+                "block_size must be 512 or 4096 (bytes), not {block_size}"
+            )));
+        }
         // One transaction: the record, its name key (only if absent) and the fences of the
         // servers it takes room on (only if no other reservation came since the allocations
         // were counted). A lost race re-reads and decides again.
@@ -997,7 +1004,6 @@ impl Controller {
             let fences = self.fences()?;
             let alloc = self.allocations()?;
             let candidates: Vec<Candidate> = self
-            block_size: v.block_size,
                 .list::<ServerRecord>(SERVER_PREFIX)?
                 .into_iter()
                 .map(|(s, _)| Candidate {
@@ -1022,6 +1028,7 @@ impl Controller {
                 name: req.name.clone(),
                 size,
                 replicas,
+                block_size,
                 state: VolumeRecordState::Creating,
                 epoch: 1,
                 writer_epoch: 1,
@@ -1042,12 +1049,6 @@ impl Controller {
                 attachments: vec![],
                 created_at_unix: now_unix(),
             };
-        let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        if !BLOCK_SIZES.contains(&block_size) {
-            return Err(ApiError::bad_request(format!(
-                "block_size must be 512 or 4096 (bytes), not {block_size}"
-            )));
-        }
             compares.push((volume_key(&id), 0));
             puts.push((volume_key(&id), to_json(&rec)?));
             if let Some(n) = &req.name {
@@ -1092,7 +1093,6 @@ impl Controller {
             );
         }
         if let Some(why) = failed {
-                block_size,
             // Undo: remove what was made, then the record.
             for c in &rec.copies {
                 if let Some(addr) = addrs.get(&c.server) {
@@ -1971,6 +1971,7 @@ mod unit_tests {
             name: Some(name.into()),
             size: 1 << 20,
             replicas: 1,
+            block_size: 4096,
             state: VolumeRecordState::Ready,
             epoch: 1,
             writer_epoch: 1,
@@ -2083,4 +2084,3 @@ mod unit_tests {
         );
     }
 }
-            block_size: 4096,

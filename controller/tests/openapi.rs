@@ -826,18 +826,18 @@ fn sample_cases() -> Vec<Value> {
                 size: SizeInput::Human("10GiB".into()),
                 replicas: Some(1),
                 name: Some("data1".into()),
+                block_size: Some(4096),
             },
         ),
-                block_size: Some(4096),
         case(
             "CreateVolume",
             &CreateVolume {
                 size: SizeInput::Bytes(1 << 30),
                 replicas: None,
                 name: None,
+                block_size: None,
             },
         ),
-                block_size: None,
         case(
             "ResizeVolume",
             &ResizeVolume {
@@ -884,9 +884,9 @@ fn sample_cases() -> Vec<Value> {
                     epoch: 3,
                     size: 10 << 30,
                     server: "127.0.0.1:7000".into(),
+                    block_size: 512,
                 }],
             },
-                    block_size: 512,
         ),
         case(
             "Error",
@@ -962,8 +962,6 @@ fn sample_cases() -> Vec<Value> {
         // Requests as people write them: defaults left out.
         raw("CreateVolume", json!({ "size": "1GiB" }), true),
         raw(
-            "AttachVolume",
-        raw(
             "CreateVolume",
             json!({ "size": 512, "block_size": 4096 }),
             true,
@@ -973,6 +971,8 @@ fn sample_cases() -> Vec<Value> {
             json!({ "size": 512, "block_size": 512 }),
             true,
         ),
+        raw(
+            "AttachVolume",
             json!({ "node": "n1", "instance": "vm1" }),
             true,
         ),
@@ -989,8 +989,6 @@ fn sample_cases() -> Vec<Value> {
         // And what the schemas must refuse, so the check above is not vacuous.
         raw("CreateVolume", json!({ "size": true }), false),
         raw("CreateVolume", json!({ "replicas": 1 }), false),
-        raw("CreateVolume", json!({ "size": 1000 }), false),
-        raw("CreateVolume", json!({ "size": "ten gigs" }), false),
         raw(
             "CreateVolume",
             json!({ "size": 512, "block_size": 1024 }),
@@ -1001,6 +999,8 @@ fn sample_cases() -> Vec<Value> {
             json!({ "size": 512, "block_size": "4k" }),
             false,
         ),
+        raw("CreateVolume", json!({ "size": 1000 }), false),
+        raw("CreateVolume", json!({ "size": "ten gigs" }), false),
         raw("AttachVolume", json!({ "node": "n1" }), false),
         raw("VolumeInfo", json!({ "id": "8f3a0c1d2e4b5a69" }), false),
         raw(
