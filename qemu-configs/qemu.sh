@@ -64,6 +64,7 @@ EOF
 fi
 # vhost-user: keel-vhost reads and writes the guest's buffers itself, so guest RAM must be
 # shared memory (memfd, share=on) of the same size as -m. A comma in an option value is doubled.
+# reconnect=1, not reconnect-ms (QEMU 9.2+): QEMU 7.2 (Debian 12) refuses reconnect-ms.
 exec "${KEEL_QEMU:-qemu-system-x86_64}" \
   -machine q35 -accel "$ACCEL" -smp 1,maxcpus=2 -m "$MEM" \
   -object memory-backend-memfd,id=mem,size="$MEM",share=on -numa node,memdev=mem \

@@ -253,19 +253,22 @@ pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow
 }
 
 /// The QEMU options that attach a volume served on `socket`, several lines, each ending in a
-/// newline. keel-vhost reads and writes the guest's buffers directly, so the guest's RAM must
-/// be a shared memory backend; the node manager (`keel-vhost node`) offers `--num-queues`
-/// virtqueues (default 1), which `num-queues` must not exceed.
+/// newline, complete enough to paste after `qemu-system-x86_64 -kernel ...` (checked against
+/// QEMU 7.2 booting the test kernel). keel-vhost reads and writes the guest's buffers
+/// directly, so the guest's RAM must be a shared memory backend of the size given to `-m`; the
+/// node manager (`keel-vhost node`) offers `--num-queues` virtqueues (default 1), which
+/// `num-queues` must not exceed. `reconnect=1` rather than `reconnect-ms=`: QEMU 7.2 (Debian
+/// 12) refuses `reconnect-ms`, which replaced it in QEMU 9.2.
 fn qemu_hint(socket: &str) -> String {
     // QEMU option values escape a comma by doubling it.
     let path = socket.replace(',', ",,");
     format!(
-        "qemu:   vhost-user needs the guest's RAM in shared memory (size = the guest's -m):\n\
-         \x20         -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -numa node,memdev=mem\n\
+        "qemu:   the disk; vhost-user needs the guest's RAM in shared memory, size= equal to -m:\n\
+         \x20         -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem\n\
          \x20         -chardev socket,id=keel0,path={path},reconnect=1\n\
          \x20         -device vhost-user-blk-pci,chardev=keel0,num-queues=1\n\
          \x20       num-queues may be raised up to the node's `keel-vhost node --num-queues` (default 1);\n\
-         \x20       see qemu-configs/qemu.sh and qemu-configs/README.md\n"
+         \x20       or run qemu-configs/qemu.sh SOCKET (see qemu-configs/README.md)\n"
     )
 }
 
@@ -300,11 +303,11 @@ mod unit_tests {
     fn qemu_hint_is_complete() {
         let hint = qemu_hint("/run/keel/a,b.sock");
         for needed in [
-            "-object memory-backend-memfd,id=mem,size=<guest RAM>,share=on",
+            "-m 1G -object memory-backend-memfd,id=mem,size=1G,share=on",
             "-numa node,memdev=mem",
             "-chardev socket,id=keel0,path=/run/keel/a,,b.sock,reconnect=1",
             "-device vhost-user-blk-pci,chardev=keel0,num-queues=1",
-            "vhost-user needs the guest's RAM in shared memory",
+            "vhost-user needs the guest's RAM in shared memory, size= equal to -m",
         ] {
             assert!(hint.contains(needed), "missing {needed:?} in:\n{hint}");
         }
