@@ -46,9 +46,10 @@ const SOAK_SECS: u64 = 60;
 const PASS_MIB: u64 = 32;
 /// A guest that verified less did too little for the soak to mean anything.
 const MIN_VERIFIED_MIB: u64 = 4 * PASS_MIB;
-/// The storage servers' resident memory while flooded. Normal: about 30-70 MiB; the floods
-/// may add the unread answers' per-connection budget (128 MiB) and the partial frames
-/// (20 x 4 MiB); before issue 18's limits the unread reads alone held all 1000 MiB asked for.
+/// The storage servers' resident memory while flooded. Before the floods: about 10 MiB; the
+/// floods may add the unread answers' per-connection budget (128 MiB), the partial frames
+/// (20 x 4 MiB) and the allocator's retention (240-280 MiB peaks seen); before issue 18's
+/// limits the unread reads alone held all 1000 MiB asked for.
 const RSS_BOUND: u64 = 400 * MIB;
 /// A connection over a limit is closed right after `accept`; one still open this long after
 /// its connect was accepted (the handshake timeout, 10 s, closes it later).
@@ -142,7 +143,7 @@ async fn storage_idle_flood(t: &Target, r: &mut Report) -> Result<()> {
     );
     drop(tallies);
     ensure!(
-        r.storage_idle_took < Duration::from_secs(7),
+        r.storage_idle_took < Duration::from_secs(8),
         "the flood's {} connects took {:?}: too slow a host (the handshake timeout, 10 s, \
          frees the first before the last are made)",
         4 * (lim.max_per_ip + EXCESS) + EXCESS,
