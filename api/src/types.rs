@@ -91,6 +91,11 @@ pub struct CopyReport {
     /// the controller pushes the membership again when it differs from the record's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_crc32c: Option<u32>,
+    /// Set when the copy is lost (docs/replication.md, R10): why (an I/O error, a file
+    /// unreadable at start or removed while the server ran). The controller moves the volume
+    /// off it. Its other fields are then 0 and `role` `unknown` if the file could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// Request counters a storage server reports (totals since it started).
@@ -286,8 +291,12 @@ pub struct CopyInfo {
     /// `ok` (primary) or `in_sync` (mirror) when the server last reported this copy at the
     /// volume's size and epoch, `stale` for a mirror dropped from the in-sync set,
     /// `pending` while the controller still has to push a change, `server_down` when its
-    /// server stopped heartbeating.
+    /// server stopped heartbeating, `lost` when its server reports the copy lost (R10: see
+    /// `fault`), `missing` when its live server does not report it at all.
     pub state: String,
+    /// Why the server reports the copy lost, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// One attachment of a volume.

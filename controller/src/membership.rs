@@ -204,6 +204,25 @@ fn primary_up(v: &VolumeRecord, up: &impl Fn(&str) -> bool) -> Result<(), Refusa
     }
 }
 
+/// R10: the in-sync mirrors on servers for which `lost` holds leave the in-sync set (stale);
+/// E bumps once if any did. Returns their servers.
+pub fn drop_lost(v: &mut VolumeRecord, lost: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut dropped = Vec::new();
+    for m in v
+        .copies
+        .iter_mut()
+        .filter(|c| c.role == CopyRole::Mirror && c.in_sync && lost(&c.server))
+    {
+        m.in_sync = false;
+        m.rebuilding = false;
+        dropped.push(m.server.clone());
+    }
+    if !dropped.is_empty() {
+        bump(v);
+    }
+    dropped
+}
+
 /// Whether `c` is a stale mirror (dropped, not being rebuilt).
 pub fn is_stale_mirror(c: &CopyRecord) -> bool {
     c.role == CopyRole::Mirror && !c.in_sync && !c.rebuilding

@@ -8,7 +8,7 @@ use std::time::Duration;
 use keel_proto::admin::{admin_call_with_timeout, AdminError, AdminRequest};
 use keel_proto::frame::{Frame, Request};
 use keel_proto::io::{connect, read_frame};
-use keel_proto::{Epoch, MemberRole, Op, Role, VolumeId};
+use keel_proto::{Epoch, MemberRole, Op, Role, Status, VolumeId};
 use tokio::io::AsyncWriteExt;
 
 use crate::model::CopyRole;
@@ -130,7 +130,8 @@ impl Pusher {
 
     /// The controller's own probe of a storage server (docs/replication.md, R6): a data-path
     /// `Ping` on a fresh TLS connection, answered within `limit`. A hung (stopped) server
-    /// accepts the TCP connection in its kernel but never completes the handshake.
+    /// accepts the TCP connection in its kernel but never completes the handshake. A server
+    /// that answers for its other copies but not for this one (R10) fails the probe too.
     pub async fn ping(
         &self,
         addr: SocketAddr,
@@ -150,7 +151,12 @@ impl Pusher {
             match read_frame(&mut s, &mut buf).await {
                 Ok(Some(Frame::Response(r))) if r.request_id == 1 => {
                     let _ = s.shutdown().await;
-                    Ok(())
+                    // Per copy (R10): `copy lost`, or `unknown volume` for a copy the server
+                    // does not hold, is a primary that cannot serve.
+                    match r.status {
+                        Status::Ok => Ok(()),
+                        status => Err(format!("the server answered {status} for the volume")),
+                    }
                 }
                 Ok(Some(_)) => Err("unexpected frame in answer to a ping".to_string()),
                 Ok(None) => Err("connection closed without an answer".to_string()),

@@ -121,6 +121,9 @@ struct Live {
     /// (volume, server) -> when that server's copy was dropped or demoted: a rebuild waits
     /// for a heartbeat from the server after that moment (it was failing then).
     dropped: HashMap<(String, String), Instant>,
+    /// (volume, server) -> since when that server, up, has not reported the copy the volume's
+    /// record places there (R10; rebuilding mirrors excepted: the controller creates those).
+    missing: HashMap<(String, String), Instant>,
 }
 
 /// The system manager.
@@ -593,6 +596,63 @@ impl Controller {
             .is_some_and(|s| s.last_seen.elapsed() < self.cfg.failure_timeout)
     }
 
+    /// Why the copy of `volume` on `server` is lost (docs/replication.md, R10), if it is: its
+    /// server is up and reports the copy with a fault, or has not reported it for the failure
+    /// timeout although the volume's record places it there (see [`Controller::note_missing`]).
+    /// A copy on a server that is down is not lost by this rule (R6 and re-replication handle
+    /// servers that are down).
+    fn copy_lost(&self, volume: &str, server: &str) -> Option<String> {
+        let live = self.live();
+        let l = live
+            .servers
+            .get(server)
+            .filter(|l| l.last_seen.elapsed() < self.cfg.failure_timeout)?;
+        if let Some(r) = l.hb.copies.iter().find(|r| r.volume == volume) {
+            return r.fault.clone();
+        }
+        let since = live
+            .missing
+            .get(&(volume.to_string(), server.to_string()))?;
+        (since.elapsed() >= self.cfg.failure_timeout).then(|| {
+            format!(
+                "the server has not reported the copy for {} s",
+                since.elapsed().as_secs()
+            )
+        })
+    }
+
+    /// Whether the copy of `volume` on `server` may serve: its server is up and the copy is
+    /// not lost.
+    fn copy_usable(&self, volume: &str, server: &str) -> bool {
+        self.server_up(server) && self.copy_lost(volume, server).is_none()
+    }
+
+    /// Updates, for a ready volume, since when each of its copies has been missing from its
+    /// live server's heartbeats (R10).
+    fn note_missing(&self, v: &VolumeRecord) {
+        let now = Instant::now();
+        let mut live = self.live();
+        let Live {
+            servers, missing, ..
+        } = &mut *live;
+        for c in &v.copies {
+            let key = (v.id.clone(), c.server.clone());
+            let reported = servers.get(&c.server).and_then(|l| {
+                (l.last_seen.elapsed() < self.cfg.failure_timeout)
+                    .then(|| l.hb.copies.iter().any(|r| r.volume == v.id))
+            });
+            let expected = !(c.role == CopyRole::Mirror && c.rebuilding);
+            match reported {
+                Some(false) if expected && v.state == VolumeRecordState::Ready => {
+                    missing.entry(key).or_insert(now);
+                }
+                _ => {
+                    missing.remove(&key);
+                }
+            }
+        }
+    }
+
     /// Records a push the server acknowledged, so `describe` need not wait for its next
     /// heartbeat to show the copy current.
     fn note_copy(
@@ -608,15 +668,20 @@ impl Controller {
         let Some(l) = live.servers.get_mut(server) else {
             return;
         };
-        let report = keel_api::CopyReport {
+        let mut report = keel_api::CopyReport {
             volume: volume.to_string(),
             size,
             epoch,
             role: role.as_str().into(),
             access_crc32c: access,
+            fault: None,
         };
         match l.hb.copies.iter_mut().find(|c| c.volume == volume) {
-            Some(c) => *c = report,
+            Some(c) => {
+                // A push taken does not mend a lost copy (R10): only its next heartbeat says.
+                report.fault = c.fault.take();
+                *c = report;
+            }
             None => l.hb.copies.push(report),
         }
     }
@@ -876,6 +941,8 @@ impl Controller {
                     "stale"
                 } else if !up {
                     "server_down"
+                } else if reported.is_some_and(|r| r.fault.is_some()) {
+                    "lost"
                 } else {
                     match reported {
                         None if v.state == VolumeRecordState::Creating => "pending",
@@ -908,6 +975,7 @@ impl Controller {
                         .unwrap_or_default(),
                     role: c.role.as_str().into(),
                     state: state.into(),
+                    fault: reported.and_then(|r| r.fault.clone()),
                 }
             })
             .collect();
@@ -1514,7 +1582,9 @@ impl Controller {
             if moved {
                 return Ok(false);
             }
-            promoted = membership::promote(r, |s| s != primary && self.server_up(s)).ok();
+            let id = r.id.clone();
+            promoted =
+                membership::promote(r, |s| s != primary && self.copy_usable(&id, s)).ok();
             Ok(promoted.is_some())
         })?;
         if moved {
@@ -1546,6 +1616,15 @@ impl Controller {
             return false;
         };
         let up = l.last_seen.elapsed() < self.cfg.failure_timeout;
+        // A lost copy is deleted before anything is rebuilt there (R10).
+        let faulty = l
+            .hb
+            .copies
+            .iter()
+            .any(|r| r.volume == volume && r.fault.is_some());
+        if faulty {
+            return false;
+        }
         let after_drop = live
             .dropped
             .get(&(volume.to_string(), server.to_string()))
@@ -1559,21 +1638,49 @@ impl Controller {
         for c in v
             .copies
             .iter()
-            .filter(|c| c.role == CopyRole::Mirror && c.rebuilding)
+            .filter(|c| c.role == CopyRole::Mirror && !c.in_sync)
         {
+            // `None`: nothing to do; `Some(None)`: the server holds no copy; `Some(Some(why))`:
+            // it holds a lost one (R10), which is deleted first (a stale mirror's only that:
+            // its rebuild then starts on a server without the copy, and creates it).
             let missing = {
                 let live = self.live();
-                live.servers.get(&c.server).is_some_and(|l| {
-                    l.last_seen.elapsed() < self.cfg.failure_timeout
-                        && !l.hb.copies.iter().any(|r| r.volume == v.id)
-                })
+                live.servers
+                    .get(&c.server)
+                    .filter(|l| l.last_seen.elapsed() < self.cfg.failure_timeout)
+                    .and_then(|l| match l.hb.copies.iter().find(|r| r.volume == v.id) {
+                        None => Some(None),
+                        Some(r) => r.fault.clone().map(Some),
+                    })
             };
-            if !missing {
+            let Some(fault) = missing else {
+                continue;
+            };
+            if fault.is_none() && !c.rebuilding {
                 continue;
             }
             let Some(addr) = addrs.get(&c.server) else {
                 continue;
             };
+            if let Some(why) = fault {
+                // A lost copy (R10) is replaced by a new one: the rebuild fills it.
+                match self.push.delete_copy(*addr, &v.id).await {
+                    Ok(()) => {
+                        tracing::info!(volume = %v.id, server = %c.server, fault = %why, "deleted a lost copy, to be created again and rebuilt");
+                        let mut live = self.live();
+                        if let Some(l) = live.servers.get_mut(&c.server) {
+                            l.hb.copies.retain(|r| r.volume != v.id);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.id, server = %c.server, error = %e, fault = %why, "deleting a lost copy failed; retrying");
+                        continue;
+                    }
+                }
+                if !c.rebuilding {
+                    continue;
+                }
+            }
             // Created at the writer epoch W (a copy's writer epoch starts at its creation epoch
             // and never goes down); the membership push that follows raises its epoch to E with
             // W unchanged, so the current writer is not fenced by its new copy.
@@ -1633,7 +1740,7 @@ impl Controller {
         &self,
         v: &VolumeRecord,
     ) -> Result<Option<VolumeRecord>, ApiError> {
-        let wanted = v.primary().is_some_and(|p| self.server_up(&p.server))
+        let wanted = v.primary().is_some_and(|p| self.copy_usable(&v.id, &p.server))
             && v.copies.iter().any(|c| {
                 c.role == CopyRole::Mirror
                     && !c.in_sync
@@ -1648,7 +1755,7 @@ impl Controller {
             let id = r.id.clone();
             started = membership::start_rebuild(
                 r,
-                |s| self.server_up(s),
+                |s| self.copy_usable(&id, s),
                 |s| self.rebuild_target(&id, s),
             )
             .ok();
@@ -1766,13 +1873,13 @@ impl Controller {
         if self.started.elapsed() < self.cfg.failure_timeout {
             return Ok(None);
         }
-        if !v.primary().is_some_and(|p| self.server_up(&p.server)) {
+        if !v.primary().is_some_and(|p| self.copy_usable(&v.id, &p.server)) {
             return Ok(None);
         }
         if !v
             .copies
             .iter()
-            .any(|c| c.role == CopyRole::Mirror && !self.server_up(&c.server))
+            .any(|c| c.role == CopyRole::Mirror && !self.copy_usable(&v.id, &c.server))
         {
             return Ok(None);
         }
@@ -1817,14 +1924,42 @@ impl Controller {
             let Some(t) = chosen.into_iter().next() else {
                 return Ok(None);
             };
-            moved = membership::replace_lost_mirror(r, |s| self.server_up(s), &t).ok();
+            let id = r.id.clone();
+            moved = membership::replace_lost_mirror(r, |s| self.copy_usable(&id, s), &t).ok();
             target = t.clone();
             Ok(moved.is_some().then(|| vec![t]))
         })?;
         Ok(moved.map(|old| {
-            tracing::warn!(volume = %rec.id, from = %old, to = %target, epoch = rec.epoch, "mirror's server lost: copy re-placed, rebuilding");
+            tracing::warn!(volume = %rec.id, from = %old, to = %target, epoch = rec.epoch, "mirror's server or copy lost: copy re-placed, rebuilding");
             rec
         }))
+    }
+
+    /// R10: in-sync mirrors whose copies are lost on live servers leave the in-sync set
+    /// (stale; E bumps), to be re-placed or rebuilt like any stale mirror.
+    fn drop_lost_mirrors(&self, v: &VolumeRecord) -> Result<Option<VolumeRecord>, ApiError> {
+        let lost: Vec<(String, String)> = v
+            .copies
+            .iter()
+            .filter(|c| c.role == CopyRole::Mirror && c.in_sync)
+            .filter_map(|c| Some((c.server.clone(), self.copy_lost(&v.id, &c.server)?)))
+            .collect();
+        if lost.is_empty() {
+            return Ok(None);
+        }
+        let mut dropped = Vec::new();
+        let rec = self.update_volume(&v.id, |r| {
+            dropped = membership::drop_lost(r, |s| lost.iter().any(|(l, _)| l == s));
+            Ok(!dropped.is_empty())
+        })?;
+        if dropped.is_empty() {
+            return Ok(None);
+        }
+        for (server, why) in lost.iter().filter(|(s, _)| dropped.contains(s)) {
+            tracing::warn!(volume = %rec.id, %server, fault = %why, epoch = rec.epoch, "mirror's copy lost on a live server: dropped from the in-sync set");
+            self.note_dropped(&rec.id, server);
+        }
+        Ok(Some(rec))
     }
 
     /// R6 (docs/replication.md): when the controller itself has not heard from a volume's
@@ -1837,22 +1972,33 @@ impl Controller {
         &self,
         v: &VolumeRecord,
     ) -> Result<Option<VolumeRecord>, ApiError> {
-        if self.started.elapsed() < self.cfg.failure_timeout {
-            return Ok(None);
-        }
         let Some(p) = v.primary() else {
             return Ok(None);
         };
-        if self.server_up(&p.server) {
+        // A copy reported lost is evidence enough; a server's silence is not, until this
+        // controller has had one failure timeout to hear from everyone.
+        let lost = self.copy_lost(&v.id, &p.server);
+        if lost.is_none() && self.started.elapsed() < self.cfg.failure_timeout {
+            return Ok(None);
+        }
+        if self.server_up(&p.server) && lost.is_none() {
             return Ok(None);
         }
         let mut promoted = None;
+        let id = v.id.clone();
         let rec = self.update_volume(&v.id, |r| {
-            promoted = membership::promote(r, |s| self.server_up(s)).ok();
+            promoted = membership::promote(r, |s| self.copy_usable(&id, s)).ok();
             Ok(promoted.is_some())
         })?;
         Ok(promoted.map(|Promotion { old, new }| {
-            tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, "primary's server failed: mirror promoted");
+            match &lost {
+                Some(why) => {
+                    tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, fault = %why, "primary's copy lost on a live server: mirror promoted")
+                }
+                None => {
+                    tracing::warn!(volume = %rec.id, %old, %new, epoch = rec.epoch, "primary's server failed: mirror promoted")
+                }
+            }
             self.note_dropped(&rec.id, &old);
             rec
         }))
@@ -1881,6 +2027,9 @@ impl Controller {
         if self.started.elapsed() >= self.cfg.failure_timeout {
             self.delete_orphans(&vols, &addrs).await;
         }
+        self.live()
+            .missing
+            .retain(|(volume, _), _| vols.iter().any(|v| &v.id == volume));
         for v in vols {
             match v.state {
                 VolumeRecordState::Deleting => {
@@ -1916,7 +2065,12 @@ impl Controller {
                     }
                 }
                 VolumeRecordState::Ready => {
+                    self.note_missing(&v);
                     if let Some(v) = self.promote_if_primary_failed(&v)? {
+                        let _ = self.push_membership(&v, false).await;
+                        continue;
+                    }
+                    if let Some(v) = self.drop_lost_mirrors(&v)? {
                         let _ = self.push_membership(&v, false).await;
                         continue;
                     }
@@ -1942,7 +2096,13 @@ impl Controller {
                         if l.last_seen.elapsed() >= self.cfg.failure_timeout {
                             continue;
                         }
-                        if let Some(r) = l.hb.copies.iter().find(|r| r.volume == v.id) {
+                        // A lost copy takes no membership (R10): it is replaced.
+                        let report = l
+                            .hb
+                            .copies
+                            .iter()
+                            .find(|r| r.volume == v.id && r.fault.is_none());
+                        if let Some(r) = report {
                             small |= r.size < v.size;
                             stale |= r.epoch < v.epoch || r.role != c.role.as_str();
                             // An access list that differs from the record's (a server upgraded

@@ -729,6 +729,7 @@ fn sample_cases() -> Vec<Value> {
             role: "primary".into(),
             rebuild_percent: None,
             state: "ok".into(),
+            fault: None,
         }],
         attachments: vec![AttachmentInfo {
             node: "n1".into(),
@@ -768,6 +769,7 @@ fn sample_cases() -> Vec<Value> {
                     epoch: 1,
                     role: "primary".into(),
                     access_crc32c: Some(0x1c2d_3e4f),
+                    fault: None,
                 }],
                 counters: counters.clone(),
                 rebuilds: vec![keel_api::RebuildReport {

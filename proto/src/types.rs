@@ -177,6 +177,9 @@ pub enum Status {
     UnsupportedVersion = 9,
     /// The volume is read-only for this client.
     ReadOnly = 10,
+    /// This server's copy of the volume is lost: it failed an I/O, or its file is gone
+    /// (docs/replication.md, R10). Another copy takes over; a client waits and resends.
+    CopyLost = 11,
 }
 
 impl Status {
@@ -193,6 +196,7 @@ impl Status {
             8 => Status::ChecksumMismatch,
             9 => Status::UnsupportedVersion,
             10 => Status::ReadOnly,
+            11 => Status::CopyLost,
             _ => return None,
         })
     }
@@ -212,6 +216,7 @@ impl fmt::Display for Status {
             Status::ChecksumMismatch => "checksum mismatch",
             Status::UnsupportedVersion => "unsupported protocol version",
             Status::ReadOnly => "read-only",
+            Status::CopyLost => "copy lost",
         };
         f.write_str(s)
     }
@@ -298,7 +303,8 @@ mod unit_tests {
             }
         }
         assert_eq!(MemberRole::from_u32(2), None);
-        assert_eq!(Status::from_u8(11), None);
+        assert_eq!(Status::from_u8(11), Some(Status::CopyLost));
+        assert_eq!(Status::from_u8(12), None);
     }
 }
 

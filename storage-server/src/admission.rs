@@ -36,6 +36,10 @@ pub enum Refusal {
     /// `stale epoch` without an epoch, so its client fails the guest's I/O at once (a node
     /// that never had a grant gets `unauthorized` and learns nothing).
     Revoked,
+    /// The copy failed an I/O (docs/replication.md, R10; carried: its epoch): it serves
+    /// nothing more, and another copy takes over. Answered only to peers the copy's access
+    /// list allows (checked first).
+    Lost(Epoch),
 }
 
 /// Whether an op changes data.

@@ -85,7 +85,7 @@ pub enum CopyError {
     BadSize(u64),
     #[error("a copy of volume {0} already exists")]
     Exists(VolumeId),
-    #[error("copy is failed after an earlier write-back error; it refuses I/O until repaired")]
+    #[error("the copy failed an earlier I/O and serves nothing more (another copy takes over)")]
     Failed,
     #[error("epoch {requested} is older than the copy's epoch {current}")]
     StaleEpoch { requested: Epoch, current: Epoch },
@@ -252,7 +252,10 @@ pub struct Copy {
     gate: RwLock<()>,
     /// Set (under both locks) when the copy is deleted: it then refuses everything.
     deleted: AtomicBool,
+    /// Set when an I/O on the copy's file failed (R10): the copy then serves nothing more.
     failed: AtomicBool,
+    /// Why [`Copy::failed`] was set (the first error), for the heartbeat and the logs.
+    failure: Mutex<Option<String>>,
     /// The filesystem refused an `RWF_NOWAIT` write once: don't try again.
     nowait_write_unsupported: AtomicBool,
     sync: GroupSync,
@@ -395,6 +398,7 @@ impl Copy {
             gate: RwLock::new(()),
             deleted: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
             nowait_write_unsupported: AtomicBool::new(false),
             sync: GroupSync::new(),
             dirty: DirtyTracker::default(),
@@ -725,6 +729,9 @@ impl Copy {
         if self.deleted.load(Ordering::Acquire) {
             return Err(Refusal::Deleted);
         }
+        if self.is_failed() {
+            return Err(Refusal::Lost(self.epoch()));
+        }
         admission(
             self.role(),
             self.epoch(),
@@ -864,10 +871,59 @@ impl Copy {
         }
     }
 
+    /// A failed I/O on the copy's file: the copy is failed from now on (R10; a disk that
+    /// returned an error once cannot be trusted to hold what it acknowledged, and after a
+    /// failed write-back the page cache may have dropped the data).
     fn io(&self, source: std::io::Error) -> CopyError {
+        self.fail(&source.to_string());
         CopyError::Io {
             path: self.path.clone(),
             source,
+        }
+    }
+
+    /// Marks the copy failed (idempotent; the first reason is kept): every data request is
+    /// refused with [`Refusal::Lost`] and the heartbeat reports it, so the controller moves
+    /// the volume to another copy (docs/replication.md, R10). The file is left as it is.
+    pub fn fail(&self, why: &str) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::error!(volume = %self.volume, path = %self.path.display(), error = %why, "I/O on the copy failed: the copy is lost, it serves nothing more (another copy takes over)");
+            *f = Some(format!("I/O error: {why}"));
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether the copy failed an I/O ([`Copy::fail`]).
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Why this copy cannot be trusted any more, if it cannot (R10): it failed an I/O, or
+    /// its file was removed or replaced in the data directory (it still serves from the open
+    /// file, which no restart can reopen). Checked by every heartbeat (one `fstat`).
+    pub fn fault(&self) -> Option<String> {
+        if let Some(f) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(f);
+        }
+        if self.is_deleted() {
+            return None;
+        }
+        match self.file.metadata() {
+            Ok(m) if std::os::unix::fs::MetadataExt::nlink(&m) == 0 => Some(format!(
+                "its file {} was removed from the data directory while the server ran",
+                self.path.display()
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                self.fail(&e.to_string());
+                self.fault()
+            }
         }
     }
 
@@ -1021,7 +1077,11 @@ impl Copy {
         }
         let start = self.data_offset + offset;
         let (Ok(off), Ok(l)) = (i64::try_from(start), i64::try_from(len)) else {
-            return Err(self.io(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+            // Not the disk's fault (the caller checked the range): the copy stays usable.
+            return Err(CopyError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
         };
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let r = unsafe {
@@ -1057,14 +1117,9 @@ impl Copy {
     /// so it must not pretend later flushes cover it.
     pub fn flush(&self) -> Result<(), CopyError> {
         self.check_ok()?;
-        match self.sync.sync(|| self.file.sync_data()) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.failed.store(true, Ordering::Release);
-                tracing::error!(path = %self.path.display(), error = %e, "fdatasync failed: copy marked failed");
-                Err(self.io(e))
-            }
-        }
+        self.sync
+            .sync(|| self.file.sync_data())
+            .map_err(|e| self.io(e))
     }
 }
 

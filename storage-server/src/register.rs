@@ -84,7 +84,17 @@ fn heartbeat(store: &Store, stats: &Stats, repl: &Replicator) -> ServerHeartbeat
                     CopyRole::Mirror => "mirror".into(),
                 },
                 access_crc32c: Some(c.access().access_digest()),
+                fault: c.fault(),
             })
+            // Copies whose file could not be opened: lost, nothing else known (R10).
+            .chain(store.broken().into_iter().map(|(v, b)| CopyReport {
+                volume: format!("{:016x}", v.0),
+                size: 0,
+                epoch: 0,
+                role: "unknown".into(),
+                access_crc32c: None,
+                fault: Some(b.why),
+            }))
             .collect(),
         counters: ServerCounters {
             reads: s.reads,

@@ -857,7 +857,7 @@ impl Replicator {
         match conn.call(req, timeout).await {
             Ok(r) if r.status == Status::Ok => {}
             Ok(r) => {
-                if r.status == Status::IoError {
+                if matches!(r.status, Status::IoError | Status::CopyLost) {
                     copy.dirty().forget(mirror);
                 }
                 return Err(format!("mirror answered flush with {}", r.status));
@@ -913,7 +913,7 @@ impl Replicator {
         match conn.call(req, timeout).await {
             Ok(r) if r.status == Status::Ok => Ok(()),
             Ok(r) => {
-                if r.status == Status::IoError {
+                if matches!(r.status, Status::IoError | Status::CopyLost) {
                     // Its disk failed: what it acknowledged before may be lost.
                     copy.dirty().forget(conn.addr);
                 }

@@ -97,7 +97,7 @@ impl Stats {
                 add(&self.bytes_written, u64::from(length));
             }
             (Status::Ok, _) => {}
-            (Status::IoError, _) => add(&self.errors, 1),
+            (Status::IoError | Status::CopyLost, _) => add(&self.errors, 1),
             _ => add(&self.refused, 1),
         }
     }
@@ -643,16 +643,7 @@ async fn serve_conn(
                 }
             }
             Ok(Next::Ping) => {
-                let mut resp = Response::status(Status::Ok, req.request_id, Epoch(0));
-                // Only a peer the copy knows hears its epoch (and, for its primary, who the
-                // copy is: incremental resync, R7); anyone else learns that the server is up.
-                if let Some(c) = store.get(req.volume).filter(|c| ping_may_see(c, &peer)) {
-                    resp.epoch = c.epoch();
-                    if peer.role == Role::Storage && !c.is_deleted() {
-                        resp.payload = c.identity().encode();
-                        resp.crc = checksum(&resp.payload);
-                    }
-                }
+                let resp = ping(&store, &peer, &req);
                 if !tx.send(op, length, resp, permit) {
                     break Ok(());
                 }
@@ -754,6 +745,30 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
+/// The answer to a ping, per copy (R10). Only a peer the copy knows hears its epoch and
+/// whether it is lost (and, for its primary, who the copy is: incremental resync, R7); the
+/// controller also hears `unknown volume` for a copy this server does not hold. Anyone else
+/// hears `ok` whether or not the copy exists (learning that the server is up, and nothing
+/// about the volume: a copy without a grant for it and no copy answer alike).
+fn ping(store: &Store, peer: &Identity, req: &Request) -> Response {
+    let mut resp = Response::status(Status::Ok, req.request_id, Epoch(0));
+    match store.get(req.volume) {
+        Some(c) if ping_may_see(&c, peer) => {
+            resp.epoch = c.epoch();
+            if c.is_failed() {
+                resp.status = Status::CopyLost;
+            } else if peer.role == Role::Storage && !c.is_deleted() {
+                resp.payload = c.identity().encode();
+                resp.crc = checksum(&resp.payload);
+            }
+        }
+        Some(_) => {}
+        None if peer.role == Role::Controller => resp.status = Status::UnknownVolume,
+        None => {}
+    }
+    resp
+}
+
 /// Whether a ping from `peer` may learn the copy's epoch: the controller, or a peer the copy's
 /// access list allows (docs/security.md).
 fn ping_may_see(copy: &Copy, peer: &Identity) -> bool {
@@ -797,6 +812,7 @@ fn refusal(req: &Request, r: Refusal) -> Response {
         Refusal::Unauthorized => (Status::Unauthorized, Epoch(0)),
         Refusal::ReadOnly(e) => (Status::ReadOnly, e),
         Refusal::Revoked => (Status::StaleEpoch, Epoch(0)),
+        Refusal::Lost(e) => (Status::CopyLost, e),
         // Only an abandoned connection hears this; its client moved to a newer one.
         Refusal::Superseded(e) => (Status::NotPrimary, e),
     };
@@ -978,7 +994,7 @@ async fn replicate(
             // write-back fails its copy, and a restart clears that): its map is void.
             disk_failed = failed
                 .iter()
-                .filter(|(_, st)| *st == Some(Status::IoError))
+                .filter(|(_, st)| matches!(st, Some(Status::IoError | Status::CopyLost)))
                 .map(|&(m, _)| m)
                 .collect();
             let failed: Vec<_> = failed.into_iter().map(|(m, _)| m).collect();
@@ -1175,8 +1191,14 @@ fn perform(copy: &Copy, req: &Request) -> Response {
             payload,
         },
         Err(e) => {
-            tracing::warn!(volume = %req.volume, op = ?req.op, offset = req.offset, len = req.length, error = %e, "request failed");
-            Response::status(Status::IoError, req.request_id, epoch)
+            // A failed I/O failed the copy (R10): the client waits for another copy.
+            let status = if copy.is_failed() {
+                Status::CopyLost
+            } else {
+                Status::IoError
+            };
+            tracing::warn!(volume = %req.volume, op = ?req.op, offset = req.offset, len = req.length, error = %e, %status, "request failed");
+            Response::status(status, req.request_id, epoch)
         }
     }
 }

@@ -16,6 +16,17 @@ pub struct Store {
     copies: RwLock<HashMap<VolumeId, Arc<Copy>>>,
     /// Serialises creations and deletions (which fsync) without blocking lookups.
     admin: Mutex<()>,
+    /// Copy files that could not be opened at start (R10), by volume: reported lost, kept on
+    /// disk until the controller deletes the copy.
+    broken: Mutex<HashMap<VolumeId, Broken>>,
+}
+
+/// A copy file [`Store::open`] could not open.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    pub path: PathBuf,
+    /// Why (the open error).
+    pub why: String,
 }
 
 impl Store {
@@ -27,6 +38,7 @@ impl Store {
             source,
         })?;
         let mut copies = HashMap::new();
+        let mut broken = HashMap::new();
         let entries = std::fs::read_dir(&dir).map_err(|source| CopyError::Io {
             path: dir.clone(),
             source,
@@ -38,11 +50,29 @@ impl Store {
             })?;
             let p = e.path();
             match p.extension().and_then(|x| x.to_str()) {
-                Some("keel") => {
-                    let c = Copy::open(&p)?;
-                    tracing::info!(volume = %c.volume(), size = c.size(), epoch = %c.epoch(), "opened copy");
-                    copies.insert(c.volume(), Arc::new(c));
-                }
+                Some("keel") => match Copy::open(&p) {
+                    Ok(c) => {
+                        tracing::info!(volume = %c.volume(), size = c.size(), epoch = %c.epoch(), "opened copy");
+                        copies.insert(c.volume(), Arc::new(c));
+                    }
+                    // One unreadable copy must not keep the server's other copies down: it
+                    // is reported lost (R10) and left on disk as it is.
+                    Err(e) => match volume_of(&p) {
+                        Some(v) => {
+                            tracing::error!(volume = %v, path = %p.display(), error = %e, "copy file cannot be opened: reported lost, left as it is");
+                            broken.insert(
+                                v,
+                                Broken {
+                                    path: p.clone(),
+                                    why: format!("unreadable at start: {e}"),
+                                },
+                            );
+                        }
+                        None => {
+                            tracing::error!(path = %p.display(), error = %e, "a file in the copies directory is not a copy; ignored");
+                        }
+                    },
+                },
                 Some("members-tmp") => {
                     // A membership list replaced by a change that was never acknowledged.
                     let _ = std::fs::remove_file(&p);
@@ -59,7 +89,18 @@ impl Store {
             dir,
             copies: RwLock::new(copies),
             admin: Mutex::new(()),
+            broken: Mutex::new(broken),
         })
+    }
+
+    /// The copy files that could not be opened at start and are not deleted yet.
+    pub fn broken(&self) -> Vec<(VolumeId, Broken)> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(v, b)| (*v, b.clone()))
+            .collect()
     }
 
     fn path_of(&self, v: VolumeId) -> PathBuf {
@@ -107,6 +148,15 @@ impl Store {
         epoch: Epoch,
     ) -> Result<Arc<Copy>, CopyError> {
         let _admin = self.lock_admin();
+        if self
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&v)
+        {
+            // Its file is still there: the controller deletes the lost copy first.
+            return Err(CopyError::Exists(v));
+        }
         if let Some(c) = self.get(v) {
             return if c.size() == size {
                 Ok(c)
@@ -127,6 +177,7 @@ impl Store {
     /// copy is marked deleted), also through references taken before the deletion.
     pub fn delete(&self, v: VolumeId) -> Result<Option<Arc<Copy>>, CopyError> {
         let _admin = self.lock_admin();
+        self.delete_broken(v)?;
         let Some(c) = self.get(v) else {
             return Ok(None);
         };
@@ -165,6 +216,39 @@ impl Store {
             })?;
         Ok(Some(c))
     }
+}
+
+impl Store {
+    /// Removes a broken copy's files (if `v` has one), then forgets it.
+    fn delete_broken(&self, v: VolumeId) -> Result<(), CopyError> {
+        let Some(b) = self
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&v)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        for p in [b.path.clone(), crate::copy::members_path(&b.path)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(CopyError::Io { path: p, source }),
+            }
+        }
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&v);
+        tracing::info!(volume = %v, path = %b.path.display(), "deleted a copy that could not be opened");
+        Ok(())
+    }
+}
+
+/// The volume a copy file is named for (`<id>.keel`).
+fn volume_of(path: &Path) -> Option<VolumeId> {
+    path.file_stem()?.to_str()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@ pub mod hostile;
 pub mod keel_up;
 pub mod vmm;
 pub mod wire;
+pub mod writer;

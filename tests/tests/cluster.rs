@@ -9,25 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keel_tests::cluster::bin;
 use keel_tests::keel_up::{
-    alive, attachments, connect_vmm, epoch, kill, socket, terminate, volume_args, wait_until,
-    Cluster, Out,
+    alive, attachments, epoch, kill, socket, terminate, volume_args, wait_until, Cluster, Out,
 };
 use keel_tests::vmm::*;
+use keel_tests::writer::*;
 use serde_json::Value;
-
-const CAPACITY: &str = "4GiB";
-
-fn vmm_opts(io_timeout: Duration) -> VmmOptions {
-    VmmOptions {
-        io_timeout,
-        ..VmmOptions::default()
-    }
-}
-
-/// Waits for `socket` to appear and connects a test VMM to it.
-fn connect(socket: &Path, io_timeout: Duration) -> Result<TestVmm> {
-    connect_vmm(socket, vmm_opts(io_timeout))
-}
 
 /// The pid of the keel-vhost serving `socket`, from the node manager's records in
 /// `state_dir`, waiting up to 10 s for the record.
@@ -64,44 +50,6 @@ fn vhost_pid(state_dir: &Path, socket: &Path) -> Result<i32> {
         socket.display(),
         state_dir.display()
     )
-}
-
-/// Writes `len` bytes of `pattern(seed, ...)` at `sector` and requires OK.
-fn write_ok(vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
-    let st = vmm.write(0, sector, &pattern(seed, sector, len))?;
-    ensure!(
-        st == VIRTIO_BLK_S_OK,
-        "write of {len} bytes at sector {sector} returned status {st}, expected OK"
-    );
-    Ok(())
-}
-
-/// Reads `len` bytes at `sector` and requires OK and `pattern(seed, ...)`.
-fn verify(vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
-    let (st, d) = vmm.read(0, sector, len)?;
-    ensure!(
-        st == VIRTIO_BLK_S_OK,
-        "read of {len} bytes at sector {sector} returned status {st}, expected OK"
-    );
-    let want = pattern(seed, sector, len);
-    if d != want {
-        let bad = d
-            .chunks(512)
-            .zip(want.chunks(512))
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        bail!(
-            "data mismatch reading {len} bytes at sector {sector} (seed {seed}): first bad sector {}",
-            sector + bad as u64
-        );
-    }
-    Ok(())
-}
-
-fn flush_ok(vmm: &mut TestVmm) -> Result<()> {
-    let st = vmm.flush(0)?;
-    ensure!(st == VIRTIO_BLK_S_OK, "flush returned status {st}");
-    Ok(())
 }
 
 /// Requires `o` to be a refusal as a conflict (exit 4) whose message names each of `needles`.
@@ -437,26 +385,6 @@ fn detach_refuses_a_connected_guest_unless_forced() -> Result<()> {
     let mut vmm = connect(&sock, Duration::from_secs(10))?;
     verify(&mut vmm, 8, 4096, 1)?;
     Ok(())
-}
-
-/// What the test wrote: `(sector, len, seed)`. A write at a sector already written replaces
-/// the earlier entry (tests rewrite ranges only at the same sector and length).
-struct Written(Vec<(u64, usize, u64)>);
-
-impl Written {
-    fn write(&mut self, vmm: &mut TestVmm, sector: u64, len: usize, seed: u64) -> Result<()> {
-        write_ok(vmm, sector, len, seed)?;
-        self.0.retain(|&(s, _, _)| s != sector);
-        self.0.push((sector, len, seed));
-        Ok(())
-    }
-
-    fn verify_all(&self, vmm: &mut TestVmm) -> Result<()> {
-        for &(s, l, seed) in &self.0 {
-            verify(vmm, s, l, seed)?;
-        }
-        Ok(())
-    }
 }
 
 #[test]
@@ -889,52 +817,6 @@ fn hang(cluster: &Cluster, server: &str) -> Result<ContOnDrop> {
     let name = format!("storage-{server}");
     cluster.signal(&name, libc::SIGSTOP)?;
     Ok(ContOnDrop(cluster.pid(&name)?))
-}
-
-/// Creates a two-copy volume, waits until both copies report, attaches it read-write to
-/// node1/vm1 and connects a test VMM; returns the primary's and the mirror's servers.
-fn two_copies(cluster: &Cluster, volume: &str) -> Result<(String, String, TestVmm)> {
-    let v = cluster.json(&[
-        "volume",
-        "create",
-        "64MiB",
-        "--name",
-        volume,
-        "--replicas",
-        "2",
-    ])?;
-    let c = copies(&v);
-    let find = |role: &str| {
-        c.iter()
-            .find(|x| x.1 == role)
-            .map(|x| x.0.clone())
-            .with_context(|| format!("no {role}: {v}"))
-    };
-    let (primary, mirror) = (find("primary")?, find("mirror")?);
-    cluster.wait_for(Duration::from_secs(10), "both copies reported", || {
-        copies(&cluster.describe(volume).ok()?)
-            .iter()
-            .all(|x| x.2 == "ok" || x.2 == "in_sync")
-            .then_some(())
-    })?;
-    let (sock, _) = cluster.attach(volume, "node1", "vm1", &[])?;
-    let vmm = connect(&sock, Duration::from_secs(60))?;
-    Ok((primary, mirror, vmm))
-}
-
-/// The copies of `describe` as `(server, role, state)`.
-fn copies(v: &Value) -> Vec<(String, String, String)> {
-    v["copies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("server"), s("role"), s("state"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Two copies: the mirror's server hangs under a writer, the primary has the controller drop

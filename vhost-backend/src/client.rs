@@ -402,6 +402,12 @@ struct Table {
     /// `unauthorized` was logged since the last success (the server holds no grant for this
     /// node yet: logged once).
     unauthorized_logged: bool,
+    /// `copy lost` was logged since the last success (logged once a stall).
+    lost_logged: bool,
+    /// Answers other than `copy lost` received on this connection: a batch of answers that
+    /// leaves it unchanged does not stop the silence clock (R10: a server whose copy is lost
+    /// counts as unanswered, so the node reports it and the controller moves the volume).
+    answers: u64,
     epoch: Arc<EpochCell>,
     retry_stale_epoch: bool,
     /// The ping awaiting its answer on this connection: id and when it was sent.
@@ -429,6 +435,8 @@ impl Table {
             stale_backoff: STALE_BACKOFF_MIN,
             stale_logged: false,
             unauthorized_logged: false,
+            lost_logged: false,
+            answers: 0,
             epoch,
             retry_stale_epoch,
             ping: None,
@@ -820,6 +828,7 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                 r = resp_rx.recv() => {
                     let Some(r) = r else { break "connection closed" };
                     out.clear();
+                    let answers = t.answers;
                     // Every answer already here is one batch: the guest is signalled once.
                     let step = crate::batch::run(|| {
                         let mut step = complete(&mut t, r, &mut out);
@@ -835,7 +844,9 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                     if !out.is_empty() {
                         t.note_sent(now);
                     }
-                    t.note_answer(now);
+                    if t.answers != answers {
+                        t.note_answer(now);
+                    }
                     match step {
                         Step::Continue => {}
                         Step::Reconnect(why) => break why,
@@ -916,6 +927,9 @@ enum Step {
 /// Handles one response; may queue a resend into `out`.
 fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Step {
     let id = r.request_id;
+    if r.status != Status::CopyLost {
+        t.answers += 1;
+    }
     if t.ping.is_some_and(|(ping, _)| ping == id) {
         t.ping = None;
         return Step::Continue;
@@ -955,6 +969,7 @@ fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Ste
             }
             t.stale_logged = false;
             t.unauthorized_logged = false;
+            t.lost_logged = false;
             t.stale_backoff = STALE_BACKOFF_MIN;
             t.completed_one();
             if let Some(p) = t.inflight.remove(&id) {
@@ -973,6 +988,16 @@ fn complete(t: &mut Table, r: keel_proto::Response, out: &mut WriteBatch) -> Ste
             if !t.unauthorized_logged {
                 t.unauthorized_logged = true;
                 tracing::warn!(volume = %p.req.volume, "the storage server refuses this node (no grant for the volume there yet): requests wait and are resent");
+            }
+            t.park(id);
+        }
+        Status::CopyLost => {
+            // The server's copy failed (docs/replication.md, R10): another copy takes over.
+            // The request waits and is resent (to the new primary once the node manager names
+            // it); the silence clock runs on, so the node reports this server unanswered.
+            if !t.lost_logged {
+                t.lost_logged = true;
+                tracing::warn!(volume = %p.req.volume, "the storage server's copy of the volume is lost: requests wait for another copy to take over");
             }
             t.park(id);
         }
@@ -1199,6 +1224,38 @@ mod tests {
         assert!(client.set_server("127.0.0.1:7501".parse().expect("addr")));
         assert_eq!(client.unanswered(), None);
         assert_eq!(c.liveness().server, "127.0.0.1:7501".parse().expect("addr"));
+    }
+
+    /// R10: `copy lost` parks the request without failing it, and is no answer: the count
+    /// the connection task compares before and after a batch does not move, so the silence
+    /// clock runs on and the server is reported unanswered.
+    #[test]
+    fn a_lost_copy_parks_requests_and_is_not_an_answer() {
+        let t0 = Instant::now();
+        let seen = Seen::default();
+        let mut t = Table::new(false, None, cell());
+        let a = t.admit(op(1, &seen), VolumeId(1), t0);
+        let b = t.admit(op(2, &seen), VolumeId(1), t0);
+        let mut out = WriteBatch::new();
+        let lost = |id| keel_proto::Response::status(Status::CopyLost, id, Epoch(3));
+        let before = t.answers;
+        assert!(matches!(complete(&mut t, lost(a), &mut out), Step::Continue));
+        assert_eq!(t.answers, before, "a lost copy's answer is no answer");
+        assert_eq!(t.parked, vec![a]);
+        assert!(t.inflight.contains_key(&a), "parked, not failed");
+        assert!(seen.lock().expect("lock").is_empty());
+        // A ping answered `copy lost` is no answer either.
+        t.ping = Some((t.take_id(), t0));
+        let ping = t.ping.map(|(id, _)| id).expect("ping");
+        assert!(matches!(
+            complete(&mut t, lost(ping), &mut out),
+            Step::Continue
+        ));
+        assert_eq!(t.answers, before);
+        // Any other answer is one.
+        assert!(matches!(complete(&mut t, ok(b), &mut out), Step::Continue));
+        assert_eq!(t.answers, before + 1);
+        assert_eq!(*seen.lock().expect("lock"), vec![(2, "ok")]);
     }
 
     #[test]
