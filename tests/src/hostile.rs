@@ -30,8 +30,25 @@ pub fn rss(pid: u32) -> u64 {
 }
 
 /// A TCP connection from `src` (any port) to `addr`.
+/// The port is chosen at connect (`IP_BIND_ADDRESS_NO_PORT`): a bind to port 0 searches for a
+/// port free for every destination, which slows down as a flood holds more of them.
 async fn connect_from(src: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one` (an int, as the option takes) from our stack for the
+    // socket `s` owns.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     s.bind(SocketAddr::new(src, 0))?;
     s.connect(addr).await
 }
@@ -85,29 +102,52 @@ pub async fn count_closed(
 }
 
 /// How a daemon met a flood of plain TCP connections from one address.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Tally {
     pub src: String,
     /// Still open `refused_within` after their connect: the daemon holds them.
     pub accepted: usize,
     /// Reset while connecting or closed within `refused_within` of their connect.
     pub refused: usize,
+    /// When the last refused connection was seen closed.
+    pub last_refused: Option<Instant>,
     /// How long the connects took.
     pub took: Duration,
-    /// The accepted connections, for the caller to drop.
-    pub held: Vec<TcpStream>,
 }
 
-/// Watches `s` from its connect at `at`: `Some` (still open) once `refused_within` has passed,
-/// `None` if the peer closed it before.
-async fn watch(mut s: TcpStream, at: Instant, refused_within: Duration) -> Option<TcpStream> {
+/// A connection's verdict: accepted, or refused (closed) at that instant.
+type Verdict = Option<Instant>;
+
+/// Watches `s` from its connect at `at`: refused if the peer closes it within
+/// `refused_within`, else accepted; sends the verdict, then (if accepted) goes on watching
+/// until `end` and returns when the peer closed it (None: open at the end).
+async fn watch(
+    mut s: TcpStream,
+    at: Instant,
+    refused_within: Duration,
+    verdict: tokio::sync::mpsc::UnboundedSender<Verdict>,
+    mut end: tokio::sync::watch::Receiver<bool>,
+) -> Option<Instant> {
     let deadline = tokio::time::Instant::from_std(at + refused_within);
     let mut b = [0u8; 64];
     loop {
         match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
-            Err(_) => return Some(s),
-            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                let _ = verdict.send(Some(Instant::now()));
+                return None;
+            }
             Ok(Ok(_)) => {}
+        }
+    }
+    let _ = verdict.send(None);
+    loop {
+        tokio::select! {
+            _ = end.wait_for(|e| *e) => return None,
+            r = s.read(&mut b) => match r {
+                Ok(0) | Err(_) => return Some(Instant::now()),
+                Ok(_) => {}
+            },
         }
     }
 }
@@ -115,15 +155,17 @@ async fn watch(mut s: TcpStream, at: Instant, refused_within: Duration) -> Optio
 /// A flood whose connections are being classified (see [`flood_start`]).
 pub struct Pending {
     src: String,
-    refused: usize,
     took: Duration,
-    tasks: Vec<tokio::task::JoinHandle<Option<TcpStream>>>,
+    verdicts: tokio::sync::mpsc::UnboundedReceiver<Verdict>,
+    n: usize,
+    tasks: Vec<tokio::task::JoinHandle<Option<Instant>>>,
 }
 
-/// [`flood`], each connection classified from its own connect: refused if the daemon closed it
-/// within `refused_within` (a daemon over its limit closes at once, right after `accept`),
-/// accepted if it is still open then. Returns once the connects are made (so that floods from
-/// several addresses can be made back to back); [`Pending::tally`] waits for the verdicts.
+/// [`flood`], each connection classified from its own connect: refused if the daemon closed it within `refused_within` (a daemon over its limit
+/// closes at once, right after `accept`), accepted if it is still open then. Returns once the
+/// connects are made (so that floods from several addresses can be made back to back);
+/// [`Pending::tally`] waits for the verdicts. Accepted connections are held, and watched,
+/// until `end` turns true; [`Pending::end`] then tells when the daemon closed any of them.
 /// `refused_within` must be well below the daemon's handshake timeout, which closes accepted
 /// connections later.
 pub async fn flood_start(
@@ -131,44 +173,64 @@ pub async fn flood_start(
     addr: SocketAddr,
     n: usize,
     refused_within: Duration,
+    end: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Pending> {
     let ip: IpAddr = src.parse()?;
     let started = Instant::now();
-    let mut refused = 0;
+    let (vtx, verdicts) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         match connect_from(ip, addr).await {
-            Ok(c) => tasks.push(tokio::spawn(watch(c, Instant::now(), refused_within))),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => refused += 1,
+            Ok(c) => {
+                let (at, vtx, end) = (Instant::now(), vtx.clone(), end.clone());
+                tasks.push(tokio::spawn(watch(c, at, refused_within, vtx, end)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                let _ = vtx.send(Some(Instant::now()));
+            }
             Err(e) => return Err(e).with_context(|| format!("connection {i} from {src}")),
         }
     }
     Ok(Pending {
         src: src.to_string(),
-        refused,
         took: started.elapsed(),
+        verdicts,
+        n,
         tasks,
     })
 }
 
 impl Pending {
     /// Waits for every connection's verdict.
-    pub async fn tally(self) -> Tally {
-        let mut refused = self.refused;
-        let mut held = Vec::new();
-        for t in self.tasks {
-            match t.await {
-                Ok(Some(s)) => held.push(s),
-                _ => refused += 1,
+    pub async fn tally(&mut self) -> Tally {
+        let mut t = Tally {
+            src: self.src.clone(),
+            took: self.took,
+            ..Tally::default()
+        };
+        for _ in 0..self.n {
+            match self.verdicts.recv().await {
+                Some(None) => t.accepted += 1,
+                Some(Some(at)) => {
+                    t.refused += 1;
+                    t.last_refused = t.last_refused.max(Some(at));
+                }
+                None => break,
             }
         }
-        Tally {
-            src: self.src,
-            accepted: held.len(),
-            refused,
-            took: self.took,
-            held,
+        t
+    }
+
+    /// Once `end` is true: when the daemon closed the first of the accepted connections
+    /// before the end (None: it held them all); they are closed on return.
+    pub async fn end(self) -> Option<Instant> {
+        let mut first: Option<Instant> = None;
+        for t in self.tasks {
+            if let Ok(Some(at)) = t.await {
+                first = Some(first.map_or(at, |f| f.min(at)));
+            }
         }
+        first
     }
 }
 
