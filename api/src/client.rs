@@ -132,6 +132,16 @@ impl ApiClient {
             .await
     }
 
+    /// A POST that the controller may hold for up to `wait` (an attach with `?wait_ms=`).
+    pub async fn post_wait<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        wait: Duration,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body), wait).await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::DELETE, path, None::<&()>, Duration::ZERO)
             .await

@@ -179,6 +179,10 @@ pub struct AttachmentReport {
     pub instance: String,
     /// A guest (vhost-user frontend) is connected to the socket.
     pub connected: bool,
+    /// keel-vhost listens on the socket: a frontend's connection is accepted (false from
+    /// node managers older than the field).
+    #[serde(default)]
+    pub listening: bool,
 }
 
 /// `POST /v1/nodes/{id}/heartbeat`.
@@ -186,6 +190,11 @@ pub struct AttachmentReport {
 #[serde(remote = "Self")]
 pub struct NodeHeartbeat {
     pub attachments: Vec<AttachmentReport>,
+    /// The `version` of the last `GET /v1/nodes/{id}/attachments` answer the node has applied
+    /// (started and stopped keel-vhost processes for): `attachments` describes the processes
+    /// of that version or later. Absent from node managers older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// `GET /v1/nodes` entries.
@@ -313,6 +322,9 @@ pub struct AttachmentInfo {
     pub epoch: u64,
     /// Whether the node last reported a guest connected.
     pub connected: bool,
+    /// Whether the node last reported keel-vhost listening on `socket` (a VM may connect).
+    #[serde(default)]
+    pub ready: bool,
     pub attached_at_unix: u64,
 }
 

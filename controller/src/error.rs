@@ -44,6 +44,10 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
     }
+    /// An attach that waited (`?wait_ms=`) for its socket and did not see it listen.
+    pub fn not_ready(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "not_ready", m)
+    }
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
     }

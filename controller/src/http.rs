@@ -344,14 +344,37 @@ async fn resize_volume(
     Ok(Json(s.controller.resize_volume(&id, json(&body)?).await?))
 }
 
+/// `wait_ms` of an attach: absent, answer once recorded; else wait up to it (at most
+/// [`MAX_WAIT`]) for the node to serve the socket.
+fn attach_params(q: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let mut wait = None;
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "wait_ms" {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}; use wait_ms"
+            )));
+        }
+        let n: u64 = v.parse().map_err(|_| {
+            ApiError::bad_request(format!("query parameter {k}={v:?} is not a number"))
+        })?;
+        wait = Some(Duration::from_millis(n).min(MAX_WAIT));
+    }
+    Ok(wait)
+}
+
 async fn attach_volume(
     State(s): State<Arc<AppState>>,
     c: Caller,
     Path(id): Path<String>,
+    RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Answer<keel_api::VolumeInfo> {
     admin(&c)?;
-    Ok(Json(s.controller.attach(&id, json(&body)?).await?))
+    let wait = attach_params(q.as_deref())?;
+    Ok(Json(
+        s.controller.attach_waiting(&id, json(&body)?, wait).await?,
+    ))
 }
 
 async fn detach_volume(

@@ -34,6 +34,8 @@ use crate::placement::{place, Candidate};
 use crate::push::{Membership, Pusher};
 use crate::store::{MetaStore, StoreError};
 
+mod ready;
+
 /// Largest volume the API accepts (64 TiB).
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 /// Most copies a volume may ask for.
@@ -993,6 +995,7 @@ impl Controller {
                         .iter()
                         .any(|r| r.volume == v.id && r.instance == a.instance && r.connected)
                 }),
+                ready: ready::listening(&live, &a.node, &v.id, &a.instance),
                 attached_at_unix: a.attached_at_unix,
             })
             .collect();

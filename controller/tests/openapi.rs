@@ -263,7 +263,7 @@ fn security_schemes_and_public_routes() {
 #[test]
 fn error_responses_reference_the_error_schema() {
     let doc = doc();
-    let allowed = ["400", "401", "403", "404", "409", "500", "503"];
+    let allowed = ["400", "401", "403", "404", "409", "500", "503", "504"];
     for (method, path) in ROUTES {
         let responses = doc["paths"][path][method.to_lowercase()]["responses"]
             .as_object()
@@ -738,6 +738,7 @@ fn sample_cases() -> Vec<Value> {
             socket: "/run/keel/vm1-8f3a0c1d2e4b5a69.sock".into(),
             epoch: 3,
             connected: true,
+            ready: true,
             attached_at_unix: 1_700_000_000,
         }],
         created_at_unix: 1_700_000_000,
@@ -809,7 +810,9 @@ fn sample_cases() -> Vec<Value> {
                     volume: "8f3a0c1d2e4b5a69".into(),
                     instance: "vm1".into(),
                     connected: false,
+                    listening: true,
                 }],
+                version: Some(12),
             },
         ),
         case(

@@ -18,12 +18,13 @@
 //!   * A missing or malformed file is logged and changes nothing; keel-vhost keeps serving.
 //! * **status file** (`--status-file`, written by keel-vhost, replaced atomically by rename):
 //!   `{"connected": <bool>, "pid": <u32>, "size": <bytes>, "epoch": <u64>, "server": "IP:PORT"}`,
-//!   plus, only while they apply, `"unanswered": {"server": "IP:PORT", "epoch": <u64>,
-//!   "since_unix_ms": <u64>}` (the storage server has left keel-vhost waiting for at least
+//!   plus, only while they apply, `"listening": true` (the socket accepts a frontend),
+//!   `"unanswered": {"server": "IP:PORT", "epoch": <u64>, "since_unix_ms": <u64>}` (the
+//!   storage server has left keel-vhost waiting for at least
 //!   `--primary-timeout-ms`: no answer to a request or ping, or no connection, since that time)
 //!   and `"io_failed": <u64>` (guest requests failed after `--io-fail-after-ms`). Rewritten at
-//!   start (not connected), when a frontend session starts and ends, after every SIGHUP, and
-//!   within 200 ms of `unanswered` or `io_failed` changing.
+//!   start (not connected), once the socket listens, when a frontend session starts and ends,
+//!   after every SIGHUP, and within 200 ms of `unanswered` or `io_failed` changing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -168,6 +169,9 @@ impl ControlFile {
 pub struct StatusFile {
     /// A frontend (the VM) is connected to the socket.
     pub connected: bool,
+    /// The socket exists and accepts a frontend's connection (absent until then).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub listening: bool,
     pub pid: u32,
     /// The capacity offered, in bytes.
     pub size: u64,
@@ -188,6 +192,10 @@ pub struct StatusFile {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A storage server leaving keel-vhost waiting, in the status file.
@@ -251,6 +259,8 @@ struct State {
     /// The capacity offered, bytes.
     size: u64,
     connected: bool,
+    /// The vhost-user socket is bound and listening.
+    listening: bool,
     /// The device of the current (or awaited) frontend session.
     session: Option<KeelBlk>,
 }
@@ -281,6 +291,7 @@ impl Attachment {
         });
         StatusFile {
             connected: st.connected,
+            listening: st.listening,
             pid: std::process::id(),
             size: st.size,
             epoch: self.client.epoch().0,
@@ -480,6 +491,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         state: Mutex::new(State {
             size: args.size,
             connected: false,
+            listening: false,
             session: None,
         }),
     });
@@ -573,6 +585,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("writing the status file")?;
     let mut listener = Listener::new(&args.socket, true)
         .with_context(|| format!("creating socket {}", args.socket.display()))?;
+    {
+        // The node manager tells the controller, which answers a waiting attach.
+        let mut st = att.lock();
+        st.listening = true;
+        att.write_status(&st).context("writing the status file")?;
+    }
     println!(
         "keel-vhost: serving volume {} on {}",
         args.volume,
@@ -716,6 +734,7 @@ mod tests {
         let s = dir.path().join("status.json");
         let st = StatusFile {
             connected: true,
+            listening: false,
             pid: 42,
             size: 64 << 20,
             epoch: 7,
@@ -784,6 +803,7 @@ mod tests {
         let s = dir.path().join("status.json");
         let st = StatusFile {
             connected: true,
+            listening: false,
             pid: 42,
             size: 512,
             epoch: 3,

@@ -10,7 +10,12 @@
 //!   (or a dead process) restarts it. keel-vhost gets the attachment's `--block-size`.
 //! * A detached attachment's process gets SIGTERM and its socket is removed.
 //! * Heartbeats report, per attachment, whether a guest is connected (from keel-vhost's status
-//!   file), which the controller uses to refuse detaching a disk in use.
+//!   file), which the controller uses to refuse detaching a disk in use, and whether keel-vhost
+//!   listens on the socket, with the attachments version applied: the controller answers an
+//!   attach that waits (`?wait_ms=`) once the node reports the new attachment listening. The
+//!   manager reads the status files every [`HEARTBEAT_POLL`] and sends a heartbeat at once when
+//!   a report changes (else every `--heartbeat-ms`), so a waiting attach is not held a whole
+//!   heartbeat interval.
 //! * Every 200 ms the manager reads each keel-vhost's status file; while one says its primary
 //!   is `unanswered` (and the manager still believes that server is the primary), it reports
 //!   `PrimaryUnreachable` to the controller (`POST /v1/volumes/{id}/primary-unreachable`) at
@@ -91,6 +96,8 @@ struct Manager {
     args: NodeArgs,
     vhost_cmd: Vec<OsString>,
     slots: HashMap<String, Slot>,
+    /// The version of the last attachments answer reconciled (`None` before the first).
+    applied: Option<u64>,
 }
 
 fn key(a: &NodeAttachment) -> String {
@@ -187,6 +194,8 @@ impl Manager {
         }
         .store(&control)?;
         let _ = std::fs::remove_file(&spec.socket);
+        // A status file of an earlier process must not report the new one listening.
+        let _ = std::fs::remove_file(self.status_file(&k));
         let (exe, pre) = self
             .vhost_cmd
             .split_first()
@@ -392,15 +401,31 @@ impl Manager {
         }
     }
 
+    /// Per attachment: whether a guest is connected and whether keel-vhost listens (its
+    /// status file says so, written by the process the manager runs; an adopted process of a
+    /// version without the field counts as listening once its socket exists). Sorted, so
+    /// that equal reports compare equal.
     fn reports(&self) -> Vec<AttachmentReport> {
-        self.slots
+        let mut reports: Vec<AttachmentReport> = self
+            .slots
             .iter()
-            .map(|(k, s)| AttachmentReport {
-                volume: s.run.spec.volume.clone(),
-                instance: s.run.spec.instance.clone(),
-                connected: self.guest_connected(k),
+            .map(|(k, s)| {
+                let status = StatusFile::load(&self.status_file(k)).ok();
+                let ours = status.as_ref().filter(|st| st.pid == s.run.pid);
+                let listening = ours.is_some_and(|st| {
+                    st.listening
+                        || (s.child.is_none() && std::path::Path::new(&s.run.spec.socket).exists())
+                });
+                AttachmentReport {
+                    volume: s.run.spec.volume.clone(),
+                    instance: s.run.spec.instance.clone(),
+                    connected: status.is_some_and(|st| st.connected),
+                    listening: listening && !s.revoked,
+                }
             })
-            .collect()
+            .collect();
+        reports.sort_by(|a, b| (&a.volume, &a.instance).cmp(&(&b.volume, &b.instance)));
+        reports
     }
 
     /// What the primary reporter needs of each attachment: its key, what the manager serves,
@@ -423,6 +448,26 @@ impl Manager {
         let keys: Vec<String> = self.slots.keys().cloned().collect();
         for k in keys {
             self.stop(&k);
+        }
+    }
+}
+
+/// How often the heartbeat task reads the status files for a change to report at once.
+pub const HEARTBEAT_POLL: Duration = Duration::from_millis(50);
+
+/// Whether to send `hb` now: nothing sent yet, the reports or the applied version changed
+/// since the last one sent, or `interval` has passed since it.
+fn heartbeat_due(
+    last: Option<&(NodeHeartbeat, Instant)>,
+    hb: &NodeHeartbeat,
+    interval: Duration,
+) -> bool {
+    match last {
+        None => true,
+        Some((sent, at)) => {
+            sent.attachments != hb.attachments
+                || sent.version != hb.version
+                || at.elapsed() >= interval
         }
     }
 }
@@ -687,6 +732,7 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
         args: args.clone(),
         vhost_cmd,
         slots: HashMap::new(),
+        applied: None,
     };
     mgr.adopt();
     let mgr = Arc::new(std::sync::Mutex::new(mgr));
@@ -706,17 +752,24 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
             let mgr = mgr.clone();
             let args = args.clone();
             tokio::spawn(async move {
+                let interval = Duration::from_millis(args.heartbeat_ms);
+                let mut last: Option<(NodeHeartbeat, Instant)> = None;
                 loop {
-                    let attachments = {
+                    let hb = {
                         let m = mgr.lock().unwrap_or_else(|p| p.into_inner());
-                        m.reports()
+                        NodeHeartbeat {
+                            attachments: m.reports(),
+                            version: m.applied,
+                        }
                     };
+                    if !heartbeat_due(last.as_ref(), &hb, interval) {
+                        tokio::time::sleep(HEARTBEAT_POLL).await;
+                        continue;
+                    }
+                    last = Some((hb.clone(), Instant::now()));
                     let path = format!("/v1/nodes/{}/heartbeat", args.id);
                     match api
-                        .post::<_, keel_api::HeartbeatAnswer>(
-                            &path,
-                            &NodeHeartbeat { attachments },
-                        )
+                        .post::<_, keel_api::HeartbeatAnswer>(&path, &hb)
                         .await
                     {
                         Ok(answer) => {
@@ -731,10 +784,16 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
                                 tracing::warn!(error = %e, "certificate revocation list not applied");
                             }
                         }
-                        Err(e) if e.status() == Some(404) => register(&api, &args).await,
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        Err(e) if e.status() == Some(404) => {
+                            register(&api, &args).await;
+                            last = None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                            // Not delivered: the next is due at the interval, not at once.
+                        }
                     }
-                    tokio::time::sleep(Duration::from_millis(args.heartbeat_ms)).await;
+                    tokio::time::sleep(HEARTBEAT_POLL).await;
                 }
             })
         };
@@ -754,9 +813,9 @@ pub fn run(args: NodeArgs, vhost_cmd: Vec<OsString>) -> anyhow::Result<()> {
                             after = na.version;
                             let mgr = mgr.clone();
                             let _ = tokio::task::spawn_blocking(move || {
-                                mgr.lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .reconcile(&na.attachments)
+                                let mut m = mgr.lock().unwrap_or_else(|p| p.into_inner());
+                                m.reconcile(&na.attachments);
+                                m.applied = Some(na.version);
                             })
                             .await;
                         }
@@ -790,6 +849,28 @@ mod tests {
     use crate::daemon::UnansweredStatus;
     use clap::Parser;
 
+    #[test]
+    fn a_heartbeat_goes_at_once_when_a_report_changes_else_at_the_interval() {
+        let report = |listening| AttachmentReport {
+            volume: "v".into(),
+            instance: "vm1".into(),
+            connected: false,
+            listening,
+        };
+        let hb = |listening, version| NodeHeartbeat {
+            attachments: vec![report(listening)],
+            version: Some(version),
+        };
+        let second = Duration::from_secs(1);
+        assert!(heartbeat_due(None, &hb(false, 1), second));
+        let sent = (hb(false, 1), Instant::now());
+        assert!(!heartbeat_due(Some(&sent), &hb(false, 1), second));
+        assert!(heartbeat_due(Some(&sent), &hb(true, 1), second));
+        assert!(heartbeat_due(Some(&sent), &hb(false, 2), second));
+        let old = (hb(false, 1), Instant::now() - second);
+        assert!(heartbeat_due(Some(&old), &hb(false, 1), second));
+    }
+
     fn spec(server: &str) -> NodeAttachment {
         NodeAttachment {
             volume: "00000000000000000000000000abc123".into(),
@@ -806,6 +887,7 @@ mod tests {
     fn status(unanswered: Option<(&str, u64, u64)>) -> StatusFile {
         StatusFile {
             connected: true,
+            listening: true,
             pid: 1,
             size: 512,
             epoch: 4,

@@ -4,7 +4,7 @@
 //!
 //! Exit codes: 0 success, 1 unexpected failure, 2 usage error, 3 not found, 4 conflict,
 //! 5 invalid request or not enough capacity, 6 not authorised, 7 controller unreachable or
-//! unavailable.
+//! unavailable, 8 attached but the node did not serve the socket in time.
 
 mod output;
 mod pki;
@@ -111,7 +111,9 @@ enum VolumeCmd {
     Delete { volume: String },
     /// Grow a volume (online: an attached guest sees the new capacity).
     Resize { volume: String, size: String },
-    /// Attach a volume to an instance on a node; prints the vhost-user socket for QEMU.
+    /// Attach a volume to an instance on a node; prints the vhost-user socket for QEMU once
+    /// it accepts connections (unless --no-wait), so `keelctl volume attach ... && qemu ...`
+    /// works.
     Attach {
         volume: String,
         #[arg(long)]
@@ -123,6 +125,14 @@ enum VolumeCmd {
         /// Take the read-write attachment from its holder, fencing the old writer.
         #[arg(long)]
         force: bool,
+        /// Answer as soon as the attachment is recorded, before the node serves the socket
+        /// (it appears a moment later).
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for the node to serve the socket (1-60); past them keelctl exits
+        /// with code 8, the attachment staying recorded.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=60), conflicts_with = "no_wait")]
+        wait_timeout: u64,
     },
     /// Detach a volume from an instance.
     Detach {
@@ -191,6 +201,7 @@ fn exit_code(e: &anyhow::Error) -> i32 {
             "bad_request" | "insufficient_capacity" => 5,
             "unauthorized" | "forbidden" => 6,
             "unavailable" => 7,
+            "not_ready" => 8,
             _ => 1,
         },
         Some(ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Tls { .. }) => 7,
@@ -344,6 +355,8 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             instance,
             read_only,
             force,
+            no_wait,
+            wait_timeout,
         } => {
             let body = AttachVolume {
                 node: node.clone(),
@@ -351,7 +364,17 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
                 read_only: *read_only,
                 force: *force,
             };
-            let v = volume_action(&api, volume, "attach", &body).await?;
+            let v: VolumeInfo = if *no_wait {
+                volume_action(&api, volume, "attach", &body).await?
+            } else {
+                let wait = std::time::Duration::from_secs(*wait_timeout);
+                let path = format!(
+                    "/v1/volumes/{}/attach?wait_ms={}",
+                    enc(volume),
+                    wait.as_millis()
+                );
+                api.post_wait(&path, &body, wait).await?
+            };
             output::attached(fmt, &v, node, instance)
         }
         VolumeCmd::Detach {

@@ -212,8 +212,8 @@ pub fn volume(f: Format, v: &VolumeInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After an attach: JSON is the volume (whose attachment holds the socket); the table form
-/// prints the socket to give QEMU.
+/// After an attach: JSON is the attachment (socket, mode, epoch, and `ready`: the socket
+/// accepts connections, as the node reported); the table form prints the socket to give QEMU.
 pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow::Result<()> {
     let a = v
         .attachments
@@ -228,6 +228,7 @@ pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow
             socket: Option<&'a str>,
             mode: Option<&'a str>,
             epoch: u64,
+            ready: bool,
         }
         return json(&Attached {
             volume: &v.id,
@@ -236,6 +237,7 @@ pub fn attached(f: Format, v: &VolumeInfo, node: &str, instance: &str) -> anyhow
             socket: a.map(|a| a.socket.as_str()),
             mode: a.map(|a| a.mode.as_str()),
             epoch: v.epoch,
+            ready: a.is_some_and(|a| a.ready),
         });
     }
     match a {
