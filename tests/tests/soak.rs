@@ -103,6 +103,11 @@ struct Target {
 struct Report {
     storage_idle: Vec<(String, usize, usize)>,
     storage_idle_took: Duration,
+    /// Every accepted flood connection was still held when the flood's last connect or
+    /// refusal was made (false on a host too slow to make them within the handshake timeout:
+    /// the overall limit then cannot be read from the counts, and only the per-address limit of
+    /// the first address is checked; `hostile_clients` checks the overall limit on its own).
+    storage_idle_at_once: bool,
     controller_idle: (usize, usize),
     no_cert_refused: usize,
     no_hello_closed: (usize, Duration),
@@ -122,9 +127,9 @@ fn tallies_line(t: &[Tally]) -> Vec<(String, usize, usize)> {
 
 /// Plain TCP floods of the primary storage server: 1044 from each of four addresses (past the
 /// per-address limit; the fourth reaches the overall limit), then 20 from a fifth (all over
-/// it). Every accepted connection must still be held when the last of the fifth's is refused:
-/// else the counts do not show the overall limit (the handshake timeout, 10 s, frees the first
-/// connections; a host that makes 4196 connects that slowly fails here).
+/// it). The counts show the overall limit only if every accepted connection was still held
+/// when the last of the fifth's was refused (the handshake timeout, 10 s, frees the first
+/// connections): [`Report::storage_idle_at_once`].
 async fn storage_idle_flood(t: &Target, r: &mut Report) -> Result<()> {
     let lim = ConnLimits::default();
     let start = Instant::now();
@@ -158,12 +163,11 @@ async fn storage_idle_flood(t: &Target, r: &mut Report) -> Result<()> {
         .iter()
         .filter_map(|t| t.last_refused)
         .fold(start + r.storage_idle_took, Instant::max);
-    if let Some(freed) = first_freed {
-        ensure!(
-            freed > last,
-            "the daemon freed a flood connection {:?} before the flood's last connect or \
-             refusal: too slow a host (the {} connects took {:?})",
-            last - freed,
+    r.storage_idle_at_once = first_freed.is_none_or(|freed| freed > last);
+    if !r.storage_idle_at_once {
+        eprintln!(
+            "soak: the daemon freed flood connections before the flood's last connect or refusal \
+             (the {} connects took {:?}): the overall limit is not read from these counts",
             4 * (lim.max_per_ip + EXCESS) + EXCESS,
             r.storage_idle_took
         );
@@ -559,23 +563,26 @@ fn guest_verifies_its_data_under_floods_and_races() -> Result<()> {
     // The floods reached the limits: the per-address limit on its own for the first three
     // addresses, then the overall limit (a few places go to the cluster's own connections).
     let lim = ConnLimits::default();
-    for (src, acc, refused) in &r.storage_idle[..3] {
+    let per_address = if r.storage_idle_at_once { 3 } else { 1 };
+    for (src, acc, refused) in &r.storage_idle[..per_address] {
         ensure!(
             *acc == lim.max_per_ip && *refused == EXCESS,
             "storage, {src}: {acc} accepted, {refused} refused"
         );
     }
-    let held: usize = r.storage_idle.iter().map(|x| x.1).sum();
-    ensure!(
-        held <= lim.max_total && held + 64 >= lim.max_total,
-        "storage: {held} flood connections held at once, the limit is {}",
-        lim.max_total
-    );
-    ensure!(
-        r.storage_idle[4].1 == 0,
-        "storage: connections over the overall limit accepted: {:?}",
-        r.storage_idle[4]
-    );
+    if r.storage_idle_at_once {
+        let held: usize = r.storage_idle.iter().map(|x| x.1).sum();
+        ensure!(
+            held <= lim.max_total && held + 64 >= lim.max_total,
+            "storage: {held} flood connections held at once, the limit is {}",
+            lim.max_total
+        );
+        ensure!(
+            r.storage_idle[4].1 == 0,
+            "storage: connections over the overall limit accepted: {:?}",
+            r.storage_idle[4]
+        );
+    }
     ensure!(
         r.controller_idle == (lim.max_per_ip, EXCESS),
         "controller: {:?} accepted, refused",
