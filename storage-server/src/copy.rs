@@ -874,8 +874,15 @@ impl Copy {
     /// A failed I/O on the copy's file: the copy is failed from now on (R10; a disk that
     /// returned an error once cannot be trusted to hold what it acknowledged, and after a
     /// failed write-back the page cache may have dropped the data).
+    ///
+    /// Except a full filesystem (`ENOSPC`, `EDQUOT`) on a read or write: nothing acknowledged
+    /// is lost and the copy stays usable, so the request alone fails (`io error`, as a full
+    /// disk would for the guest). A failed flush fails the copy whatever the error
+    /// ([`Copy::flush`]).
     fn io(&self, source: std::io::Error) -> CopyError {
-        self.fail(&source.to_string());
+        if !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+            self.fail(&source.to_string());
+        }
         CopyError::Io {
             path: self.path.clone(),
             source,
@@ -1117,9 +1124,13 @@ impl Copy {
     /// so it must not pretend later flushes cover it.
     pub fn flush(&self) -> Result<(), CopyError> {
         self.check_ok()?;
-        self.sync
-            .sync(|| self.file.sync_data())
-            .map_err(|e| self.io(e))
+        self.sync.sync(|| self.file.sync_data()).map_err(|source| {
+            self.fail(&format!("write-back failed: {source}"));
+            CopyError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })
     }
 }
 

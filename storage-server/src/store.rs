@@ -255,6 +255,67 @@ fn volume_of(path: &Path) -> Option<VolumeId> {
 mod unit_tests {
     use super::*;
 
+    /// R10: a copy whose file is removed under it reports a fault but keeps serving from its
+    /// open file; a deletion then clears it.
+    #[test]
+    fn a_copy_whose_file_was_removed_reports_a_fault_and_still_serves() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Store::open(d.path()).expect("open");
+        let c = s
+            .create(VolumeId(1), 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("create");
+        c.write(0, &[7u8; 4096]).expect("write");
+        assert_eq!(c.fault(), None);
+        std::fs::remove_file(c.path()).expect("remove");
+        let f = c.fault().expect("a removed file is a fault");
+        assert!(f.contains("removed"), "{f}");
+        assert!(!c.is_failed(), "it still serves");
+        let mut b = vec![0u8; 4096];
+        c.read(0, &mut b).expect("read");
+        assert_eq!(b, vec![7u8; 4096]);
+        assert!(s.delete(VolumeId(1)).expect("delete").is_some());
+        assert_eq!(c.fault(), None, "a deleted copy is no longer reported");
+    }
+
+    /// R10: a copy file that cannot be opened does not keep the store (and so the server)
+    /// from opening; it is reported broken, refuses a create until deleted, and the delete
+    /// removes its files.
+    #[test]
+    fn a_damaged_copy_file_is_set_aside_not_fatal() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Store::open(d.path()).expect("open");
+        let good = s
+            .create(VolumeId(1), 8 << 20, CopyRole::Primary, Epoch(1))
+            .expect("create");
+        let bad = s
+            .create(VolumeId(2), 8 << 20, CopyRole::Mirror, Epoch(1))
+            .expect("create");
+        let bad_path = bad.path().to_owned();
+        drop((good, bad, s));
+        std::fs::write(&bad_path, vec![0x5au8; 8192]).expect("damage");
+        // A stray file that is not a copy is ignored.
+        std::fs::write(d.path().join("copies").join("notes.keel"), b"x").expect("stray");
+
+        let s = Store::open(d.path()).expect("a damaged copy must not stop the store");
+        assert!(s.get(VolumeId(1)).is_some(), "the good copy is served");
+        assert!(s.get(VolumeId(2)).is_none());
+        let broken = s.broken();
+        assert_eq!(broken.len(), 1, "{broken:?}");
+        assert_eq!(broken[0].0, VolumeId(2));
+        assert!(broken[0].1.why.contains("unreadable at start"), "{broken:?}");
+        assert!(matches!(
+            s.create(VolumeId(2), 8 << 20, CopyRole::Mirror, Epoch(3)),
+            Err(CopyError::Exists(_))
+        ));
+        assert!(s.delete(VolumeId(2)).expect("delete").is_none());
+        assert!(s.broken().is_empty());
+        assert!(!bad_path.exists(), "the damaged file is deleted");
+        let again = s
+            .create(VolumeId(2), 8 << 20, CopyRole::Mirror, Epoch(3))
+            .expect("created again");
+        assert_eq!(again.epoch(), Epoch(3));
+    }
+
     #[test]
     fn create_delete_and_used_bytes() {
         let d = tempfile::tempdir().expect("tmp");
