@@ -217,7 +217,8 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
     register_node(&cluster, "node2", &node2_dir)?;
 
     // node2 attached read-only; its host starts a keel-vhost that does not enforce it.
-    cluster.attach("t", "node2", "vm2", &["--read-only"])?;
+    // No node manager serves node2: the attach cannot wait for a socket.
+    cluster.attach("t", "node2", "vm2", &["--read-only", "--no-wait"])?;
     let d = cluster.describe("t")?;
     let (vol, copies) = layout(&cluster, &d)?;
     let rogue_sock = node2_dir.join("rogue.sock");
@@ -292,7 +293,7 @@ fn read_only_detached_and_taken_over_nodes_are_refused_by_the_servers() -> Resul
     drop(rogue);
 
     // node2 takes the writer attachment over: node1 is refused everywhere, at every epoch.
-    cluster.attach("t", "node2", "vm3", &["--force"])?;
+    cluster.attach("t", "node2", "vm3", &["--force", "--no-wait"])?;
     let d = cluster.describe("t")?;
     let (_, copies) = layout(&cluster, &d)?;
     for (role, addr) in &copies {

@@ -666,7 +666,8 @@ fn read_only_attachments_follow_epoch_changes() -> Result<()> {
     let cont = ContOnDrop(node_pid);
 
     // Forced takeover by vm2: the epoch moves on; ro1 stays attached.
-    let (sock2, a) = cluster.attach("ro", "node1", "vm2", &["--force"])?;
+    // The node manager is frozen: the attach cannot wait for vm2's socket.
+    let (sock2, a) = cluster.attach("ro", "node1", "vm2", &["--force", "--no-wait"])?;
     let v = cluster.describe("ro")?;
     let e1 = epoch(&v);
     assert!(

@@ -126,6 +126,8 @@ fn a_reported_primary_is_probed_and_replaced_only_when_it_does_not_answer() -> R
             "node2",
             "--instance",
             "vm",
+            // No node manager serves node2: nothing to wait for.
+            "--no-wait",
         ])?;
         let d = c.describe("rep")?;
         let e0 = d["epoch"].as_u64().context("epoch")?;
