@@ -559,6 +559,13 @@ impl Controller {
             }
         })?;
         tracing::info!(server = %reg.id, address = %reg.address, zone = %reg.zone, "storage server registered");
+        // A server may come back smaller than what is placed on it (its operator's choice):
+        // placement puts nothing more there, and the operator should hear it.
+        if let Some((allocated, _)) = self.allocations()?.get(&reg.id) {
+            if *allocated > reg.capacity_bytes {
+                tracing::warn!(server = %reg.id, capacity = reg.capacity_bytes, allocated = *allocated, "storage server registered with less capacity than its copies take: nothing more is placed there; move or delete volumes, or give it more space");
+            }
+        }
         self.live().servers.insert(
             reg.id.clone(),
             ServerLive {
