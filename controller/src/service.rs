@@ -1062,6 +1062,11 @@ impl Controller {
                 "block_size must be 512 or 4096 (bytes), not {block_size}"
             )));
         }
+        if !size.is_multiple_of(u64::from(block_size)) {
+            return Err(ApiError::bad_request(format!(
+                "a volume of {block_size}-byte blocks needs a size that is a multiple of {block_size}, not {size}"
+            )));
+        }
         // One transaction: the record, its name key (only if absent) and the fences of the
         // servers it takes room on (only if no other reservation came since the allocations
         // were counted). A lost race re-reads and decides again.
@@ -1256,6 +1261,12 @@ impl Controller {
         let size = check_size(&req.size)?;
         let v = self.resolve(id_or_name)?;
         Self::ready(&v)?;
+        if !size.is_multiple_of(u64::from(v.block_size)) {
+            return Err(ApiError::bad_request(format!(
+                "volume {} has {}-byte blocks: its size must be a multiple of that, not {size}",
+                v.id, v.block_size
+            )));
+        }
         if size < v.size {
             return Err(ApiError::bad_request(format!(
                 "volume {} is {} bytes; volumes only grow (asked for {size})",

@@ -195,6 +195,21 @@ fn block_size_is_chosen_at_create_and_reaches_the_device() -> Result<()> {
         "4096",
     ])?;
     assert_eq!(v["block_size"], 4096, "{v}");
+    // Whole blocks only, at create and resize.
+    let o = c.ctl(&[
+        "volume",
+        "create",
+        "66048",
+        "--replicas",
+        "1",
+        "--block-size",
+        "4096",
+    ])?;
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(o.stderr.contains("multiple of 4096"), "{}", o.stderr);
+    let o = c.ctl(&["volume", "resize", "bs4k", "67109376"])?;
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(o.stderr.contains("multiple of that"), "{}", o.stderr);
     let o = c.ctl(&["volume", "describe", "bs4k"])?;
     assert!(o.stdout.contains("block size: 4096"), "{}", o.stdout);
     for (name, want) in [("bs512", 512u32), ("bs4k", 4096)] {
