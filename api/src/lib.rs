@@ -11,6 +11,10 @@ pub use client::{ApiClient, ClientError};
 use keel_proto::tls::{load_certs, TlsError, TlsPaths, TlsSource};
 pub use types::*;
 
+/// Daemons start with (or before) their controller: a registration that fails for this long
+/// from a daemon's start is expected and logged at INFO, later failures at WARN.
+pub const REGISTER_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// TLS settings for talking to the controller: its certificate is checked against the
 /// cluster CA in `ca`; `identity` (a certificate and key made by `keelctl pki`) is presented
 /// when given (re-read when its files change: [`keel_proto::tls::TlsSource`]), otherwise the

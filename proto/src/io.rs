@@ -68,7 +68,10 @@ fn truncated(e: std::io::Error) -> FrameIoError {
 }
 
 /// Reads a frame's length prefix and fixed part into `buf` (at most a few dozen bytes).
-/// `Ok(None)` is a clean end of stream at a frame boundary.
+/// `Ok(None)` is a clean end of stream at a frame boundary. A TLS peer that closes its
+/// connection without `close_notify` (a process that exits: keel-vhost on detach, any daemon
+/// killed) also ends cleanly when it stops at a frame boundary: `close_notify` guards against
+/// truncation, which the frames' lengths already reveal (`TruncatedStream` inside a frame).
 pub async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
@@ -76,7 +79,11 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
-        let n = r.read(&mut prefix[got..]).await?;
+        let n = match r.read(&mut prefix[got..]).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return if got == 0 {
                 Ok(None)
@@ -349,6 +356,57 @@ mod unit_tests {
                     Err(_) => assert!(streamed.is_err(), "{name} cut {cut}"),
                 }
             }
+        }
+    }
+
+    /// Yields its bytes, then fails as rustls does when the peer closed without
+    /// `close_notify` (UnexpectedEof).
+    struct NoCloseNotify<'a>(&'a [u8]);
+
+    impl AsyncRead for NoCloseNotify<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.0.is_empty() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )));
+            }
+            let n = buf.remaining().min(self.0.len());
+            buf.put_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A peer that exits without `close_notify` after a whole frame has closed cleanly; one
+    /// that stops inside a frame (its length prefix included) is an error.
+    #[test]
+    fn a_missing_close_notify_at_a_frame_boundary_is_a_clean_end() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (_, bytes) = crate::fuzz::decode_frame_seeds()
+            .into_iter()
+            .find(|(_, b)| matches!(Frame::decode(b), Ok(Some(_))))
+            .expect("a valid seed frame");
+        let mut buf = Vec::new();
+        let mut r = NoCloseNotify(&bytes);
+        assert!(matches!(
+            rt.block_on(read_frame(&mut r, &mut buf)),
+            Ok(Some(_))
+        ));
+        assert!(matches!(
+            rt.block_on(read_frame(&mut r, &mut buf)),
+            Ok(None)
+        ));
+        for cut in [2, 4, bytes.len() - 1] {
+            let mut r = NoCloseNotify(&bytes[..cut]);
+            let got = rt.block_on(read_frame(&mut r, &mut buf));
+            assert!(got.is_err(), "cut {cut}: {got:?}");
         }
     }
 

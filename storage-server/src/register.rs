@@ -39,6 +39,7 @@ async fn register(r: &Registration) {
         capacity_bytes: r.capacity_bytes,
     };
     let mut delay = Duration::from_millis(100);
+    let start = std::time::Instant::now();
     loop {
         match r
             .api
@@ -48,6 +49,11 @@ async fn register(r: &Registration) {
             Ok(_) => {
                 tracing::info!(controller = %r.api.url(), "registered with the controller");
                 return;
+            }
+            Err(e) if start.elapsed() < keel_api::REGISTER_QUIET => {
+                tracing::info!(error = %e, "registering with the controller failed (it may be starting); retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "registering with the controller failed; retrying");

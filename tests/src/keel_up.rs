@@ -170,6 +170,17 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// The lines of a cluster's output (every daemon's log, prefixed by its name, and `keelctl
+/// up`'s own) at WARN or ERROR level: a session without faults has none.
+pub fn warnings(log: &Mutex<Vec<String>>) -> Vec<String> {
+    log.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .cloned()
+        .collect()
+}
+
 impl Cluster {
     /// Starts `keelctl up` on `dir` with `servers` storage servers (each offering
     /// `capacity`), and waits for `keel: ready`.
@@ -395,6 +406,17 @@ impl Cluster {
         let text = std::fs::read_to_string(&p).unwrap_or_default();
         let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
         hits[hits.len().saturating_sub(max)..].join("\n")
+    }
+
+    /// [`warnings`] of this cluster's output so far.
+    pub fn warnings(&self) -> Vec<String> {
+        warnings(&self.log)
+    }
+
+    /// The cluster's output as it is captured (still filled while `keelctl up` stops): for
+    /// [`warnings`] after [`Cluster::stop`].
+    pub fn log_handle(&self) -> Arc<Mutex<Vec<String>>> {
+        self.log.clone()
     }
 
     /// Waits for a line of the cluster's output containing `needle`.

@@ -385,6 +385,8 @@ struct Pending {
 
 const MAX_CRC_RETRIES: u32 = 3;
 const STALE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// A claim refused for want of a grant for this long is logged as a warning.
+const GRANT_WARN_AFTER: Duration = Duration::from_secs(10);
 const STALE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// The requests in flight and what the task needs to answer them.
@@ -646,6 +648,9 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
     let mut backoff = Duration::from_millis(50);
     let ping_every = (cfg.primary_timeout / 2).max(Duration::from_millis(5));
     let mut generation = 0u64;
+    // Since when the server has refused the claim for want of a grant (logged once at
+    // INFO: expected right after an attach; at WARN once it lasts GRANT_WARN_AFTER).
+    let mut no_grant_since: Option<Instant> = None;
     'reconnect: loop {
         let server = t.epoch.server();
         {
@@ -709,7 +714,11 @@ async fn run(cfg: ClientConfig, epoch: Arc<EpochCell>, mut rx: mpsc::UnboundedRe
                         t.note_answer(Instant::now());
                         if !t.unauthorized_logged {
                             t.unauthorized_logged = true;
-                            tracing::warn!(%server, volume = %cfg.volume, "the storage server holds no grant for this node on the volume (not attached there, or the controller's push has not reached it yet): requests stall and the claim is retried");
+                            no_grant_since = Some(Instant::now());
+                            tracing::info!(%server, volume = %cfg.volume, "the storage server holds no grant for this node on the volume yet (the controller's push follows the attachment): requests wait and the claim is retried");
+                        } else if no_grant_since.is_some_and(|s| s.elapsed() >= GRANT_WARN_AFTER) {
+                            no_grant_since = None;
+                            tracing::warn!(%server, volume = %cfg.volume, after = ?GRANT_WARN_AFTER, "the storage server still holds no grant for this node on the volume (not attached there, or the controller cannot reach the server): requests stall and the claim is retried");
                         }
                     }
                 }
@@ -1239,7 +1248,10 @@ mod tests {
         let mut out = WriteBatch::new();
         let lost = |id| keel_proto::Response::status(Status::CopyLost, id, Epoch(3));
         let before = t.answers;
-        assert!(matches!(complete(&mut t, lost(a), &mut out), Step::Continue));
+        assert!(matches!(
+            complete(&mut t, lost(a), &mut out),
+            Step::Continue
+        ));
         assert_eq!(t.answers, before, "a lost copy's answer is no answer");
         assert_eq!(t.parked, vec![a]);
         assert!(t.inflight.contains_key(&a), "parked, not failed");

@@ -645,7 +645,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(()) if backend.ring_was_broken() => {
                 tracing::warn!("session closed by keel-vhost: the guest broke its ring")
             }
-            Ok(()) => tracing::info!("frontend disconnected"),
+            // A VM that exits (or QEMU that quits) just closes the socket: expected.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "frontend session ended with an error"),
         }
         att.set_connected(false);

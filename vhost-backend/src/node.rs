@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -201,6 +202,8 @@ impl Manager {
             .split_first()
             .context("no keel-vhost command configured")?;
         let mut cmd = Command::new(exe);
+        // Shown by `ps` (the program may be `keelctl daemon vhost`).
+        cmd.arg0("keel-vhost");
         cmd.args(pre)
             .arg("--socket")
             .arg(&spec.socket)
@@ -687,11 +690,17 @@ async fn register(api: &ApiClient, args: &NodeArgs) {
         socket_dir: args.socket_dir.display().to_string(),
     };
     let mut delay = Duration::from_millis(100);
+    let start = Instant::now();
     loop {
         match api.post::<_, keel_api::NodeInfo>("/v1/nodes", &reg).await {
             Ok(_) => {
                 tracing::info!(controller = %api.url(), "registered with the controller");
                 return;
+            }
+            Err(e) if start.elapsed() < keel_api::REGISTER_QUIET => {
+                tracing::info!(error = %e, "registering with the controller failed (it may be starting); retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "registering with the controller failed; retrying");

@@ -89,7 +89,7 @@ enum ListCmd {
 enum VolumeCmd {
     /// Create a volume, e.g. `keelctl volume create 10GiB --name data1`.
     Create {
-        /// Size: bytes or e.g. 512MiB, 10GiB (a multiple of 512).
+        /// Size: bytes, or e.g. 512MiB, 10GiB, 1.5T (binary units; K, M, G, T are the same), 10GB (powers of 1000); a multiple of 512.
         size: String,
         /// Unique name, usable instead of the id: 1 to 64 of [A-Za-z0-9._-], not only hex
         /// digits and not starting with `vol-` (those are volume ids).
@@ -210,9 +210,39 @@ fn exit_code(e: &anyhow::Error) -> i32 {
     }
 }
 
+/// The name a daemon run as `keelctl daemon WHICH` shows in `ps`, `top` and `/proc/PID/comm`
+/// (at most 15 bytes): the name of its own binary (the node manager: keel-node).
+pub fn daemon_program(which: &str) -> &'static str {
+    match which {
+        "controller" => "keel-controller",
+        "storage" => "keel-storage",
+        "node" => "keel-node",
+        "vhost" => "keel-vhost",
+        _ => "keelctl",
+    }
+}
+
+/// Names the calling thread (for the main thread: the process's `comm`).
+fn set_process_name(name: &str) {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of which the kernel copies at most 16
+    // bytes; `c` outlives the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Cmd::Daemon { which } = cli.cmd {
+        set_process_name(daemon_program(match *which {
+            DaemonCmd::Controller(_) => "controller",
+            DaemonCmd::Storage(_) => "storage",
+            DaemonCmd::Vhost(_) => "vhost",
+            DaemonCmd::Node(_) => "node",
+        }));
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()

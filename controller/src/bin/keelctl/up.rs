@@ -18,6 +18,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -151,7 +152,14 @@ fn signal(child: &Child, sig: libc::c_int) {
 impl Daemon {
     fn spawn(&mut self, dir: &Path) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding keelctl's own executable")?;
+        // `ps` shows the daemon's own name (argv[0] here, its comm set by `keelctl daemon`).
+        let program = self
+            .args
+            .first()
+            .and_then(|a| a.to_str())
+            .map_or("keelctl", crate::daemon_program);
         let mut child = Command::new(exe)
+            .arg0(program)
             .arg("daemon")
             .args(&self.args)
             .stdin(Stdio::null())
