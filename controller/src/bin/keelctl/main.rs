@@ -71,6 +71,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: pki::PkiCmd,
     },
+    /// Print a shell completion script, e.g.
+    /// `keelctl completion bash > /etc/bash_completion.d/keelctl`,
+    /// `keelctl completion zsh > ~/.zfunc/_keelctl` (with `fpath+=~/.zfunc` before `compinit`),
+    /// `keelctl completion fish > ~/.config/fish/completions/keelctl.fish`.
+    Completion {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Run one of Keel's daemons (used by `up`; each also exists as its own binary).
     #[command(hide = true)]
     Daemon {
@@ -234,8 +242,29 @@ fn set_process_name(name: &str) {
     }
 }
 
+/// Writes the completion script of `shell` for keelctl's commands and options.
+fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "keelctl", out);
+}
+
 fn main() {
     let cli = Cli::parse();
+    if let Cmd::Completion { shell } = cli.cmd {
+        // Generated into memory: clap_complete panics on a failed write (`| head`).
+        let mut script = Vec::new();
+        completion(shell, &mut script);
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = std::io::Write::write_all(&mut out, &script)
+            .and_then(|()| std::io::Write::flush(&mut out))
+        {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("error: writing the completion script: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Cmd::Daemon { which } = cli.cmd {
         set_process_name(daemon_program(match *which {
             DaemonCmd::Controller(_) => "controller",
@@ -289,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Up(a) => up::run(a.clone(), cli.dir.clone().unwrap_or_else(default_dir)).await,
         Cmd::Pki { cmd } => pki::run(&cli, cmd).await,
-        Cmd::Daemon { .. } => Ok(()),
+        Cmd::Daemon { .. } | Cmd::Completion { .. } => Ok(()),
         Cmd::Server { cmd: ListCmd::List } => {
             let list: Vec<ServerInfo> = client(&cli)?.get("/v1/servers").await?;
             output::servers(fmt, &list)
@@ -420,6 +449,32 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
             };
             let v = volume_action(&api, volume, "detach", &body).await?;
             output::volume(fmt, &v)
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    /// The scripts of the documented shells complete the commands and options.
+    #[test]
+    fn completion_scripts_name_the_commands_and_options() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut out = Vec::new();
+            completion(shell, &mut out);
+            let script = String::from_utf8(out).expect("a script is UTF-8");
+            for word in [
+                "volume",
+                "attach",
+                "no-wait",
+                "wait-timeout",
+                "completion",
+                "pki",
+            ] {
+                assert!(script.contains(word), "{shell}: {word} missing");
+            }
         }
     }
 }
