@@ -63,6 +63,16 @@ impl SizeInput {
             SizeInput::Human(s) => keel_proto::parse_size(s),
         }
     }
+
+    /// The size as its caller gave it (`10GiB`, or a byte count with its human form), for
+    /// error messages.
+    pub fn as_typed(&self) -> String {
+        match self {
+            SizeInput::Bytes(b) if *b < 1024 => format!("{b} bytes"),
+            SizeInput::Bytes(b) => format!("{b} bytes ({})", keel_proto::human_size(*b)),
+            SizeInput::Human(s) => s.trim().to_string(),
+        }
+    }
 }
 
 /// `POST /v1/servers`: a storage server announces itself.

@@ -20,7 +20,7 @@ impl Candidate {
 /// Why no placement exists.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
-    #[error("{needed} copies of {size} bytes need {needed} storage servers with that much free space, but only {fit} qualify ({detail}); register more storage servers or free space")]
+    #[error("{needed} copies of {} need {needed} storage servers with that much free space, but only {fit} qualify ({detail}); register more storage servers or free space", keel_proto::human_size(*size))]
     NotEnough {
         needed: usize,
         size: u64,
@@ -47,10 +47,10 @@ pub fn place(
                 .iter()
                 .map(|c| {
                     format!(
-                        "{}: {}, {} bytes free",
+                        "{}: {}, {} free",
                         c.id,
                         if c.up { "up" } else { "down" },
-                        c.free()
+                        keel_proto::human_size(c.free())
                     )
                 })
                 .collect::<Vec<_>>()
@@ -116,7 +116,7 @@ mod unit_tests {
         let err = place(&cs, 10, 1).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("a: down"), "{msg}");
-        assert!(msg.contains("b: up, 5 bytes free"), "{msg}");
+        assert!(msg.contains("b: up, 5 B free"), "{msg}");
         let none = place(&[], 10, 1).unwrap_err().to_string();
         assert!(none.contains("no storage server is registered"), "{none}");
     }

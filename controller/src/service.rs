@@ -24,6 +24,7 @@ use keel_api::{
     NodeAttachment, NodeAttachments, NodeHeartbeat, NodeInfo, NodeRegistration, ResizeVolume,
     ServerHeartbeat, ServerInfo, ServerRegistration, VolumeInfo, VolumeState,
 };
+use keel_proto::human_size;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -177,20 +178,80 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// A volume as its user knows it: `name (id)`, or the id of an unnamed one.
+fn label(v: &VolumeRecord) -> String {
+    match &v.name {
+        Some(n) => format!("{n} ({})", v.id),
+        None => v.id.clone(),
+    }
+}
+
+/// Why a volume does not fit, and advice that can work: the largest size that fits now with
+/// that many copies, and `--replicas` (the CLI's flag; `replicas` in the API) only where fewer
+/// copies would fit.
+fn placement_advice(
+    e: &crate::placement::PlacementError,
+    candidates: &[Candidate],
+    copies: usize,
+    replicas_defaulted: bool,
+) -> String {
+    let mut free: Vec<u64> = candidates
+        .iter()
+        .filter(|c| c.up)
+        .map(|c| c.capacity_bytes.saturating_sub(c.allocated_bytes))
+        .collect();
+    free.sort_unstable_by(|a, b| b.cmp(a));
+    let size = match e {
+        crate::placement::PlacementError::NotEnough { size, .. } => *size,
+    };
+    let mut advice = vec![e.to_string()];
+    let copies_word = if copies == 1 { "copy" } else { "copies" };
+    // The largest volume with `copies` copies: the copies-th largest free space, in 512s.
+    match free.get(copies.saturating_sub(1)) {
+        Some(&f) if f >= 512 => advice.push(format!(
+            "the largest volume with {copies} {copies_word} that fits now is {} ({} bytes)",
+            human_size(f / 512 * 512),
+            f / 512 * 512
+        )),
+        _ => advice.push(format!(
+            "no volume with {copies} {copies_word} fits now: {} storage servers are up",
+            free.len()
+        )),
+    }
+    let fewer = (1..copies)
+        .rev()
+        .find(|&n| free.get(n - 1).is_some_and(|&f| f >= size));
+    if let Some(n) = fewer {
+        let given = if replicas_defaulted {
+            format!("volumes get {DEFAULT_REPLICAS} copies unless --replicas says otherwise; ")
+        } else {
+            String::new()
+        };
+        advice.push(format!("{given}--replicas {n} would fit"));
+    }
+    advice.join("; ")
+}
+
 /// Parses a size given in an API body.
 pub fn check_size(size: &keel_api::SizeInput) -> Result<u64, ApiError> {
     let bytes = size.bytes().map_err(ApiError::bad_request)?;
     if bytes == 0 {
         return Err(ApiError::bad_request("size must be greater than 0"));
     }
+    let asked = size.as_typed();
     if bytes > MAX_VOLUME_SIZE {
         return Err(ApiError::bad_request(format!(
-            "size {bytes} exceeds the largest volume, {MAX_VOLUME_SIZE} bytes (64 TiB)"
+            "size {asked} exceeds the largest volume, {}",
+            human_size(MAX_VOLUME_SIZE)
         )));
     }
     if bytes % 512 != 0 {
+        let exact = match size {
+            keel_api::SizeInput::Human(_) => format!(" ({bytes} bytes)"),
+            keel_api::SizeInput::Bytes(_) => String::new(),
+        };
         return Err(ApiError::bad_request(format!(
-            "size {bytes} is not a multiple of 512 bytes; round it, e.g. to {}",
+            "size {asked}{exact} is not a multiple of 512 bytes; round it, e.g. to {} bytes",
             bytes.div_ceil(512) * 512
         )));
     }
@@ -1098,12 +1159,12 @@ impl Controller {
                 })
                 .collect();
             let chosen = place(&candidates, size, replicas as usize).map_err(|e| {
-                let hint = if req.replicas.is_none() {
-                    format!(" (volumes get {DEFAULT_REPLICAS} copies unless `replicas` says otherwise; pass --replicas 1 for an unreplicated volume)")
-                } else {
-                    String::new()
-                };
-                ApiError::insufficient(format!("{e}{hint}"))
+                ApiError::insufficient(placement_advice(
+                    &e,
+                    &candidates,
+                    replicas as usize,
+                    req.replicas.is_none(),
+                ))
             })?;
             let id = new_volume_id();
             let rec = VolumeRecord {
@@ -1244,11 +1305,11 @@ impl Controller {
             VolumeRecordState::Ready => Ok(()),
             VolumeRecordState::Creating => Err(ApiError::conflict(format!(
                 "volume {} is still being created; retry shortly",
-                v.id
+                label(v)
             ))),
             VolumeRecordState::Deleting => Err(ApiError::conflict(format!(
                 "volume {} is being deleted",
-                v.id
+                label(v)
             ))),
         }
     }
@@ -1263,14 +1324,18 @@ impl Controller {
         Self::ready(&v)?;
         if !size.is_multiple_of(u64::from(v.block_size)) {
             return Err(ApiError::bad_request(format!(
-                "volume {} has {}-byte blocks: its size must be a multiple of that, not {size}",
-                v.id, v.block_size
+                "volume {} has {}-byte blocks: its size must be a multiple of that, not {} ({size} bytes)",
+                label(&v),
+                v.block_size,
+                req.size.as_typed()
             )));
         }
         if size < v.size {
             return Err(ApiError::bad_request(format!(
-                "volume {} is {} bytes; volumes only grow (asked for {size})",
-                v.id, v.size
+                "volume {} is {}; volumes only grow (asked for {})",
+                label(&v),
+                human_size(v.size),
+                req.size.as_typed()
             )));
         }
         let id = v.id.clone();
@@ -1284,8 +1349,9 @@ impl Controller {
             Self::ready(v)?;
             if size < v.size {
                 return Err(ApiError::bad_request(format!(
-                    "volume {} is {} bytes; volumes only grow",
-                    v.id, v.size
+                    "volume {} is {}; volumes only grow",
+                    label(v),
+                    human_size(v.size)
                 )));
             }
             if size == v.size {
@@ -1301,8 +1367,11 @@ impl Controller {
                     .saturating_sub(alloc.get(&c.server).map(|a| a.0).unwrap_or(0));
                 if free < grow {
                     return Err(ApiError::insufficient(format!(
-                        "growing volume {} by {grow} bytes needs that much free on server {}, which has {free}",
-                        v.id, c.server
+                        "growing volume {} by {} needs that much free on server {}, which has {}; free space there or grow it less",
+                        label(v),
+                        human_size(grow),
+                        c.server,
+                        human_size(free)
                     )));
                 }
             }
@@ -1604,8 +1673,7 @@ impl Controller {
                 return Ok(false);
             }
             let id = r.id.clone();
-            promoted =
-                membership::promote(r, |s| s != primary && self.copy_usable(&id, s)).ok();
+            promoted = membership::promote(r, |s| s != primary && self.copy_usable(&id, s)).ok();
             Ok(promoted.is_some())
         })?;
         if moved {
@@ -1638,11 +1706,10 @@ impl Controller {
         };
         let up = l.last_seen.elapsed() < self.cfg.failure_timeout;
         // A lost copy is deleted before anything is rebuilt there (R10).
-        let faulty = l
-            .hb
-            .copies
-            .iter()
-            .any(|r| r.volume == volume && r.fault.is_some());
+        let faulty =
+            l.hb.copies
+                .iter()
+                .any(|r| r.volume == volume && r.fault.is_some());
         if faulty {
             return false;
         }
@@ -1761,7 +1828,9 @@ impl Controller {
         &self,
         v: &VolumeRecord,
     ) -> Result<Option<VolumeRecord>, ApiError> {
-        let wanted = v.primary().is_some_and(|p| self.copy_usable(&v.id, &p.server))
+        let wanted = v
+            .primary()
+            .is_some_and(|p| self.copy_usable(&v.id, &p.server))
             && v.copies.iter().any(|c| {
                 c.role == CopyRole::Mirror
                     && !c.in_sync
@@ -1894,7 +1963,10 @@ impl Controller {
         if self.started.elapsed() < self.cfg.failure_timeout {
             return Ok(None);
         }
-        if !v.primary().is_some_and(|p| self.copy_usable(&v.id, &p.server)) {
+        if !v
+            .primary()
+            .is_some_and(|p| self.copy_usable(&v.id, &p.server))
+        {
             return Ok(None);
         }
         if !v
@@ -2118,11 +2190,10 @@ impl Controller {
                             continue;
                         }
                         // A lost copy takes no membership (R10): it is replaced.
-                        let report = l
-                            .hb
-                            .copies
-                            .iter()
-                            .find(|r| r.volume == v.id && r.fault.is_none());
+                        let report =
+                            l.hb.copies
+                                .iter()
+                                .find(|r| r.volume == v.id && r.fault.is_none());
                         if let Some(r) = report {
                             small |= r.size < v.size;
                             stale |= r.epoch < v.epoch || r.role != c.role.as_str();
@@ -2227,6 +2298,48 @@ mod unit_tests {
         assert_eq!(key("dup"), None);
         assert_eq!(ctl.resolve("dup").expect_err("gone").code, "not_found");
         assert!(store.get(&volume_key(c)).expect("get").is_none());
+    }
+
+    fn candidate(id: &str, capacity: u64, allocated: u64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            zone: id.into(),
+            capacity_bytes: capacity,
+            allocated_bytes: allocated,
+            up: true,
+        }
+    }
+
+    /// Issue 17: advice that can work. `--replicas 1` is offered only where one copy fits, and
+    /// the largest size that fits now is given in human units.
+    #[test]
+    fn placement_advice_names_what_fits() {
+        const GB: u64 = 1_000_000_000;
+        let c = [candidate("a", 68 * GB, 0), candidate("b", 12 * GB, 2 * GB)];
+        let advise = |size: u64, copies: usize, defaulted: bool| {
+            let e = place(&c, size, copies).expect_err("does not fit");
+            placement_advice(&e, &c, copies, defaulted)
+        };
+        let tib = advise(1 << 40, 2, true);
+        assert!(tib.contains("2 copies of 1 TiB"), "{tib}");
+        assert!(tib.contains("a: up, 63.3 GiB free"), "{tib}");
+        assert!(
+            tib.contains("the largest volume with 2 copies that fits now is 9.3 GiB"),
+            "{tib}"
+        );
+        assert!(!tib.contains("--replicas"), "one copy cannot help: {tib}");
+        let fifty = advise(50 * GB, 2, true);
+        assert!(fifty.contains("--replicas 1 would fit"), "{fifty}");
+        assert!(
+            fifty.contains("unless --replicas says otherwise"),
+            "{fifty}"
+        );
+        let asked = advise(50 * GB, 2, false);
+        assert!(asked.contains("--replicas 1 would fit"), "{asked}");
+        assert!(!asked.contains("unless"), "{asked}");
+        let none = place(&[], 1 << 30, 1).expect_err("nothing");
+        let none = placement_advice(&none, &[], 1, true);
+        assert!(none.contains("no volume with 1 copy fits now"), "{none}");
     }
 
     fn probe(server: &str, ago_ms: u64, answered: bool) -> LastProbe {

@@ -21,9 +21,11 @@ pub mod io;
 pub mod limits;
 pub mod members;
 pub mod pki;
+pub mod size;
 pub mod tls;
 pub mod tuning;
 pub mod types;
 
 pub use frame::{DecodeError, Frame, Hello, HelloReply, Request, Response};
-pub use types::{parse_size, Epoch, MemberRole, Op, ReqFlags, Role, Status, VolumeId};
+pub use size::{human_size, parse_size};
+pub use types::{Epoch, MemberRole, Op, ReqFlags, Role, Status, VolumeId};

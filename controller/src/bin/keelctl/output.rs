@@ -5,22 +5,9 @@ use serde::Serialize;
 
 use crate::Format;
 
-/// `1073741824` -> `1 GiB`, `1536` -> `1.5 KiB`.
+/// `1073741824` -> `1 GiB`, `1536` -> `1.5 KiB` ([`keel_proto::human_size`]).
 pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else if (v - v.round()).abs() < 0.005 {
-        format!("{} {}", v.round() as u64, UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    keel_proto::human_size(bytes)
 }
 
 fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
