@@ -22,7 +22,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 "$BIN/keel-storage" --listen 127.0.0.1:7500 --data-dir "$DIR/data" --pki-dir "$DIR/pki" --id s1 \
-  --create "$VOLUME:$SIZE" --pid-file "$DIR/storage.pid" >"$DIR/storage.out" 2>"$DIR/storage.log" &
+  --create "$VOLUME:$SIZE" --grant n1 --pid-file "$DIR/storage.pid" >"$DIR/storage.out" 2>"$DIR/storage.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q listening "$DIR/storage.out" 2>/dev/null && break; sleep 0.1; done
 grep -q listening "$DIR/storage.out" || { cat "$DIR/storage.log"; echo "keel-storage did not start" >&2; exit 1; }
