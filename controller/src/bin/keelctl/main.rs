@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 success, 1 unexpected failure, 2 usage error, 3 not found, 4 conflict,
 //! 5 invalid request or not enough capacity, 6 not authorised, 7 controller unreachable or
-//! unavailable, 8 attached but the node did not serve the socket in time.
+//! unavailable (also: no cluster in the directory), 8 attached but the node did not serve the
+//! socket in time.
 
 mod output;
 mod pki;
@@ -177,11 +178,11 @@ fn client(cli: &Cli) -> anyhow::Result<ApiClient> {
         Some(u) => u.clone(),
         None => up::ClusterFile::load(&dir)
             .with_context(|| {
-                format!(
+                NoCluster(format!(
                     "no cluster in {} (start one with `keelctl up --dir {}`, or pass --controller and --dir)",
                     dir.display(),
                     dir.display()
-                )
+                ))
             })?
             .controller,
     };
@@ -198,9 +199,18 @@ fn client(cli: &Cli) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(&url, tls, cli.token.clone())?)
 }
 
+/// No cluster directory to find the controller in: nothing to reach (exit code 7, like an
+/// unreachable controller).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoCluster(String);
+
 fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<InvalidInput>().is_some() {
         return 5;
+    }
+    if e.downcast_ref::<NoCluster>().is_some() {
+        return 7;
     }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { body, .. }) => match body.code.as_str() {
@@ -456,6 +466,15 @@ async fn volume(cli: &Cli, fmt: Format, cmd: &VolumeCmd) -> anyhow::Result<()> {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    /// No cluster directory is an unreachable controller (7), whatever error the file gave.
+    #[test]
+    fn no_cluster_directory_exits_7() {
+        let e = anyhow::Error::from(std::io::Error::other("No such file or directory"))
+            .context(NoCluster("no cluster in /nowhere".into()));
+        assert_eq!(exit_code(&e), 7);
+        assert_eq!(exit_code(&anyhow::anyhow!("something else")), 1);
+    }
 
     /// The scripts of the documented shells complete the commands and options.
     #[test]
