@@ -302,7 +302,10 @@ mod unit_tests {
         let broken = s.broken();
         assert_eq!(broken.len(), 1, "{broken:?}");
         assert_eq!(broken[0].0, VolumeId(2));
-        assert!(broken[0].1.why.contains("unreadable at start"), "{broken:?}");
+        assert!(
+            broken[0].1.why.contains("unreadable at start"),
+            "{broken:?}"
+        );
         assert!(matches!(
             s.create(VolumeId(2), 8 << 20, CopyRole::Mirror, Epoch(3)),
             Err(CopyError::Exists(_))

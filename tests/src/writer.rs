@@ -115,14 +115,20 @@ pub fn two_copies(cluster: &Cluster, volume: &str) -> Result<(String, String, Te
 
 /// The copies of `describe` as `(server, role, state)`.
 pub fn copies(v: &Value) -> Vec<(String, String, String)> {
+    copy_fields(v, ["server", "role", "state"])
+        .into_iter()
+        .map(|[a, b, c]| (a, b, c))
+        .collect()
+}
+
+/// The string fields `keys` of each copy `keelctl volume describe -o json` shows (empty where
+/// one is missing).
+pub fn copy_fields<const N: usize>(v: &Value, keys: [&str; N]) -> Vec<[String; N]> {
     v["copies"]
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("server"), s("role"), s("state"))
-                })
+                .map(|c| keys.map(|k| c[k].as_str().unwrap_or_default().to_string()))
                 .collect()
         })
         .unwrap_or_default()

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use keel_tests::guest::{self, console_lines, Disk, GuestConfig, GuestOutput, RESIZE_LINES};
 use keel_tests::keel_up::{socket, volume_args, Cluster, Out};
+use keel_tests::writer::copies;
 use serde_json::Value;
 
 const NODE: &str = "node1";
@@ -534,21 +535,6 @@ fn ha_script() -> String {
     )
 }
 
-/// `(server, role, state)` of each copy `keelctl volume describe -o json` shows.
-fn ha_copies(v: &Value) -> Vec<(String, String, String)> {
-    v["copies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("server"), s("role"), s("state"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A replicated volume (2 copies) under a QEMU guest running fio with crc32c verification at
 /// QD32: the primary's storage server is killed (SIGKILL) mid-job and kept down for 8 s, the
 /// controller promotes the in-sync mirror (R6), keel-vhost resends what was in flight to it,
@@ -575,7 +561,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
         Duration::from_secs(20),
         "primary ok and mirror in_sync",
         || {
-            let c = ha_copies(&t.cluster.describe(HA).ok()?);
+            let c = copies(&t.cluster.describe(HA).ok()?);
             (c.len() == 2
                 && c.iter().any(|x| x.1 == "primary" && x.2 == "ok")
                 && c.iter().any(|x| x.1 == "mirror" && x.2 == "in_sync"))
@@ -583,7 +569,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
         },
     )?;
     let d = t.json(&["volume", "describe", HA])?;
-    let c = ha_copies(&d);
+    let c = copies(&d);
     let primary = c
         .iter()
         .find(|x| x.1 == "primary")
@@ -625,7 +611,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
         .cluster
         .wait_for(Duration::from_secs(8), "the mirror to be promoted", || {
             let v = t.cluster.describe(HA).ok()?;
-            ha_copies(&v)
+            copies(&v)
                 .iter()
                 .any(|x| x.0 == mirror && x.1 == "primary")
                 .then(|| (stopped.elapsed(), v))
@@ -714,7 +700,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
     promoted.context("the controller did not promote the mirror within 8 s of SIGKILL")?;
 
     let d = t.json(&["volume", "describe", HA])?;
-    let c = ha_copies(&d);
+    let c = copies(&d);
     ensure!(
         c.iter().any(|x| x.0 == mirror && x.1 == "primary"),
         "the former mirror {mirror} must be the primary: {d}"
@@ -730,7 +716,7 @@ fn guest_fio_verify_survives_primary_failure() -> Result<()> {
     t.cluster
         .wait_for(Duration::from_secs(60), "full redundancy again", || {
             let d = t.json(&["volume", "describe", HA]).ok()?;
-            ha_copies(&d)
+            copies(&d)
                 .iter()
                 .any(|x| x.0 == primary && x.1 == "mirror" && x.2 == "in_sync")
                 .then_some(())

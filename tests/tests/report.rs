@@ -10,7 +10,13 @@ use keel_api::{ApiClient, PrimaryReport, PrimaryUnreachable};
 use keel_proto::tls::TlsPaths;
 use keel_proto::{pki, Role};
 use keel_tests::keel_up::{kill, Cluster};
+use keel_tests::writer::copy_fields;
 use serde_json::Value;
+
+/// `(server, address, role)` of each copy `describe` shows.
+fn copies(v: &Value) -> Vec<[String; 3]> {
+    copy_fields(v, ["server", "address", "role"])
+}
 
 fn client(c: &Cluster, cert: Option<&str>, token: Option<String>) -> Result<ApiClient> {
     let pki = c.dir.join("pki");
@@ -26,21 +32,6 @@ impl Drop for ContOnDrop {
     fn drop(&mut self) {
         kill(self.0, libc::SIGCONT);
     }
-}
-
-/// `(server, address, role)` of each copy `describe` shows.
-fn copies(v: &Value) -> Vec<(String, String, String)> {
-    v["copies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("server"), s("address"), s("role"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn report(api: &ApiClient, volume: &str, server: &str, epoch: u64) -> Result<PrimaryReport> {
@@ -134,12 +125,12 @@ fn a_reported_primary_is_probed_and_replaced_only_when_it_does_not_answer() -> R
         let cs = copies(&d);
         let find = |role: &str| {
             cs.iter()
-                .find(|x| x.2 == role)
+                .find(|x| x[2] == role)
                 .cloned()
                 .with_context(|| format!("no {role}: {d}"))
         };
-        let (p_server, p_addr, _) = find("primary")?;
-        let (m_server, m_addr, _) = find("mirror")?;
+        let [p_server, p_addr, _] = find("primary")?;
+        let [m_server, m_addr, _] = find("mirror")?;
 
         // Callers: a node without an attachment, and a storage server, are refused.
         let intruder = client(&c, Some("node-intruder"), None)?;
@@ -190,11 +181,11 @@ fn a_reported_primary_is_probed_and_replaced_only_when_it_does_not_answer() -> R
         assert_eq!(d["epoch"], e0 + 1);
         let cs = copies(&d);
         assert!(
-            cs.iter().any(|x| x.0 == m_server && x.2 == "primary"),
+            cs.iter().any(|x| x[0] == m_server && x[2] == "primary"),
             "the mirror is primary: {d}"
         );
         assert!(
-            cs.iter().any(|x| x.0 == p_server && x.2 == "mirror"),
+            cs.iter().any(|x| x[0] == p_server && x[2] == "mirror"),
             "the old primary is a mirror: {d}"
         );
         let state = d["copies"]

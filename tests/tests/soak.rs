@@ -35,6 +35,7 @@ use keel_tests::hostile::{
 };
 use keel_tests::keel_up::{alive, Cluster};
 use keel_tests::wire::WireClient;
+use keel_tests::writer::copies;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -316,21 +317,6 @@ fn fio_read_mib(console: &str) -> f64 {
             }
         })
         .sum()
-}
-
-/// `(server, role, state)` of each copy in `describe`.
-fn copies(v: &Value) -> Vec<(String, String, String)> {
-    v["copies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| {
-                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                    (s("server"), s("role"), s("state"))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The address `keelctl up` gave storage server `id` (DIR/cluster.json).
