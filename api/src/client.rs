@@ -26,17 +26,19 @@ pub const MAX_RESPONSE: usize = 64 << 20;
 pub enum ClientError {
     #[error("controller URL {0:?} is not https://IP:PORT")]
     BadUrl(String),
+    // The I/O error is in the message and not a `source`: a report of the error chain
+    // (`{:#}`) would otherwise say it twice.
     #[error(
-        "cannot reach the controller at {addr}: {source} (is it running? `keelctl up` starts one)"
+        "cannot reach the controller at {addr}: {error} (is it running? `keelctl up` starts one)"
     )]
     Connect {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("TLS with the controller at {addr} failed: {source}")]
+    #[error("TLS with the controller at {addr} failed: {error}")]
     Tls {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("HTTP exchange with the controller failed: {0}")]
     Http(String),
@@ -237,13 +239,13 @@ impl ApiClient {
         let addr = self.addr;
         let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|error| ClientError::Connect { addr, error })?;
         let _ = tcp.set_nodelay(true);
         let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|source| ClientError::Tls { addr, source })?;
+            .map_err(|error| ClientError::Tls { addr, error })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -283,5 +285,26 @@ impl ApiClient {
             .to_vec();
         driver.abort();
         Ok((status, bytes))
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    /// The controller-down message names the I/O error once: it has no `source` that a
+    /// report of the chain (`{:#}`, keelctl's `error: ...`) would print again.
+    #[test]
+    fn an_unreachable_controller_is_reported_once() {
+        let e = ClientError::Connect {
+            addr: "127.0.0.1:7000".parse().expect("address"),
+            error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("connection refused") && text.contains("keelctl up"),
+            "{text}"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 }
