@@ -51,6 +51,7 @@ pub enum Format {
 enum Cmd {
     /// Start a complete local cluster in the foreground (PKI, controller, storage servers,
     /// node manager); Ctrl-C stops it. Restarting with the same --dir brings everything back.
+    #[command(after_help = "Example: keelctl up --dir ~/.keel --servers 3 --capacity 20GiB")]
     Up(up::UpArgs),
     /// Volumes: create, list, describe, delete, resize, attach, detach.
     Volume {
@@ -90,13 +91,15 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ListCmd {
-    /// List them.
+    /// List them with their health (up or down) and what they hold.
+    #[command(after_help = "Example: keelctl server list -o json")]
     List,
 }
 
 #[derive(Subcommand)]
 enum VolumeCmd {
     /// Create a volume, e.g. `keelctl volume create 10GiB --name data1`.
+    #[command(after_help = "Example: keelctl volume create 10GiB --name data1 --replicas 2")]
     Create {
         /// Size: bytes, or e.g. 512MiB, 10GiB, 1.5T (binary units; K, M, G, T are the same), 10GB (powers of 1000); a multiple of 512.
         size: String,
@@ -113,22 +116,44 @@ enum VolumeCmd {
         block_size: Option<u32>,
     },
     /// List volumes.
+    #[command(after_help = "Example: keelctl volume list -o json")]
     List,
     /// Show a volume: size, state, epoch, copies, attachments.
-    Describe { volume: String },
+    #[command(after_help = "Example: keelctl volume describe data1")]
+    Describe {
+        /// The volume: its id (16 hex digits, optionally after vol-) or its name.
+        volume: String,
+    },
     /// Delete a detached volume and its copies.
-    Delete { volume: String },
+    #[command(after_help = "Example: keelctl volume delete data1")]
+    Delete {
+        /// The volume: its id (16 hex digits, optionally after vol-) or its name.
+        volume: String,
+    },
     /// Grow a volume (online: an attached guest sees the new capacity).
-    Resize { volume: String, size: String },
+    #[command(after_help = "Example: keelctl volume resize data1 20GiB")]
+    Resize {
+        /// The volume: its id (16 hex digits, optionally after vol-) or its name.
+        volume: String,
+        /// The new size, larger than the current one: bytes or e.g. 20GiB, as for create.
+        size: String,
+    },
     /// Attach a volume to an instance on a node; prints the vhost-user socket for QEMU once
     /// it accepts connections (unless --no-wait), so `keelctl volume attach ... && qemu ...`
     /// works.
+    #[command(
+        after_help = "Example (waits for the socket, then starts a VM on it):\n  qemu-configs/qemu.sh \"$(keelctl volume attach data1 --node node1 --instance vm1 -o json | jq -r .socket)\""
+    )]
     Attach {
+        /// The volume: its id (16 hex digits, optionally after vol-) or its name.
         volume: String,
+        /// The node (host) whose node manager serves the volume (`keelctl node list`).
         #[arg(long)]
         node: String,
+        /// The VM on that node, any name of [A-Za-z0-9._-]: one socket per instance.
         #[arg(long)]
         instance: String,
+        /// Attach read-only: the guest may read, writes fail; readers coexist with the writer.
         #[arg(long)]
         read_only: bool,
         /// Take the read-write attachment from its holder, fencing the old writer.
@@ -144,10 +169,14 @@ enum VolumeCmd {
         wait_timeout: u64,
     },
     /// Detach a volume from an instance.
+    #[command(after_help = "Example: keelctl volume detach data1 --node node1 --instance vm1")]
     Detach {
+        /// The volume: its id (16 hex digits, optionally after vol-) or its name.
         volume: String,
+        /// The node the attachment is on.
         #[arg(long)]
         node: String,
+        /// The instance the volume is attached to.
         #[arg(long)]
         instance: String,
         /// Detach although a guest is connected (its I/O then fails).
@@ -474,6 +503,44 @@ mod unit_tests {
             .context(NoCluster("no cluster in /nowhere".into()));
         assert_eq!(exit_code(&e), 7);
         assert_eq!(exit_code(&anyhow::anyhow!("something else")), 1);
+    }
+
+    /// Every argument of every command a user runs has a help text, and every such command an
+    /// example.
+    #[test]
+    fn every_argument_has_help_and_every_command_an_example() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && !a.is_hide_set() && a.get_help().is_none() {
+                    missing.push(format!("{path}: argument {} has no help", a.get_id()));
+                }
+            }
+            let subs: Vec<&clap::Command> = cmd
+                .get_subcommands()
+                .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+                .collect();
+            if subs.is_empty() {
+                let example = cmd
+                    .get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"))
+                    || cmd
+                        .get_about()
+                        .is_some_and(|h| h.to_string().contains("e.g."));
+                if !example {
+                    missing.push(format!("{path}: no example"));
+                }
+            }
+            for s in subs {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let mut cmd = Cli::command();
+        cmd.build();
+        walk(&cmd, "keelctl", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 
     /// The scripts of the documented shells complete the commands and options.

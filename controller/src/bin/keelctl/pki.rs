@@ -21,6 +21,7 @@ pub const ADMIN_WARNING_DAYS: i64 = 14;
 #[derive(Subcommand)]
 pub enum PkiCmd {
     /// Create a cluster CA (ca.pem, ca.key), valid --days (default 3650, 10 years).
+    #[command(after_help = "Example: keelctl pki init --pki-dir pki")]
     Init {
         /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
@@ -30,12 +31,18 @@ pub enum PkiCmd {
         days: u32,
     },
     /// Issue a certificate for a daemon or an operator: writes <role>-<id>.pem and .key.
+    #[command(
+        after_help = "Example: keelctl pki issue --pki-dir pki --role storage --id s4 --host 10.0.0.14"
+    )]
     Issue {
+        /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
         pki_dir: Option<PathBuf>,
         /// storage, node, controller or admin.
         #[arg(long)]
         role: Role,
+        /// The holder's id: the storage server's, the node's, or an operator's name (the
+        /// certificate names it keel://<role>/<id>).
         #[arg(long)]
         id: String,
         /// Extra DNS names or IP addresses the holder is reached at.
@@ -47,7 +54,9 @@ pub enum PkiCmd {
     },
     /// Renew a certificate: a new key and certificate with the same role, id and hosts; the
     /// files are replaced atomically and running daemons pick them up within seconds.
+    #[command(after_help = "Example: keelctl pki renew --name storage-s1")]
     Renew {
+        /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
         pki_dir: Option<PathBuf>,
         /// The certificate's name, <role>-<id> (e.g. storage-s1, admin-keelctl).
@@ -60,7 +69,9 @@ pub enum PkiCmd {
     /// Revoke certificates: adds them to the CA's revocation list, writes a new CRL (crl.pem)
     /// and hands it to the controller, which distributes it.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["name", "serial"])))]
+    #[command(after_help = "Example: keelctl pki revoke --name node-n2")]
     Revoke {
+        /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
         pki_dir: Option<PathBuf>,
         /// Every unexpired certificate issued as <role>-<id> (e.g. node-n2).
@@ -74,12 +85,16 @@ pub enum PkiCmd {
         no_publish: bool,
     },
     /// Hand the CRL (crl.pem) to the controller again (e.g. it was unreachable at `revoke`).
+    #[command(after_help = "Example: keelctl pki publish")]
     Publish {
+        /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
         pki_dir: Option<PathBuf>,
     },
     /// List the certificates issued, with their expiry and whether they are revoked.
+    #[command(after_help = "Example: keelctl pki list")]
     List {
+        /// PKI directory (default: DIR/pki of the cluster directory).
         #[arg(long = "pki-dir")]
         pki_dir: Option<PathBuf>,
     },
