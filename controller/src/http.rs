@@ -522,6 +522,11 @@ pub async fn serve_limited(
             let _ = tcp.set_nodelay(true);
             let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
+                // A client that exits (or a daemon that stops) mid-handshake: expected.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%addr, "the client closed the connection during the TLS handshake");
+                    return;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(%addr, error = %e, "API TLS handshake failed");
                     return;

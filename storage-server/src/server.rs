@@ -531,6 +531,12 @@ pub async fn serve_limited(
                         Err(e) => tracing::warn!(%addr, %peer, error = %e, "connection closed"),
                     }
                 }
+                // A client that exits (or a daemon that stops) mid-handshake: expected.
+                Err(keel_proto::io::FrameIoError::Io(e))
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    tracing::debug!(%addr, "the client closed the connection during the handshake")
+                }
                 Err(e) => tracing::warn!(%addr, error = %e, "handshake failed"),
             }
         });

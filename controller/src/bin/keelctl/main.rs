@@ -283,12 +283,37 @@ fn set_process_name(name: &str) {
 
 /// Writes the completion script of `shell` for keelctl's commands and options.
 fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut command(), "keelctl", out);
+}
+
+/// keelctl's command line: [`Cli`], but `keelctl up --help` does not list the global
+/// `--token` and `--output` (for the commands that call a running controller; `up` ignores
+/// them): `up` gets hidden arguments of the same ids and types, which keeps the global ones
+/// from being copied into it.
+fn command() -> clap::Command {
     use clap::CommandFactory;
-    clap_complete::generate(shell, &mut Cli::command(), "keelctl", out);
+    Cli::command().mut_subcommand("up", |up| {
+        up.arg(
+            clap::Arg::new("token")
+                .long("token")
+                .hide(true)
+                .value_parser(clap::value_parser!(String)),
+        )
+        .arg(
+            clap::Arg::new("output")
+                .short('o')
+                .long("output")
+                .hide(true)
+                .value_parser(clap::builder::EnumValueParser::<Format>::new()),
+        )
+    })
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches;
+        Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+    };
     if let Cmd::Completion { shell } = cli.cmd {
         // Generated into memory: clap_complete panics on a failed write (`| head`).
         let mut script = Vec::new();
@@ -509,7 +534,6 @@ mod unit_tests {
     /// example.
     #[test]
     fn every_argument_has_help_and_every_command_an_example() {
-        use clap::CommandFactory;
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for a in cmd.get_arguments() {
                 let builtin = matches!(a.get_id().as_str(), "help" | "version");
@@ -537,10 +561,48 @@ mod unit_tests {
             }
         }
         let mut missing = Vec::new();
-        let mut cmd = Cli::command();
+        let mut cmd = command();
         cmd.build();
         walk(&cmd, "keelctl", &mut missing);
         assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    /// `up --help` lists up's options and `--dir`, not the global `--token` and `--output`;
+    /// the commands that call the controller keep them, before or after the subcommand.
+    #[test]
+    fn up_help_leaves_out_the_api_options() {
+        let mut cmd = command();
+        cmd.build();
+        let up = cmd
+            .find_subcommand_mut("up")
+            .expect("up")
+            .render_long_help()
+            .to_string();
+        assert!(up.contains("--servers") && up.contains("--dir"), "{up}");
+        assert!(!up.contains("--token") && !up.contains("--output"), "{up}");
+        let list = cmd
+            .find_subcommand_mut("volume")
+            .and_then(|v| v.find_subcommand_mut("list"))
+            .expect("volume list")
+            .render_long_help()
+            .to_string();
+        assert!(
+            list.contains("--token") && list.contains("--output"),
+            "{list}"
+        );
+        use clap::FromArgMatches;
+        for args in [
+            &["keelctl", "volume", "list", "-o", "json"][..],
+            &["keelctl", "-o", "json", "volume", "list"],
+        ] {
+            let m = command().try_get_matches_from(args).expect("parses");
+            let cli = Cli::from_arg_matches(&m).expect("a Cli");
+            assert!(cli.output == Format::Json, "{args:?}");
+        }
+        let m = command()
+            .try_get_matches_from(["keelctl", "up", "--servers", "1"])
+            .expect("up parses");
+        assert!(Cli::from_arg_matches(&m).is_ok());
     }
 
     /// The scripts of the documented shells complete the commands and options.
