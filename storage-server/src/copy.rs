@@ -877,10 +877,15 @@ impl Copy {
     ///
     /// Except a full filesystem (`ENOSPC`, `EDQUOT`) on a read or write: nothing acknowledged
     /// is lost and the copy stays usable, so the request alone fails (`io error`, as a full
-    /// disk would for the guest). A failed flush fails the copy whatever the error
+    /// disk would for the guest); likewise `EINTR` and `EAGAIN`. A failed flush fails the copy whatever the error
     /// ([`Copy::flush`]).
     fn io(&self, source: std::io::Error) -> CopyError {
-        if !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        // A full filesystem, or a call interrupted or refused before it reached the disk, is
+        // not the copy's fault.
+        if !matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EINTR | libc::EAGAIN)
+        ) {
             self.fail(&source.to_string());
         }
         CopyError::Io {
@@ -1257,7 +1262,9 @@ fn nowait_io(f: &File, ptr: *mut u8, len: usize, off: u64, write: bool) -> std::
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINVAL) => Ok(false),
+            // Not the disk's answer: the caller takes the blocking path (a kernel without
+            // preadv2 says ENOSYS; a signal, EINTR).
+            Some(libc::EAGAIN | libc::EINVAL | libc::ENOSYS | libc::EINTR) => Ok(false),
             Some(libc::EOPNOTSUPP) if !write => Ok(false),
             _ => Err(e),
         };
