@@ -622,9 +622,13 @@ impl Controller {
         tracing::info!(server = %reg.id, address = %reg.address, zone = %reg.zone, "storage server registered");
         // A server may come back smaller than what is placed on it (its operator's choice):
         // placement puts nothing more there, and the operator should hear it.
-        if let Some((allocated, _)) = self.allocations()?.get(&reg.id) {
-            if *allocated > reg.capacity_bytes {
-                tracing::warn!(server = %reg.id, capacity = reg.capacity_bytes, allocated = *allocated, "storage server registered with less capacity than its copies take: nothing more is placed there; move or delete volumes, or give it more space");
+        if let Some((allocated, _)) = self
+            .allocations()
+            .ok()
+            .and_then(|a| a.get(&reg.id).copied())
+        {
+            if allocated > reg.capacity_bytes {
+                tracing::warn!(server = %reg.id, capacity = reg.capacity_bytes, allocated, "storage server registered with less capacity than its copies take: nothing more is placed there; move or delete volumes, or give it more space");
             }
         }
         self.live().servers.insert(
@@ -695,6 +699,31 @@ impl Controller {
     /// not lost.
     fn copy_usable(&self, volume: &str, server: &str) -> bool {
         self.server_up(server) && self.copy_lost(volume, server).is_none()
+    }
+
+    /// Positive evidence that the copy of `volume` on `server` exists and is sound: its server
+    /// is up and its latest heartbeat (or a push it acknowledged since) lists the copy without
+    /// a fault. What a mirror must show to be promoted, and a primary before a lost mirror is
+    /// dropped or deleted (R10): the absence of a fault report is not enough (a server
+    /// restarted with an empty data directory has not reported its copies missing yet).
+    fn copy_reported_healthy(&self, volume: &str, server: &str) -> bool {
+        let live = self.live();
+        live.servers.get(server).is_some_and(|l| {
+            l.last_seen.elapsed() < self.cfg.failure_timeout
+                && l.hb
+                    .copies
+                    .iter()
+                    .any(|r| r.volume == volume && r.fault.is_none())
+        })
+    }
+
+    /// Whether `v`'s primary can stand alone while lost mirrors are dropped or replaced: its
+    /// copy is reported healthy, and this controller has had one failure timeout since its
+    /// start to hear every server.
+    fn primary_reported_healthy(&self, v: &VolumeRecord) -> bool {
+        self.started.elapsed() >= self.cfg.failure_timeout
+            && v.primary()
+                .is_some_and(|p| self.copy_reported_healthy(&v.id, &p.server))
     }
 
     /// Updates, for a ready volume, since when each of its copies has been missing from its
@@ -1673,7 +1702,8 @@ impl Controller {
                 return Ok(false);
             }
             let id = r.id.clone();
-            promoted = membership::promote(r, |s| s != primary && self.copy_usable(&id, s)).ok();
+            promoted =
+                membership::promote(r, |s| s != primary && self.copy_reported_healthy(&id, s)).ok();
             Ok(promoted.is_some())
         })?;
         if moved {
@@ -1751,7 +1781,21 @@ impl Controller {
                 continue;
             };
             if let Some(why) = fault {
-                // A lost copy (R10) is replaced by a new one: the rebuild fills it.
+                // A lost copy (R10) is replaced by a new one: the rebuild fills it. Never while
+                // the primary is not known sound (the lost copy may be all that is left: R9),
+                // and only while the record, as it is now, keeps this mirror out of the in-sync
+                // set.
+                if !self.primary_reported_healthy(v) {
+                    continue;
+                }
+                let out_of_sync = self.resolve(&v.id).ok().is_some_and(|r| {
+                    r.copies
+                        .iter()
+                        .any(|x| x.server == c.server && x.role == CopyRole::Mirror && !x.in_sync)
+                });
+                if !out_of_sync {
+                    continue;
+                }
                 match self.push.delete_copy(*addr, &v.id).await {
                     Ok(()) => {
                         tracing::info!(volume = %v.id, server = %c.server, fault = %why, "deleted a lost copy, to be created again and rebuilt");
@@ -1963,10 +2007,8 @@ impl Controller {
         if self.started.elapsed() < self.cfg.failure_timeout {
             return Ok(None);
         }
-        if !v
-            .primary()
-            .is_some_and(|p| self.copy_usable(&v.id, &p.server))
-        {
+        // The primary must be known sound: the mirror's old copy is deleted once it moves.
+        if !self.primary_reported_healthy(v) {
             return Ok(None);
         }
         if !v
@@ -2031,6 +2073,11 @@ impl Controller {
     /// R10: in-sync mirrors whose copies are lost on live servers leave the in-sync set
     /// (stale; E bumps), to be re-placed or rebuilt like any stale mirror.
     fn drop_lost_mirrors(&self, v: &VolumeRecord) -> Result<Option<VolumeRecord>, ApiError> {
+        // Without a sound primary the in-sync set is left as it is (R9): a lost mirror may be
+        // all that is left of the data.
+        if !self.primary_reported_healthy(v) {
+            return Ok(None);
+        }
         let lost: Vec<(String, String)> = v
             .copies
             .iter()
@@ -2080,7 +2127,17 @@ impl Controller {
         let mut promoted = None;
         let id = v.id.clone();
         let rec = self.update_volume(&v.id, |r| {
-            promoted = membership::promote(r, |s| self.copy_usable(&id, s)).ok();
+            // The primary is judged by its failure (down, or lost); a mirror is promoted only on
+            // positive evidence that its copy is there (R10).
+            let primary = r.primary().map(|p| p.server.clone());
+            promoted = membership::promote(r, |s| {
+                if primary.as_deref() == Some(s) {
+                    self.copy_usable(&id, s)
+                } else {
+                    self.copy_reported_healthy(&id, s)
+                }
+            })
+            .ok();
             Ok(promoted.is_some())
         })?;
         Ok(promoted.map(|Promotion { old, new }| {

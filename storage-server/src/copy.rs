@@ -729,16 +729,19 @@ impl Copy {
         if self.deleted.load(Ordering::Acquire) {
             return Err(Refusal::Deleted);
         }
-        if self.is_failed() {
-            return Err(Refusal::Lost(self.epoch()));
-        }
         admission(
             self.role(),
             self.epoch(),
             self.writer_epoch(),
             epoch,
             peer.role,
-        )
+        )?;
+        // After the epoch rules: a fenced writer still hears `stale epoch`, a request to a
+        // demoted copy `not primary`; only an admitted one learns the copy is lost.
+        if self.is_failed() {
+            return Err(Refusal::Lost(self.epoch()));
+        }
+        Ok(())
     }
 
     /// [`authorize`] against the copy's access list for a request at `epoch`; a node whose
@@ -1095,19 +1098,24 @@ impl Copy {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         };
-        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
+        let err = loop {
+            // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    l,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                break e;
+            }
         };
-        if r == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(self.io(err));
         }

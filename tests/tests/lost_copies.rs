@@ -263,6 +263,54 @@ fn an_idle_volume_whose_primary_copy_is_gone_is_noticed_by_the_controller() -> R
     Ok(())
 }
 
+/// Two faults at once: the mirror's server restarts with its copy gone (an emptied disk),
+/// and right after, the primary's copy file is removed under its running server. The mirror,
+/// in the in-sync set but without a copy, must not be promoted: promotion needs its server to
+/// report the copy (a server that has not yet been missing it for the failure timeout is no
+/// evidence). The primary keeps serving from its open file, every write reads back, and
+/// nothing is deleted while no copy is known sound (R9, R10).
+#[test]
+fn a_mirror_without_its_copy_is_never_promoted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = up(dir.path(), 2)?;
+    let (primary, mirror, mut vmm) = two_copies(&cluster, "double")?;
+    let id = volume_id(&cluster, "double")?;
+    let mut written = Written(Vec::new());
+    write_some(&mut vmm, &mut written, 600)?;
+    flush_ok(&mut vmm)?;
+
+    let name = format!("storage-{mirror}");
+    let files = copy_files(&cluster, &mirror, &id)?;
+    let old = cluster.kill9(&name)?;
+    for f in &files {
+        std::fs::remove_file(f)?;
+    }
+    cluster.wait_restart(&name, old)?;
+    for f in copy_files(&cluster, &primary, &id)? {
+        std::fs::remove_file(&f)?;
+    }
+    // Well inside the 10 s failure timeout: the old rule saw the mirror usable here.
+    std::thread::sleep(Duration::from_secs(4));
+    let v = cluster.describe("double")?;
+    ensure!(
+        copies(&v)
+            .iter()
+            .any(|x| x.0 == primary && x.1 == "primary"),
+        "a mirror without its copy must not be promoted: {v}"
+    );
+    for bad in ["mirror promoted", "deleted a lost copy"] {
+        let hits = cluster.log_grep("controller", bad, 3);
+        ensure!(
+            hits.is_empty(),
+            "nothing may be promoted or deleted, yet: {hits}"
+        );
+    }
+    written
+        .verify_all(&mut vmm)
+        .context("the primary serves from its open file")?;
+    Ok(())
+}
+
 /// The primary's copy file is removed while its server runs (no restart): the server still
 /// serves from the open file, and its next heartbeat reports the copy lost, so the controller
 /// promotes the mirror at once (no failure timeout to wait) before a restart could lose the
