@@ -249,13 +249,7 @@ fn an_idle_volume_whose_primary_copy_is_gone_is_noticed_by_the_controller() -> R
     ensure!(down.is_empty(), "the server never looked down: {down}");
 
     let (sock, _) = cluster.attach("idle", "node1", "vm1", &[])?;
-    let mut vmm = keel_tests::keel_up::connect_vmm(
-        &sock,
-        keel_tests::vmm::VmmOptions {
-            io_timeout: Duration::from_secs(60),
-            ..keel_tests::vmm::VmmOptions::default()
-        },
-    )?;
+    let mut vmm = connect(&sock, Duration::from_secs(60))?;
     written.verify_all(&mut vmm)?;
     wait_redundant(&cluster, &mut vmm, &mut written, "idle", 2)?;
     flush_ok(&mut vmm)?;
